@@ -1,0 +1,88 @@
+"""The one configuration object of lhcompile (what to compute, which sites to touch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scorer = Literal["norm"]
+InnerBackend = Literal["sdpa", "flash_attn"]
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclass(frozen=True)
+class LighthouseConfig:
+    """What the Lighthouse operator computes and where the pass applies it.
+
+    Defaults are the paper's main setting (L=3, p=4, k=2048, norm scorer, tiles of 128,
+    attention layers {0, 1, -2, -1} kept dense).
+    """
+
+    levels: int = 3
+    """Pyramid levels L (level 0 is the sequence itself)."""
+    pooling_factor: int = 4
+    """Pooling factor p between levels; a power of two."""
+    topk: int = 2048
+    """Top-k budget k per (batch, head); split into k / tile_budget independent tiles."""
+    tile_budget: int = 128
+    """Entries selected per tile and level (half by ||q||, half by ||k||); the paper uses 128."""
+    scorer: Scorer = "norm"
+    """Selection score; only the paper's default, the L2 norm, is implemented."""
+    dense_layers: tuple[int, ...] = (0, 1, -2, -1)
+    """Attention sites (in graph order; negative counts from the end) that stay dense SDPA."""
+    min_seq_len: int = 0
+    """Sequences shorter than this use dense SDPA (the tile rule may set a higher floor)."""
+    inner_backend: InnerBackend = "sdpa"
+    """Dense attention on the gathered sub-sequence: PyTorch SDPA, or the flash_attn package."""
+
+    def __post_init__(self) -> None:
+        def reject(field: str, rule: str) -> None:
+            raise ValueError(f"LighthouseConfig: {field}={getattr(self, field)!r} {rule}")
+
+        if not isinstance(self.levels, int) or self.levels < 2:
+            reject("levels", "must be an int >= 2 (level 0 plus at least one pooled level)")
+        if not isinstance(self.pooling_factor, int) or not _is_power_of_two(self.pooling_factor) or self.pooling_factor < 2:
+            reject("pooling_factor", "must be a power of two >= 2")
+        if not isinstance(self.tile_budget, int) or self.tile_budget < 2 or self.tile_budget % 2:
+            reject("tile_budget", "must be an even int >= 2 (half picked by ||q||, half by ||k||)")
+        if not isinstance(self.topk, int) or self.topk <= 0 or self.topk % self.tile_budget:
+            reject("topk", f"must be a positive multiple of tile_budget={self.tile_budget}")
+        if self.scorer != "norm":
+            reject("scorer", "is not implemented; only 'norm' is available")
+        if not isinstance(self.dense_layers, tuple) or not all(isinstance(i, int) for i in self.dense_layers):
+            reject("dense_layers", "must be a tuple of ints (use () to rewrite every site)")
+        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+            reject("min_seq_len", "must be an int >= 0")
+        if self.inner_backend not in ("sdpa", "flash_attn"):
+            reject("inner_backend", "must be 'sdpa' or 'flash_attn'")
+
+    @property
+    def tiles(self) -> int:
+        """Number of independent selection tiles T = k / tile_budget."""
+        return self.topk // self.tile_budget
+
+    @property
+    def coarsest_span(self) -> int:
+        """Base tokens covered by one coarsest-level entry, p^(L-1)."""
+        return self.pooling_factor ** (self.levels - 1)
+
+    @property
+    def min_lighthouse_len(self) -> int:
+        """Shortest sequence that runs Lighthouse; shorter ones fall back to dense SDPA.
+
+        Each tile must hold at least tile_budget coarsest entries, so N >= p^(L-1) * k.
+        """
+        return max(self.min_seq_len, self.coarsest_span * self.topk)
+
+    def padded_len(self, n: int) -> int:
+        """N rounded up so that it splits into T tiles of whole coarsest windows."""
+        unit = self.coarsest_span * self.tiles
+        return -(-n // unit) * unit
+
+    def gathered_len(self, n: int) -> int:
+        """Length S of the dense sub-sequence for a (padded) length n: N/p^(L-1) + (L-1)*p*k."""
+        n = self.padded_len(n)
+        return n // self.coarsest_span + (self.levels - 1) * self.pooling_factor * self.topk
