@@ -72,6 +72,12 @@ def select(s_qk: Tensor, s_kq: Tensor, n: int, levels: int, p: int, topk: int, t
 
 @select.register_fake
 def _(s_qk: Tensor, s_kq: Tensor, n: int, levels: int, p: int, topk: int, tile_budget: int) -> Tensor:
+    if torch.compiler.is_exporting():
+        # every Lighthouse subgraph has one select: exporting it would give an ONNX graph nobody can run
+        raise RuntimeError(
+            "lhcompile: this graph still contains Lighthouse attention (training only); call "
+            "lhcompile.restore(model) before torch.export / torch.onnx.export to get the dense SDPA graph back"
+        )
     s = n // p ** (levels - 1) + (levels - 1) * p * topk
     return s_qk.new_empty(s_qk.shape[0], s_qk.shape[1], s, dtype=torch.int64)
 

@@ -1,0 +1,147 @@
+"""Small models with SDPA attention, built from configs with random weights (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB = 97
+
+
+def hf_model(kind: str, layers: int = 4) -> nn.Module:
+    """Hugging Face Llama / Qwen2 / Mistral causal LMs with GQA, SDPA attention, no KV cache."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    cfg = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
+    return model_cls(cfg)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+def rope(x: torch.Tensor) -> torch.Tensor:
+    n, d = x.shape[-2], x.shape[-1]
+    freqs = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device).float() / d))
+    angles = torch.outer(torch.arange(n, device=x.device).float(), freqs)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class TitanAttention(nn.Module):
+    """torchtitan-style Llama-3 attention: GQA through SDPA's enable_gqa, RoPE before SDPA."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.wq(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class TitanBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.attention_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
+        self.attention = TitanAttention(dim, heads, kv_heads)
+        self.w1, self.w2, self.w3 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(2 * dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class TitanLlama3(nn.Module):
+    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleDict({str(i): TitanBlock(dim, heads, kv_heads) for i in range(layers)})
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h)
+        return self.output(self.norm(h))
+
+
+class GPTBlock(nn.Module):
+    """Hand-written GPT-2 block: fused qkv projection, keyword-argument SDPA call."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(query=q, key=k, value=v, is_causal=True, scale=1 / math.sqrt(c // self.heads))
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, max_len: int = 512) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, dim), nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList([GPTBlock(dim, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+MODELS = {
+    "llama": lambda: hf_model("llama"),
+    "qwen2": lambda: hf_model("qwen2"),
+    "mistral": lambda: hf_model("mistral"),
+    "titan": TitanLlama3,
+    "gpt": GPT,
+}
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits

@@ -1,0 +1,35 @@
+"""The README's main job runs end to end at tiny size, and its checkpoint loads into plain transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train", Path(__file__).parents[1] / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_stage_training_runs_and_checkpoint_reloads(tmp_path):
+    train = _train_module()
+    result = train.main(["--steps", "3", "--recovery-steps", "2", "--seq-len", "128", "--batch", "2",
+                         "--eval-batches", "1", "--out", str(tmp_path)])
+    assert len(result["train"]) == 5 and all(torch.isfinite(torch.tensor(l)) for _, l in result["train"])
+    assert [s for s, _ in result["heldout"]] == [3, 5]
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    plain = LlamaForCausalLM.from_pretrained(result["checkpoint"])
+    ids = torch.randint(0, 259, (1, 64))
+    model = result["model"].eval()
+    assert torch.equal(plain(ids).logits, model(ids).logits)
+
+
+def test_corpus_is_the_stdlib_split_into_train_and_heldout():
+    train, held = _train_module().stdlib_corpus()
+    assert train.numel() > 10 * held.numel() > 0
+    assert b"def " in bytes(train[:200000].to(torch.uint8).tolist())
