@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .meta import node_shape
+
 MAX_MASK_ENTRIES = 2**34
 """Largest mask (B * H * N * N entries) evaluated to prove causality: 16 GiB of bool at most."""
 
@@ -33,14 +35,6 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
-def _mask_shape(node: fx.Node) -> tuple | None:
-    for key in ("val", "example_value"):
-        val = node.meta.get(key)
-        if isinstance(val, torch.Tensor):
-            return tuple(val.shape)
-    return None
-
-
 def why_mask_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
     """None if ``mask`` always equals the causal (lower-triangular) mask, else the reason it cannot be shown."""
     nodes = _ancestors(mask)
@@ -49,7 +43,7 @@ def why_mask_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
         return f"explicit attn_mask depends on graph inputs ({', '.join(inputs[:3])}): e.g. a padding mask"
     if any(n.op not in ("call_function", "call_method", "get_attr") or n.target in _STATEFUL for n in nodes):
         return "explicit attn_mask is built with stateful operations; cannot prove it causal"
-    shape = _mask_shape(mask)
+    shape = node_shape(mask)
     if shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
         return f"explicit attn_mask of shape {shape} is not a square mask"
     numel = 1

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from .causal_mask import why_mask_not_causal
+from .meta import node_shape
 
 aten = torch.ops.aten
 
@@ -88,17 +89,6 @@ def bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-def _shape(node: Any) -> tuple[Any, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    for key in ("val", "example_value"):
-        val = node.meta.get(key)
-        if isinstance(val, torch.Tensor):
-            return tuple(val.shape)
-    tm = node.meta.get("tensor_meta")
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
 def module_path(node: fx.Node) -> str:
     """Dotted path of the innermost module that made this call ('' at top level)."""
     stack = node.meta.get("nn_module_stack")
@@ -153,7 +143,7 @@ def find_sdpa_sites(graph: fx.Graph) -> list[SdpaSite]:
             q_shape=None,
             k_shape=None,
         )
-        site.q_shape, site.k_shape = _shape(site.q), _shape(site.k)
+        site.q_shape, site.k_shape = node_shape(site.q), node_shape(site.k)
         if returns_tuple:
             # getitems of the tuple, in graph order; unused ones (e.g. a dead logsumexp) go and come back with it
             site.extra_nodes = sorted((u for u in node.users if u.target is operator.getitem), key=order.__getitem__)
