@@ -68,10 +68,6 @@ class SdpaSite:
         return self.args["key"]
 
     @property
-    def v(self) -> fx.Node:
-        return self.args["value"]
-
-    @property
     def mask(self) -> Any:
         return self.args.get("attn_mask", self.args.get("attn_bias"))
 
@@ -152,7 +148,7 @@ def find_sdpa_sites(graph: fx.Graph) -> list[SdpaSite]:
         else:
             site.output = node
         site.problem = _problem(site, returns_tuple)
-        if site.problem is None and site.output is None:
+        if site.problem is None and site.output is None:  # only a tuple op's getitems can leave it unset
             site.problem = "attention output is unused" if not outputs else "attention output is read by several getitems"
         sites.append(site)
     return sites
