@@ -6,12 +6,17 @@ Python standard library's own source files. Stage 1 runs with ``lhcompile.apply`
 measured with dense attention (eval mode). Defaults are small enough for a CPU in a few minutes.
 
     python examples/train.py                      # CPU-sized default
+    python examples/train.py --dense              # the dense-from-scratch baseline: same seed, same tokens
     python examples/train.py --paper --seq-len 65536 --steps 10000 --recovery-steps 6000   # GPU, paper dims
+
+At the end a passkey probe (a digit hidden at several depths in filler text, read off the last position's
+logits) reports retrieval accuracy; loss history, held-out losses and passkey accuracy go to summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import sysconfig
@@ -65,9 +70,40 @@ def heldout_loss(model, data, args, device) -> float:
     model.eval()
     gen = torch.Generator().manual_seed(1234)
     it = batches(data, args.batch, args.seq_len, gen)
-    losses = [model(input_ids=(b := next(it).to(device))[:, :-1], labels=b[:, 1:]).loss.item() for _ in range(args.eval_batches)]
+    losses = [loss_of(model, next(it).to(device)).item() for _ in range(args.eval_batches)]
     model.train()
     return sum(losses) / len(losses)
+
+
+FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = b"What is the pass key? The pass key is "
+
+
+@torch.no_grad()
+def passkey_accuracy(model, seq_len: int, device, *, depths: int = 5, trials: int = 4, seed: int = 0) -> float:
+    """Share of prompts where the hidden digit is the top digit at the last position (dense attention).
+
+    Each prompt is filler text of about seq_len bytes with "The pass key is D. Remember it. D is the pass
+    key." inserted at a depth of 5%..95%, ending with a question whose answer is the next byte.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    digits = torch.arange(ord("0"), ord("9") + 1, device=device)
+    hits = total = 0
+    for depth in torch.linspace(0.05, 0.95, depths).tolist():
+        for _ in range(trials):
+            d = int(torch.randint(0, 10, (), generator=gen))
+            needle = f"The pass key is {d}. Remember it. {d} is the pass key. ".encode()
+            room = seq_len - len(needle) - len(QUESTION)
+            haystack = (FILLER * (room // len(FILLER) + 1))[:room]
+            at = int(depth * room)
+            prompt = haystack[:at] + needle + haystack[at:] + QUESTION
+            ids = torch.tensor(list(prompt), device=device)[None]
+            logits = model(input_ids=ids).logits[0, -1]
+            hits += int(digits[logits[digits].argmax()] == ord(str(d)))
+            total += 1
+    model.train()
+    return hits / total
 
 
 def loss_of(model, batch):
@@ -87,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--out", default="runs/train", help="directory for the loss plot and the checkpoint")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dense", action="store_true", help="baseline: dense SDPA for all steps (no lhcompile.apply)")
+    ap.add_argument("--passkey-trials", type=int, default=4, help="passkey prompts per depth (5 depths)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,13 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / total)))
     stream = batches(train, args.batch, args.seq_len, torch.Generator().manual_seed(args.seed))
 
-    lhcompile.apply(model, lighthouse_config(args), compiler=compiler)
+    if args.dense:
+        if compiler != "eager":
+            model.compile(backend=compiler)
+    else:
+        lhcompile.apply(model, lighthouse_config(args), compiler=compiler)
     history: list[tuple[int, float]] = []
     heldout: list[tuple[int, float]] = []
-    bar = tqdm(range(total), desc="stage 1 lighthouse", dynamic_ncols=True)
+    bar = tqdm(range(total), desc="dense baseline" if args.dense else "stage 1 lighthouse", dynamic_ncols=True)
     tokens, start = 0, time.perf_counter()
     for step in bar:
-        if step == args.steps:
+        if step == args.steps and not args.dense:
             heldout.append((step, heldout_loss(model, held, args, device)))
             print(f"\n{lhcompile.inspect(model)}")
             lhcompile.restore(model)  # stage 2: dense recovery, same weights and optimizer state
@@ -126,26 +168,35 @@ def main(argv: list[str] | None = None) -> dict:
         history.append((step, loss.item()))
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     heldout.append((total, heldout_loss(model, held, args, device)))
-    print(f"held-out loss (dense attention): after stage 1 {heldout[0][1]:.4f}, final {heldout[-1][1]:.4f}")
+    passkey = passkey_accuracy(model, args.seq_len, device, trials=args.passkey_trials, seed=args.seed)
+    print(f"held-out loss (dense attention): {', '.join(f'step {s} {l:.4f}' for s, l in heldout)}; "
+          f"passkey accuracy {passkey:.0%}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_losses(history, heldout, args.steps, out / "loss.png")
+    name = "dense" if args.dense else "lighthouse → dense"
+    plot_losses({name: (history, heldout)}, None if args.dense else args.steps, out / "loss.png")
     model.save_pretrained(out / "checkpoint")
-    print(f"wrote {out / 'loss.png'} and {out / 'checkpoint'}")
-    return {"model": model, "train": history, "heldout": heldout, "checkpoint": out / "checkpoint"}
+    summary = {"dense": args.dense, "train": history, "heldout": heldout, "passkey": passkey,
+               "tokens_per_step": args.batch * args.seq_len}
+    (out / "summary.json").write_text(json.dumps(summary))
+    print(f"wrote {out / 'loss.png'}, {out / 'summary.json'} and {out / 'checkpoint'}")
+    return {"model": model, **summary, "checkpoint": out / "checkpoint"}
 
 
-def plot_losses(history, heldout, switch: int, path: Path) -> None:
+def plot_losses(curves: dict[str, tuple[list, list]], switch: int | None, path: Path) -> None:
+    """Train and held-out loss of each named run (name -> (history, heldout)), with the switch step marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*history), lw=1, label="train loss")
-    ax.plot(*zip(*heldout), "o-", label="held-out loss (dense)")
-    ax.axvline(switch, color="k", ls="--", lw=1, label="restore: Lighthouse → dense")
+    for name, (history, heldout) in curves.items():
+        (line,) = ax.plot(*zip(*history), lw=1, label=f"{name}: train")
+        ax.plot(*zip(*heldout), "o--", color=line.get_color(), label=f"{name}: held-out (dense attention)")
+    if switch is not None:
+        ax.axvline(switch, color="k", ls="--", lw=1, label="restore: Lighthouse → dense")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
     ax.legend()

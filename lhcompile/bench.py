@@ -1,14 +1,19 @@
 """Time one Lighthouse attention layer against dense causal SDPA (cuDNN backend) on a CUDA GPU.
 
-    python -m lhcompile.bench --seq 32768 131072 --topk 2048
+    python -m lhcompile.bench                      # N = 16K .. 1M, k = 2048 and 4096, plot in bench.png
+    python -m lhcompile.bench --seq 131072 --topk 2048 --reps 10
 
-Prints forward and forward+backward medians (CUDA events, after warm-up) and the speed-up over dense.
+Prints forward and forward+backward medians (CUDA events, after warm-up), the speed-up over dense, and a
+per-stage breakdown against each stage's floor (bytes over the measured copy bandwidth, or FLOPs over the
+measured bf16 matmul rate); writes the numbers as JSON and a PNG of latency against context length.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +22,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .config import LighthouseConfig
 from .ops import lighthouse_attention
 
+DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
 
-def _median_ms(fn, reps: int) -> float:
+
+def median_ms(fn, reps: int) -> float:
     fn()
     torch.cuda.synchronize()
     times = []
@@ -32,41 +39,178 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench(n: int, config: LighthouseConfig, *, heads: int = 8, dim: int = 128, reps: int = 5) -> dict[str, float]:
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured on this GPU."""
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_s = median_ms(lambda: dst.copy_(src), 10) / 1e3
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_s = median_ms(lambda: a @ a, 10) / 1e3
+    return 2 * src.numel() * 2 / copy_s, 2 * 8192**3 / mm_s
+
+
+@dataclass
+class Stage:
+    name: str
+    ms: float
+    floor_ms: float
+
+
+@dataclass
+class Row:
+    n: int
+    topk: int
+    dense_fwd: float | None
+    dense_fwdbwd: float | None
+    lh_fwd: float
+    lh_fwdbwd: float
+    stages: list[Stage] = field(default_factory=list)
+
+
+def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: float, flops: float) -> list[Stage]:
+    """Each stage of one forward and backward timed on its own, with its floor."""
+    from . import kernels
+
+    levels, p, n = config.levels, config.pooling_factor, q.shape[2]
+    row_bytes = q.shape[0] * q.shape[1] * q.shape[3] * q.element_size()  # one position, all heads
+    s_qk, s_kq = kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)
+    index, inv = kernels.select(s_qk, s_kq, n, levels, p, config.topk, config.tile_budget)
+    s = index.shape[2]
+    gathered = [kernels.gather(t, index, levels, p).requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(DENSE_BACKENDS):
+        o = F.scaled_dot_product_attention(*gathered, is_causal=True)
+    grad_out = torch.randn_like(q)
+    grad_o = torch.randn_like(o)
+    attn_flops = 2 * 2 * q.shape[0] * q.shape[1] * s * s * q.shape[3] / 2  # two matmuls, causal half
+
+    def attention_backward():
+        torch.autograd.grad(o, gathered, grad_o, retain_graph=True)
+
+    def attention_forward():
+        with sdpa_kernel(DENSE_BACKENDS), torch.no_grad():
+            F.scaled_dot_product_attention(*gathered, is_causal=True)
+
+    plan = [
+        ("score q,k", lambda: (kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)),
+         2 * n * row_bytes / bandwidth),
+        ("select", lambda: kernels.select(s_qk, s_kq, n, levels, p, config.topk, config.tile_budget), 0.0),
+        ("gather q,k,v", lambda: [kernels.gather(t, index, levels, p) for t in (q, k, v)],
+         3 * (n + s) * row_bytes / bandwidth),
+        ("attention fwd", attention_forward, attn_flops / flops),
+        ("scatter", lambda: kernels.scatter(o, inv, n, levels, p), (n + s) * row_bytes / bandwidth),
+        ("scatter bwd", lambda: kernels.scatter_backward(grad_out, index, levels, p), (n + s) * row_bytes / bandwidth),
+        ("attention bwd", attention_backward, 2.5 * attn_flops / flops),
+        ("gather bwd q,k,v", lambda: [kernels.gather_backward(grad_o, inv, n, t.shape[1], levels, p) for t in (q, k, v)],
+         3 * (n + s) * row_bytes / bandwidth),
+    ]
+    return [Stage(name, median_ms(fn, reps), 1e3 * floor) for name, fn, floor in plan]
+
+
+def bench(n: int, config: LighthouseConfig, *, reps: int, dense_reps: int, bandwidth: float, flops: float,
+          heads: int = 8, dim: int = 128) -> Row:
     q, k, v = (torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
 
     def dense():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        with sdpa_kernel(DENSE_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def light():
         return lighthouse_attention(q, k, v, config)
 
-    row = {}
-    for name, fn in (("dense", dense), ("lighthouse", light)):
+    def fwd(fn, r):
         with torch.no_grad():
-            row[f"{name}_fwd"] = _median_ms(fn, reps)
-        row[f"{name}_fwdbwd"] = _median_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad), reps)
+            return median_ms(fn, r)
+
+    def fwdbwd(fn, r):
+        return median_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad), r)
+
+    row = Row(n, config.topk, None, None, fwd(light, reps), fwdbwd(light, reps))
+    if dense_reps:
+        row.dense_fwd, row.dense_fwdbwd = fwd(dense, dense_reps), fwdbwd(dense, dense_reps)
+    if n >= config.min_lighthouse_len:
+        row.stages = stage_breakdown(q.detach(), k.detach(), v.detach(), config, reps, bandwidth, flops)
     return row
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = sorted({(r.n, r.dense_fwdbwd) for r in rows if r.dense_fwdbwd is not None})
+    if dense:
+        ax.plot(*zip(*dense), "o-", color="black", label="dense SDPA")
+    for topk in sorted({r.topk for r in rows}):
+        pts = [(r.n, r.lh_fwdbwd) for r in rows if r.topk == topk]
+        ax.plot(*zip(*pts), "o-", label=f"Lighthouse k={topk}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length N (tokens)")
+    ax.set_ylabel("forward + backward, ms (median)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, nargs="+", default=[32768, 65536, 131072])
-    ap.add_argument("--topk", type=int, default=2048)
+    ap.add_argument("--seq", type=int, nargs="+", default=[1 << s for s in range(14, 21)])
+    ap.add_argument("--topk", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--pooling-factor", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dense-reps", type=int, default=3, help="timed runs of dense SDPA (0 skips it)")
+    ap.add_argument("--dense-max-seq", type=int, default=1 << 20, help="longest N at which to time dense SDPA")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True): bit-identical gradients for dense and Lighthouse "
+                         "(PyTorch's SDPA then skips cuDNN, whose backward is not deterministic)")
+    ap.add_argument("--json", default="bench.json")
+    ap.add_argument("--plot", default="bench.png")
     args = ap.parse_args()
-    config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  B=1 H=8 d=128 bf16 causal  "
-          f"L{config.levels} p{config.pooling_factor} k{config.topk}  median of {args.reps}, ms")
-    print(f"{'N':>8} {'dense fwd':>10} {'LH fwd':>8} {'dense f+b':>10} {'LH f+b':>8} {'f+b speed-up':>13}")
-    for n in args.seq:
-        r = bench(n, config, reps=args.reps)
-        print(f"{n:>8} {r['dense_fwd']:>10.2f} {r['lighthouse_fwd']:>8.2f} {r['dense_fwdbwd']:>10.2f} "
-              f"{r['lighthouse_fwdbwd']:>8.2f} {r['dense_fwdbwd'] / r['lighthouse_fwdbwd']:>12.2f}x")
+    if not torch.cuda.is_available():
+        raise SystemExit("lhcompile.bench times CUDA kernels; no CUDA device is visible")
+
+    bandwidth, flops = ceilings()
+    torch.use_deterministic_algorithms(args.deterministic)
+    title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B=1 H=8 d=128 bf16 causal, "
+             f"L{args.levels} p{args.pooling_factor}{', deterministic mode' if args.deterministic else ''}")
+    print(f"{title}; median of {args.reps} (dense: {args.dense_reps}), ms")
+    print(f"measured ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    rows = []
+    dense_cache: dict[int, tuple[float | None, float | None]] = {}
+    for topk in args.topk:
+        config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk)
+        print(f"\nk={topk} (Lighthouse below N={config.min_lighthouse_len} is dense SDPA)")
+        print(f"{'N':>8} {'dense fwd':>10} {'LH fwd':>8} {'fwd x':>7} {'dense f+b':>10} {'LH f+b':>8} {'f+b x':>7}")
+        for n in args.seq:
+            dense_reps = args.dense_reps if n <= args.dense_max_seq and n not in dense_cache else 0
+            row = bench(n, config, reps=args.reps, dense_reps=dense_reps, bandwidth=bandwidth, flops=flops)
+            if dense_reps:
+                dense_cache[n] = (row.dense_fwd, row.dense_fwdbwd)
+            row.dense_fwd, row.dense_fwdbwd = dense_cache.get(n, (None, None))
+            rows.append(row)
+
+            def ratio(a, b):
+                return f"{a / b:>6.2f}x" if a else f"{'-':>7}"
+
+            fmt = lambda x: f"{x:>10.2f}" if x else f"{'-':>10}"  # noqa: E731
+            print(f"{n:>8} {fmt(row.dense_fwd)} {row.lh_fwd:>8.2f} {ratio(row.dense_fwd, row.lh_fwd)} "
+                  f"{fmt(row.dense_fwdbwd)} {row.lh_fwdbwd:>8.2f} {ratio(row.dense_fwdbwd, row.lh_fwdbwd)}")
+    print("\nper-stage breakdown (ms; floor = bytes / copy bandwidth, or attention FLOPs / matmul rate)")
+    for row in rows:
+        if row.stages:
+            parts = "  ".join(f"{s.name} {s.ms:.2f}/{s.floor_ms:.2f}" for s in row.stages)
+            total, floor = sum(s.ms for s in row.stages), sum(s.floor_ms for s in row.stages)
+            print(f"N={row.n} k={row.topk}: sum {total:.2f} floor {floor:.2f} | {parts}")
+    with open(args.json, "w") as f:
+        json.dump({"title": title, "bandwidth": bandwidth, "flops": flops, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    plot(rows, args.plot, title)
+    print(f"\nwrote {args.json} and {args.plot}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""The Lighthouse stages as torch.library custom ops, and the functional operator composed of them.
+"""The Lighthouse stages as torch.library ops, and the functional operator composed of them.
 
-Custom ops (namespace ``lhcompile``) keep each stage one opaque, named node in traced graphs, with fake
-kernels for Dynamo/AOTAutograd/export and autograd formulas; their implementations are the reference
-stages in ``lhcompile.reference``.
+Each stage is one named op (namespace ``lhcompile``) so that traced graphs stay readable and the graph
+pass can find and restore them. The ops are ``triton_op``s: on CUDA tensors they launch the kernels of
+``lhcompile.kernels`` (and torch.compile sees those kernels); elsewhere they run the pure-PyTorch stages
+of ``lhcompile.reference``. ``LHCOMPILE_KERNELS`` overrides the choice: ``reference`` everywhere (to
+check a result against the oracle on the GPU) or ``triton`` everywhere (on CPU this needs
+``TRITON_INTERPRET=1``; the test suite uses it to run the kernels without a GPU).
+
+Tensor layout: q/k/v (B, H, N, d); a selection ``index`` (B, H, S) int64 of flat pyramid indices in
+position-key order and its inverse ``inv`` (B, H, P) int32 (slot of each pyramid entry, or -1).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -15,96 +23,82 @@ from . import reference
 from .config import LighthouseConfig
 
 
-def _pooled_len(n: int, levels: int, p: int) -> int:
-    return reference.level_offsets(n, levels, p)[-1] - n
+def _kernels(t: Tensor):
+    """lhcompile.kernels when the stages should run as Triton kernels on t's device, else None."""
+    choice = os.environ.get("LHCOMPILE_KERNELS", "auto")
+    if choice not in ("auto", "triton", "reference"):
+        raise ValueError(f"LHCOMPILE_KERNELS={choice!r}: expected 'auto', 'triton' or 'reference'")
+    if choice == "reference" or (choice == "auto" and t.device.type != "cuda"):
+        return None
+    from . import kernels
+
+    return kernels
 
 
-# -- pool ------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lhcompile::pool", mutates_args=())
-def pool(x: Tensor, levels: int, p: int) -> Tensor:
-    return reference.pool(x, levels, p)
-
-
-@pool.register_fake
-def _(x: Tensor, levels: int, p: int) -> Tensor:
-    b, h, n, d = x.shape
-    return x.new_empty(b, h, _pooled_len(n, levels, p), d)
-
-
-def _pool_setup(ctx, inputs, output) -> None:
-    x, ctx.levels, ctx.p = inputs
-    ctx.n = x.shape[2]
-
-
-def _pool_backward(ctx, grad):
-    return reference.pool_backward(grad, ctx.n, ctx.levels, ctx.p), None, None
-
-
-pool.register_autograd(_pool_backward, setup_context=_pool_setup)
+def _pyramid_len(n: int, levels: int, p: int) -> int:
+    return reference.level_offsets(n, levels, p)[-1]
 
 
 # -- score (no gradient: the caller passes detached tensors) --------------------------------------
 
 
-@torch.library.custom_op("lhcompile::score", mutates_args=())
+@torch.library.triton_op("lhcompile::score", mutates_args=())
 def score(q: Tensor, k: Tensor, levels: int, p: int) -> tuple[Tensor, Tensor]:
-    return reference.score(q, k, levels, p)
+    kernels = _kernels(q)
+    if kernels is None:
+        return reference.score(q, k, levels, p)
+    return kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)
 
 
-@score.register_fake
-def _(q: Tensor, k: Tensor, levels: int, p: int) -> tuple[Tensor, Tensor]:
-    total = reference.level_offsets(q.shape[2], levels, p)[-1]
-    return (
-        q.new_empty(q.shape[0], q.shape[1], total, dtype=torch.float32),
-        k.new_empty(k.shape[0], k.shape[1], total, dtype=torch.float32),
-    )
+# -- select (no gradient) --------------------------------------------------------------------------
 
 
-# -- select ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lhcompile::select", mutates_args=())
-def select(s_qk: Tensor, s_kq: Tensor, n: int, levels: int, p: int, topk: int, tile_budget: int) -> Tensor:
-    return reference.select(s_qk, s_kq, n, levels, p, topk, tile_budget)
-
-
-@select.register_fake
-def _(s_qk: Tensor, s_kq: Tensor, n: int, levels: int, p: int, topk: int, tile_budget: int) -> Tensor:
+@torch.library.triton_op("lhcompile::select", mutates_args=())
+def select(
+    s_qk: Tensor, s_kq: Tensor, n: int, levels: int, p: int, topk: int, tile_budget: int
+) -> tuple[Tensor, Tensor]:
     if torch.compiler.is_exporting():
         # every Lighthouse subgraph has one select: exporting it would give an ONNX graph nobody can run
         raise RuntimeError(
             "lhcompile: this graph still contains Lighthouse attention (training only); call "
             "lhcompile.restore(model) before torch.export / torch.onnx.export to get the dense SDPA graph back"
         )
-    s = n // p ** (levels - 1) + (levels - 1) * p * topk
-    return s_qk.new_empty(s_qk.shape[0], s_qk.shape[1], s, dtype=torch.int64)
+    kernels = _kernels(s_qk)
+    if kernels is not None:
+        return kernels.select(s_qk, s_kq, n, levels, p, topk, tile_budget)
+    index = reference.select(s_qk, s_kq, n, levels, p, topk, tile_budget)
+    slots = torch.arange(index.shape[2], device=index.device, dtype=torch.int32).expand(index.shape)
+    inv = s_qk.new_full(s_qk.shape, -1, dtype=torch.int32).scatter(2, index, slots)
+    return index, inv
 
 
-# -- gather ----------------------------------------------------------------------------------------
+# -- gather: pooled rows straight from the base tensor ---------------------------------------------
 
 
-@torch.library.custom_op("lhcompile::gather", mutates_args=())
-def gather(x: Tensor, pooled: Tensor, index: Tensor) -> Tensor:
-    return reference.gather(x, pooled, index)
-
-
-@gather.register_fake
-def _(x: Tensor, pooled: Tensor, index: Tensor) -> Tensor:
-    return x.new_empty(index.shape[0], index.shape[1], index.shape[2], x.shape[3])
+@torch.library.triton_op("lhcompile::gather", mutates_args=())
+def gather(x: Tensor, index: Tensor, inv: Tensor, levels: int, p: int) -> Tensor:
+    kernels = _kernels(x)
+    if kernels is None:
+        return reference.gather(x, reference.pool(x, levels, p), index)
+    return kernels.gather(x, index, levels, p)
 
 
 def _gather_setup(ctx, inputs, output) -> None:
-    x, pooled, index = inputs
-    ctx.save_for_backward(index)
-    ctx.n, ctx.pooled_len, ctx.kv_heads = x.shape[2], pooled.shape[2], x.shape[1]
+    x, index, inv, ctx.levels, ctx.p = inputs
+    ctx.save_for_backward(index, inv)
+    ctx.n, ctx.kv_heads = x.shape[2], x.shape[1]
 
 
 def _gather_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    grad_x, grad_pooled = reference.gather_backward(grad, index, ctx.n, ctx.pooled_len, ctx.kv_heads)
-    return grad_x, grad_pooled, None
+    index, inv = ctx.saved_tensors
+    kernels = _kernels(grad)
+    if kernels is None:
+        pooled_len = _pyramid_len(ctx.n, ctx.levels, ctx.p) - ctx.n
+        grad_x, grad_pooled = reference.gather_backward(grad, index, ctx.n, pooled_len, ctx.kv_heads)
+        grad_x = grad_x + reference.pool_backward(grad_pooled, ctx.n, ctx.levels, ctx.p)
+    else:
+        grad_x = kernels.gather_backward(grad, inv, ctx.n, ctx.kv_heads, ctx.levels, ctx.p)
+    return grad_x, None, None, None, None
 
 
 gather.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -113,24 +107,24 @@ gather.register_autograd(_gather_backward, setup_context=_gather_setup)
 # -- scatter ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lhcompile::scatter", mutates_args=())
-def scatter(o: Tensor, index: Tensor, n: int, levels: int, p: int) -> Tensor:
-    return reference.scatter(o, index, n, levels, p)
-
-
-@scatter.register_fake
-def _(o: Tensor, index: Tensor, n: int, levels: int, p: int) -> Tensor:
-    return o.new_empty(o.shape[0], o.shape[1], n, o.shape[3])
+@torch.library.triton_op("lhcompile::scatter", mutates_args=())
+def scatter(o: Tensor, index: Tensor, inv: Tensor, n: int, levels: int, p: int) -> Tensor:
+    kernels = _kernels(o)
+    if kernels is None:
+        return reference.scatter(o, index, n, levels, p)
+    return kernels.scatter(o, inv, n, levels, p)
 
 
 def _scatter_setup(ctx, inputs, output) -> None:
-    _, index, _, ctx.levels, ctx.p = inputs
+    _, index, _, _, ctx.levels, ctx.p = inputs
     ctx.save_for_backward(index)
 
 
 def _scatter_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    return reference.scatter_backward(grad, index, ctx.levels, ctx.p), None, None, None, None
+    kernels = _kernels(grad)
+    backward = reference.scatter_backward if kernels is None else kernels.scatter_backward
+    return backward(grad, index, ctx.levels, ctx.p), None, None, None, None, None
 
 
 scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
@@ -166,11 +160,9 @@ def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float |
     if padded != n:
         q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
     s_qk, s_kq = score(q.detach(), k.detach(), levels, p)
-    index = select(s_qk, s_kq, padded, levels, p, config.topk, config.tile_budget)
-    qg = gather(q, pool(q, levels, p), index)
-    kg = gather(k, pool(k, levels, p), index)
-    vg = gather(v, pool(v, levels, p), index)
-    out = scatter(dense_attention(qg, kg, vg, scale, config.inner_backend), index, padded, levels, p)
+    index, inv = select(s_qk, s_kq, padded, levels, p, config.topk, config.tile_budget)
+    qg, kg, vg = (gather(t, index, inv, levels, p) for t in (q, k, v))
+    out = scatter(dense_attention(qg, kg, vg, scale, config.inner_backend), index, inv, padded, levels, p)
     if padded != n:
         out = out[:, :, :n]
     return out

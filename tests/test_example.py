@@ -36,6 +36,31 @@ def test_two_stage_training_runs_and_checkpoint_reloads(tmp_path):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+def test_dense_baseline_uses_the_same_data_and_reports_passkey_accuracy(tmp_path):
+    train = _train_module()
+    args = ["--steps", "2", "--recovery-steps", "1", "--seq-len", "128", "--batch", "2", "--eval-batches", "1",
+            "--passkey-trials", "1"]
+    two_stage = train.main([*args, "--out", str(tmp_path / "lh")])
+    dense = train.main([*args, "--dense", "--out", str(tmp_path / "dense")])
+    assert len(dense["train"]) == len(two_stage["train"]) == 3  # same token budget
+    assert [s for s, _ in dense["heldout"]] == [3]  # no switch point: evaluated once, at the end
+    assert 0.0 <= dense["passkey"] <= 1.0
+    assert (tmp_path / "dense" / "summary.json").stat().st_size > 0
+
+
+def test_passkey_probe_scores_the_hidden_digit_at_the_last_position():
+    train = _train_module()
+
+    class Oracle(torch.nn.Module):  # answers with the first digit byte of its prompt
+        def forward(self, input_ids):
+            digit = input_ids[0][(input_ids[0] >= ord("0")) & (input_ids[0] <= ord("9"))][0]
+            logits = torch.zeros(1, input_ids.shape[1], 259)
+            logits[0, -1, digit] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    assert train.passkey_accuracy(Oracle(), 256, "cpu", trials=3) == 1.0
+
+
 def test_corpus_is_the_stdlib_split_into_train_and_heldout():
     train, held = _train_module().stdlib_corpus()
     assert train.numel() > 10 * held.numel() > 0

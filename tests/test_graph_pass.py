@@ -54,7 +54,7 @@ def test_rewrite_then_restore_gives_back_the_exact_graph(capture, name):
     lhcompile.apply(gm, CFG)
     assert len(lhcompile.inspect(gm).rewritten) == 2, str(lhcompile.inspect(gm))
     stages = {str(n.target) for n in gm.graph.nodes if REWRITE_TAG in n.meta}
-    assert {"lhcompile.pool.default", "lhcompile.select.default", "lhcompile.scatter.default"} <= stages
+    assert {"lhcompile.gather.default", "lhcompile.select.default", "lhcompile.scatter.default"} <= stages
     out = gm(*inputs)
     out, dense_out = (o if isinstance(o, torch.Tensor) else o[0] for o in (out, dense_out))
     assert out.shape == dense_out.shape and not torch.allclose(out, dense_out)

@@ -153,7 +153,7 @@ def test_debug_mode_writes_graph_code_and_site_table(tmp_path, monkeypatch, caps
     lhcompile.apply(model, CFG, compiler="eager")
     logits(model, torch.randint(0, VOCAB, (1, N)))
     after = (tmp_path / "graph0_after.py").read_text()
-    for stage in ("lhcompile.score", "lhcompile.select", "lhcompile.pool", "lhcompile.gather", "lhcompile.scatter"):
+    for stage in ("lhcompile.score", "lhcompile.select", "lhcompile.gather", "lhcompile.scatter"):
         assert stage in after
     assert "lhcompile" not in (tmp_path / "graph0_before.py").read_text()
     table = (tmp_path / "sites.txt").read_text()

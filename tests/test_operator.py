@@ -187,14 +187,12 @@ def test_custom_ops_pass_opcheck():
     q, k, v = qkv(2, 4, 2, n, 8, requires_grad=True)
     ops = torch.ops.lhcompile
     s_qk, s_kq = ops.score(q.detach(), k.detach(), levels, p)
-    index = ops.select(s_qk, s_kq, n, levels, p, 8, 4)
-    pooled = ops.pool(k, levels, p)
+    index, inv = ops.select(s_qk, s_kq, n, levels, p, 8, 4)
     o = torch.randn(2, 4, index.shape[-1], 8, requires_grad=True)
-    torch.library.opcheck(ops.pool, (k, levels, p))
     torch.library.opcheck(ops.score, (q.detach(), k.detach(), levels, p))
     torch.library.opcheck(ops.select, (s_qk, s_kq, n, levels, p, 8, 4))
-    torch.library.opcheck(ops.gather, (k, pooled.detach().requires_grad_(), index))
-    torch.library.opcheck(ops.scatter, (o, index, n, levels, p))
+    torch.library.opcheck(ops.gather, (k, index, inv, levels, p))
+    torch.library.opcheck(ops.scatter, (o, index, inv, n, levels, p))
 
 
 def test_runs_under_torch_compile_without_graph_breaks():

@@ -1,0 +1,102 @@
+"""End-to-end training throughput: the Lighthouse stage against the dense model, one GPU.
+
+    python examples/throughput.py --seq-len 32768 65536          # the paper's model dims, bf16, AdamW
+
+Both models come from the same Hugging Face LlamaConfig and seed and are compiled with Inductor (dense:
+``model.compile()``; Lighthouse: ``lhcompile.apply``). Both use HF attention that calls SDPA with
+is_causal=True and no mask: transformers 5.x under torch.compile with torch < 2.14 otherwise builds an N x N
+mask, which would push the dense baseline off the cuDNN/flash kernels. Prints tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, LlamaForCausalLM
+
+import lhcompile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train  # noqa: E402
+
+
+def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("causal_sdpa", causal_sdpa)
+AttentionMaskInterface.register("causal_sdpa", lambda *args, **kwargs: None)
+
+
+def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
+    torch.manual_seed(0)
+    ns = argparse.Namespace(paper=not args.small, seq_len=seq_len)
+    config = train.model_config(ns)
+    config._attn_implementation = "causal_sdpa"
+    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if mode == "dense":
+        model.compile()
+    else:
+        lhcompile.apply(model, train.lighthouse_config(ns))
+    stream = train.batches(data, 1, seq_len, torch.Generator().manual_seed(0))
+
+    def step():
+        loss = train.loss_of(model, next(stream).cuda())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    rate = args.steps * seq_len / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    sites = "" if mode == "dense" else f"{len(lhcompile.inspect(model).rewritten)} sites rewritten"
+    return rate, peak, sites
+
+
+def measure(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
+    result = tokens_per_second(mode, seq_len, args, data)
+    torch._dynamo.reset()  # drop the compiled model before the next one is built
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (batch 1)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (both models)")
+    ap.add_argument("--small", action="store_true", help="the small CPU-default dims instead of the paper's")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("throughput.py measures CUDA training steps; no CUDA device is visible")
+    data, _ = train.stdlib_corpus()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {'small' if args.small else 'paper'} dims, "
+          f"bf16, AdamW, batch 1, {args.steps} timed steps after {args.warmup}")
+    print(f"{'N':>7} {'dense tok/s':>12} {'peak GiB':>9} {'Lighthouse tok/s':>17} {'peak GiB':>9} {'speed-up':>9}")
+    for n in args.seq_len:
+        dense, dense_mem, _ = measure("dense", n, args, data)
+        light, light_mem, sites = measure("lighthouse", n, args, data)
+        print(f"{n:>7} {dense:>12.0f} {dense_mem:>9.1f} {light:>17.0f} {light_mem:>9.1f} {light / dense:>8.2f}x  ({sites})",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
