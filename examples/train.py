@@ -7,7 +7,7 @@ measured with dense attention (eval mode). Defaults are small enough for a CPU i
 
     python examples/train.py                      # CPU-sized default
     python examples/train.py --dense              # the dense-from-scratch baseline: same seed, same tokens
-    python examples/train.py --paper --seq-len 65536 --steps 10000 --recovery-steps 6000   # GPU, paper dims
+    python examples/train.py --paper --attention causal_sdpa --seq-len 65536 --steps 10000 --recovery-steps 6000
 
 At the end a passkey probe (a digit hidden at several depths in filler text, read off the last position's
 logits) reports retrieval accuracy; loss history, held-out losses and passkey accuracy go to summary.json.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
 
 import lhcompile
 
@@ -49,13 +49,30 @@ def batches(data: torch.Tensor, batch: int, seq_len: int, generator: torch.Gener
         yield torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
 
 
+def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention that calls SDPA with is_causal=True and no mask (registered as "causal_sdpa").
+
+    transformers 5.x under torch.compile with torch < 2.14 builds an explicit N x N causal mask (its
+    masking_utils says so), which at long context costs N^2 memory and keeps dense SDPA off the cuDNN and
+    flash kernels. lhcompile proves such masks causal and drops them at Lighthouse sites, but dense layers
+    and the dense stage keep them; this function avoids them for long-context GPU runs.
+    """
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("causal_sdpa", causal_sdpa)
+AttentionMaskInterface.register("causal_sdpa", lambda *args, **kwargs: None)
+
+
 def model_config(args: argparse.Namespace) -> LlamaConfig:
     dims = dict(hidden_size=1024, num_hidden_layers=30, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536)
     if not args.paper:
         dims = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
     return LlamaConfig(
         vocab_size=256 + SPECIALS, max_position_embeddings=args.seq_len, rope_theta=500000.0,
-        attn_implementation="sdpa", use_cache=False, tie_word_embeddings=False, **dims,
+        attn_implementation=getattr(args, "attention", "sdpa"), use_cache=False, tie_word_embeddings=False, **dims,
     )
 
 
@@ -123,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--out", default="runs/train", help="directory for the loss plot and the checkpoint")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention", choices=["sdpa", "causal_sdpa"], default="sdpa",
+                    help="HF attention: stock sdpa, or causal_sdpa (no N x N mask; for long contexts on GPU)")
     ap.add_argument("--dense", action="store_true", help="baseline: dense SDPA for all steps (no lhcompile.apply)")
     ap.add_argument("--passkey-trials", type=int, default=4, help="passkey prompts per depth (5 depths)")
     args = ap.parse_args(argv)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,3 +214,27 @@ def test_runs_under_torch_compile_without_graph_breaks():
 
 def test_package_exports_small_typed_api():
     assert {"LighthouseConfig", "lighthouse_attention"} <= set(lhcompile.__all__)
+
+
+def test_flash_attn_backend_calls_flash_attn_in_its_own_layout(monkeypatch):
+    # no flash-attn wheel exists here: a stand-in with flash_attn_func's signature and (B, S, H, d) layout
+    calls = []
+
+    def flash_attn_func(q, k, v, *, causal, softmax_scale):
+        calls.append((tuple(q.shape), causal, softmax_scale))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal, scale=softmax_scale)
+        return out.transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    q, k, v = qkv(2, 4, 2, SMALL.min_lighthouse_len * 2, 8)
+    flash = dataclasses.replace(SMALL, inner_backend="flash_attn")
+    out = lighthouse_attention(q, k, v, flash, scale=0.3)
+    torch.testing.assert_close(out, lighthouse_attention(q, k, v, SMALL, scale=0.3), rtol=1e-6, atol=1e-6)
+    assert calls == [((2, SMALL.gathered_len(q.shape[2]), 4, 8), True, 0.3)]
+
+
+def test_flash_attn_backend_without_the_package_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` fail
+    q, k, v = qkv(1, 2, 2, SMALL.min_lighthouse_len, 8)
+    with pytest.raises(RuntimeError, match="install flash-attn or use inner_backend='sdpa'"):
+        lighthouse_attention(q, k, v, dataclasses.replace(SMALL, inner_backend="flash_attn"))
