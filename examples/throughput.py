@@ -3,8 +3,8 @@
     python examples/throughput.py --seq-len 32768 65536          # the paper's model dims, bf16, AdamW
 
 Both models come from the same Hugging Face LlamaConfig and seed and are compiled with Inductor (dense:
-``model.compile()``; Lighthouse: ``lhcompile.apply``). Both use train.causal_sdpa, HF attention that calls
-SDPA with is_causal=True and no mask (see its docstring). Prints tokens/s and peak memory.
+``model.compile()``; Lighthouse: ``lhcompile.apply``). Both use attn_implementation="causal_sdpa" (SDPA with
+is_causal=True and no mask; see lhcompile/hf.py). Prints tokens/s and peak memory.
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lhcompile
+import lhcompile.hf  # noqa: F401  (registers attn_implementation="causal_sdpa")
 
 SPECIALS = 3  # byte-level vocabulary: 256 bytes + <bos>, <eos>, <pad>
 
@@ -47,23 +48,6 @@ def batches(data: torch.Tensor, batch: int, seq_len: int, generator: torch.Gener
     while True:
         starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=generator)
         yield torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
-
-
-def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """HF attention that calls SDPA with is_causal=True and no mask (registered as "causal_sdpa").
-
-    transformers 5.x under torch.compile with torch < 2.14 builds an explicit N x N causal mask (its
-    masking_utils says so), which at long context costs N^2 memory and keeps dense SDPA off the cuDNN and
-    flash kernels. lhcompile proves such masks causal and drops them at Lighthouse sites, but dense layers
-    and the dense stage keep them; this function avoids them for long-context GPU runs.
-    """
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("causal_sdpa", causal_sdpa)
-AttentionMaskInterface.register("causal_sdpa", lambda *args, **kwargs: None)
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -141,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/train", help="directory for the loss plot and the checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attention", choices=["sdpa", "causal_sdpa"], default="sdpa",
-                    help="HF attention: stock sdpa, or causal_sdpa (no N x N mask; for long contexts on GPU)")
+                    help="HF attention: stock sdpa, or causal_sdpa (no N x N mask; for long contexts, see lhcompile/hf.py)")
     ap.add_argument("--dense", action="store_true", help="baseline: dense SDPA for all steps (no lhcompile.apply)")
     ap.add_argument("--passkey-trials", type=int, default=4, help="passkey prompts per depth (5 depths)")
     args = ap.parse_args(argv)

@@ -6,11 +6,13 @@ import warnings
 from typing import Any, Callable, Literal, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from passes import SdpaSite, find_sdpa_sites, restore_sdpa, rewrite_sdpa
 
+from . import context_parallel as context_parallel_ops
 from . import ops
 from .config import LighthouseConfig
 from .debug import Report, SiteReport, debug_enabled, dump_graph
@@ -28,7 +30,8 @@ def _op_name(target: Any) -> str:
     return f"F.{target.__name__}"
 
 
-def _decide(site: SdpaSite, total: int, config: LighthouseConfig, filter_fn: FilterFn | None, training: bool) -> str | None:
+def _decide(site: SdpaSite, total: int, config: LighthouseConfig, filter_fn: FilterFn | None, training: bool,
+            context_parallel: bool) -> str | None:
     """Why this site stays dense, or None to rewrite it."""
     if site.problem:
         return site.problem
@@ -41,9 +44,27 @@ def _decide(site: SdpaSite, total: int, config: LighthouseConfig, filter_fn: Fil
     n = site.q_shape[2]
     if not isinstance(n, int):
         return f"sequence length is dynamic ({n}); Lighthouse needs a static length"
+    if context_parallel:
+        return context_parallel_ops.chunk_problem(config, n)
     if n < config.min_lighthouse_len:
         return f"sequence too short: N={n} < min_lighthouse_len={config.min_lighthouse_len}"
     return None
+
+
+def _warn_if_captured_below(root: torch.nn.Module, sites: list[SdpaSite]) -> None:
+    for site in sites:
+        try:
+            root.get_submodule(site.module_path)
+        except AttributeError:
+            warnings.warn(
+                f"lhcompile: the SDPA call of {site.module_path!r} was captured in a graph of one submodule, not of "
+                f"{type(root).__name__}: Dynamo compiles that submodule on its own (e.g. per-layer FSDP2 "
+                "fully_shard, whose hooks Dynamo does not trace) and may reuse the graph for every layer of the "
+                "same class, so dense_layers and filter_fn see one site per graph and cannot tell layers apart. "
+                "Wrap only the root with fully_shard, or apply lhcompile to each block with its own config",
+                stacklevel=2,
+            )
+            return
 
 
 def rewrite_graph(
@@ -54,8 +75,17 @@ def rewrite_graph(
     filter_fn: FilterFn | None = None,
     training: bool = True,
     debug: bool = False,
+    context_parallel: dist.ProcessGroup | None = None,
+    root: torch.nn.Module | None = None,
 ) -> None:
-    """Rewrite the eligible SDPA sites of gm in place and add every site, with its fate, to report."""
+    """Rewrite the eligible SDPA sites of gm in place and add every site, with its fate, to report.
+
+    ``root`` is the module that ``apply`` compiled: a site whose module path does not resolve in it was
+    captured in a graph of its own submodule, which is warned about (``dense_layers`` would count wrongly).
+
+    With ``context_parallel`` (the group over which the sequence is sharded) every other site is rewritten
+    too, into ring attention over the group: a shard's attention must see the whole sequence either way.
+    """
     sites = find_sdpa_sites(gm.graph)
     missing = [s for s in sites if s.problem is None and s.q_shape is None]
     if missing:
@@ -64,25 +94,43 @@ def rewrite_graph(
             f"(module {missing[0].module_path or '<top>'!r}); pass example_inputs= to lhcompile.apply, or capture "
             "the graph with torch.export / torch.compile, which record shapes"
         )
+    if root is not None:
+        _warn_if_captured_below(root, sites)
     graph_id = report.graphs
     report.graphs += 1
     before = gm.code if debug else ""
     chosen = []
     for site in sites:
-        reason = _decide(site, len(sites), config, filter_fn, training)
+        reason = _decide(site, len(sites), config, filter_fn, training, context_parallel is not None)
+        if context_parallel is not None and site.problem:
+            raise ValueError(
+                f"lhcompile: under context parallelism every SDPA site must become ring attention, but site "
+                f"{site.index} (module {site.module_path or '<top>'!r}) cannot: {site.problem}"
+            )
         if reason is None:
             chosen.append(site)
+        elif context_parallel is not None:
+            reason += "; dense ring attention across the context-parallel group"
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
         report.sites.append(
             SiteReport(graph_id, site.index, site.module_path, _op_name(site.node.target),
                        site.q_shape, kv_heads, reason is None, reason or "lighthouse")
         )
+    lighthouse_sites = {id(site) for site in chosen}
 
     def build(site: SdpaSite, args: dict[str, Any]) -> fx.Proxy:
-        q, k, v = args["query"], args["key"], args["value"]
-        return ops.lighthouse_stages(q, k, v, n=site.q_shape[2], scale=args.get("scale"), config=config)
+        q, k, v, scale = args["query"], args["key"], args["value"], args.get("scale")
+        if context_parallel is None:
+            return ops.lighthouse_stages(q, k, v, n=site.q_shape[2], scale=scale, config=config)
+        group_name = context_parallel.group_name
+        if id(site) in lighthouse_sites:
+            return context_parallel_ops.lighthouse_stages_cp(
+                q, k, v, n=site.q_shape[2], group_name=group_name, scale=scale, config=config
+            )
+        gqa_groups = site.q_shape[1] // site.k_shape[1]
+        return context_parallel_ops.dense_stages_cp(q, k, v, gqa_groups=gqa_groups, group_name=group_name, scale=scale)
 
-    rewrite_sdpa(gm, chosen, build)
+    rewrite_sdpa(gm, chosen if context_parallel is None else sites, build)
     if debug:
         dump_graph(graph_id, before, gm.code, report)
 
@@ -98,17 +146,22 @@ class LighthouseBackend:
         compiler: Compiler = "inductor",
         debug: bool | None = None,
         module: torch.nn.Module | None = None,
+        context_parallel: dist.ProcessGroup | None = None,
     ) -> None:
         self.config = config or LighthouseConfig()
+        if context_parallel is not None:
+            context_parallel_ops.chunk_config(self.config)  # fail now, not at the first forward call
         self.filter_fn = filter_fn
         self.compiler = compiler
         self.debug = debug_enabled(debug)
         self.module = module
+        self.context_parallel = context_parallel
         self.report = Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         training = self.module.training if self.module is not None else True
-        rewrite_graph(gm, self.config, self.report, filter_fn=self.filter_fn, training=training, debug=self.debug)
+        rewrite_graph(gm, self.config, self.report, filter_fn=self.filter_fn, training=training, debug=self.debug,
+                      context_parallel=self.context_parallel, root=self.module)
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "inductor":
@@ -137,6 +190,7 @@ def apply(
     compiler: Compiler = "inductor",
     debug: bool | None = None,
     example_inputs: Sequence[Any] | None = None,
+    context_parallel: dist.ProcessGroup | None = None,
 ) -> torch.nn.Module:
     """Rewrite the model's causal SDPA calls into Lighthouse attention, in place; returns the model.
 
@@ -147,6 +201,10 @@ def apply(
       run the rewritten graph op by op, or any torch.compile backend). Parameters, buffers and state_dict
       keys stay the module's own. A later ``torch.compile(model)`` is harmless: Dynamo defers to the
       module's own compiled call.
+    - ``context_parallel``: the process group over which each sequence is sharded, rank r holding chunks r
+      and 2W-1-r of 2W (PyTorch's head-tail layout; cut inputs with ``lhcompile.context_parallel.shard``).
+      Lighthouse then runs per chunk with half the budget and its gathered tokens join PyTorch's ring
+      attention; every site kept dense becomes ring attention too (see ``lhcompile.context_parallel``).
     Applying twice with the same settings changes nothing; use ``restore`` to go back to dense SDPA.
     """
     config = config or LighthouseConfig()
@@ -157,14 +215,19 @@ def apply(
         if example_inputs is not None:
             ShapeProp(model).propagate(*example_inputs)
         report = Report()
-        rewrite_graph(model, config, report, filter_fn=filter_fn, training=model.training, debug=debug_enabled(debug))
+        if context_parallel is not None:
+            context_parallel_ops.chunk_config(config)
+        rewrite_graph(model, config, report, filter_fn=filter_fn, training=model.training, debug=debug_enabled(debug),
+                      context_parallel=context_parallel)
         model.meta[_STATE] = report
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"lhcompile.apply expects a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
     current = getattr(model, _STATE, None)
     if current is not None:
-        if (current.config, current.filter_fn, current.compiler) != (config, filter_fn, compiler):
+        if (current.config, current.filter_fn, current.compiler, current.context_parallel) != (
+            config, filter_fn, compiler, context_parallel
+        ):
             raise ValueError(
                 "lhcompile.apply: the model is already rewritten with other settings; call lhcompile.restore(model) first"
             )
@@ -175,7 +238,8 @@ def apply(
             f"lhcompile.apply: {type(model).__name__} was already compiled in place (Module.compile); "
             "apply lhcompile to the uncompiled module instead (it compiles it itself)"
         )
-    lighthouse = LighthouseBackend(config, filter_fn=filter_fn, compiler=compiler, debug=debug, module=model)
+    lighthouse = LighthouseBackend(config, filter_fn=filter_fn, compiler=compiler, debug=debug, module=model,
+                                   context_parallel=context_parallel)
     # dynamic=False: a new sequence length gets its own static graph, so the short-sequence rule stays exact
     model.compile(backend=lighthouse, dynamic=False)
     object.__setattr__(model, _STATE, lighthouse)

@@ -7,13 +7,18 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from passes.match import bind_arguments
 
 VOCAB = 97
 
 
-def hf_model(kind: str, layers: int = 4) -> nn.Module:
+def hf_model(kind: str, layers: int = 4, attention: str = "sdpa") -> nn.Module:
     """Hugging Face Llama / Qwen2 / Mistral causal LMs with GQA, SDPA attention, no KV cache."""
     import transformers
+
+    import lhcompile.hf  # noqa: F401  (registers attention="causal_sdpa")
 
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -28,7 +33,7 @@ def hf_model(kind: str, layers: int = 4) -> nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
         use_cache=False,
     )
     return model_cls(cfg)
@@ -145,3 +150,21 @@ MODELS = {
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class SdpaAt(TorchFunctionMode):
+    """Runs a model's own code, sending its SDPA calls numbered in ``sites`` (in call order) to
+    ``attention(q, k, v, scale)`` instead."""
+
+    def __init__(self, sites: set[int], attention) -> None:
+        super().__init__()
+        self.sites, self.attention, self.count = sites, attention, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            i, self.count = self.count, self.count + 1
+            if i in self.sites:
+                a = bind_arguments(func, args, kwargs)
+                return self.attention(a["query"], a["key"], a["value"], a["scale"])
+        return func(*args, **kwargs)

@@ -7,34 +7,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import lhcompile
 from lhcompile import LighthouseConfig, lighthouse_attention
-from passes.match import bind_arguments
 
-from .models import MODELS, VOCAB, logits
+from .models import MODELS, VOCAB, SdpaAt, logits
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=(0, -1))
 N = 64
 LAYERS = 4
 
 
-class LighthouseAt(TorchFunctionMode):
-    """Runs the model's own code, sending the SDPA calls numbered in ``sites`` to lighthouse_attention."""
-
-    def __init__(self, sites: set[int]) -> None:
-        super().__init__()
-        self.sites, self.count = sites, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            i, self.count = self.count, self.count + 1
-            if i in self.sites:
-                a = bind_arguments(func, args, kwargs)
-                return lighthouse_attention(a["query"], a["key"], a["value"], CFG, scale=a["scale"])
-        return func(*args, **kwargs)
+def LighthouseAt(sites: set[int]) -> SdpaAt:
+    """The model's own code with the SDPA calls numbered in ``sites`` sent to lighthouse_attention."""
+    return SdpaAt(sites, lambda q, k, v, scale: lighthouse_attention(q, k, v, CFG, scale=scale))
 
 
 def _pair(name):

@@ -1,0 +1,175 @@
+"""Lighthouse attention on a sequence sharded across ranks by PyTorch's context parallelism.
+
+PyTorch's context parallelism (``torch.distributed.tensor.experimental.context_parallel``) cuts a sequence of
+N tokens into 2W chunks of c = N / 2W and, with its head-tail load balancer, gives rank r the chunks r and
+2W-1-r, concatenated. Lighthouse then runs per chunk, with no communication: pyramid, scores and selection
+on the chunk alone with half the top-k budget (each chunk holds whole coarsest windows), gather, and a local
+scatter whose causal shift is clipped at the chunk's end. Only the dense attention over the gathered
+sub-sequences crosses ranks: every rank's gathered sequence is again [chunk r | chunk 2W-1-r] with two equal
+halves, and chunks' entries are ordered by position, so PyTorch's own load-balanced ring attention over them
+is exactly causal attention over the concatenation of all chunks' gathered sub-sequences.
+
+``cp_reference`` computes the same on one device from the whole sequence; the distributed version equals it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.tensor.experimental._context_parallel import _attention as _cp
+
+from . import ops
+from .config import LighthouseConfig
+
+
+def chunk_problem(config: LighthouseConfig, local_len: int) -> str | None:
+    """Why a rank's shard of local_len tokens (two chunks) cannot run Lighthouse, or None if it can."""
+    half = dataclasses.replace(config, topk=config.topk // 2)
+    chunk = local_len // 2
+    if local_len % 2 or chunk < half.min_lighthouse_len or half.padded_len(chunk) != chunk:
+        return (f"a context-parallel chunk of {local_len / 2:g} tokens cannot hold the tiles of topk/2={half.topk} "
+                f"(it needs at least {half.min_lighthouse_len} tokens and a multiple of {half.padded_len(1)})")
+    return None
+
+
+def chunk_config(config: LighthouseConfig) -> LighthouseConfig:
+    """The per-chunk configuration: a rank's two chunks share the top-k budget."""
+    if config.topk % (2 * config.tile_budget):
+        raise ValueError(
+            f"context parallelism splits topk={config.topk} between a rank's two chunks: it must be a multiple of "
+            f"2 * tile_budget = {2 * config.tile_budget}"
+        )
+    return dataclasses.replace(config, topk=config.topk // 2)
+
+
+def _stages(q: Tensor, k: Tensor, v: Tensor, chunks: int, chunk_len: int, config: LighthouseConfig, attention):
+    """Per chunk: score, select, gather; then ``attention`` over the chunks' gathered sub-sequences concatenated
+    in chunk order; then per chunk: scatter. Only ints come from shapes, so the graph pass can trace it."""
+    levels, p = config.levels, config.pooling_factor
+    gathered, selections = [], []
+    for i in range(chunks):
+        qc, kc, vc = (t[:, :, i * chunk_len : (i + 1) * chunk_len] for t in (q, k, v))
+        s_qk, s_kq = ops.score(qc.detach(), kc.detach(), levels, p)
+        index, inv = ops.select(s_qk, s_kq, chunk_len, levels, p, config.topk, config.tile_budget)
+        gathered.append([ops.gather(t, index, inv, levels, p) for t in (qc, kc, vc)])
+        selections.append((index, inv))
+    o = attention(*(torch.cat(parts, dim=2) for parts in zip(*gathered)))
+    s = config.gathered_len(chunk_len)
+    return torch.cat(
+        [ops.scatter(o[:, :, i * s : (i + 1) * s], index, inv, chunk_len, levels, p)
+         for i, (index, inv) in enumerate(selections)],
+        dim=2,
+    )
+
+
+def cp_reference(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, world_size: int,
+                 *, scale: float | None = None) -> Tensor:
+    """Single-device meaning of ``lighthouse_attention_cp`` on W = world_size ranks, from the whole sequence."""
+    chunks = 2 * world_size
+    problem = chunk_problem(config, 2 * q.shape[2] // chunks)
+    if problem:
+        raise ValueError(problem)
+    return _stages(q, k, v, chunks, q.shape[2] // chunks, chunk_config(config),
+                   lambda qg, kg, vg: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale))
+
+
+def shard(x: Tensor, rank: int, world_size: int, dim: int = 2) -> Tensor:
+    """Rank's part of a whole sequence under PyTorch's head-tail load balancing: chunks r and 2W-1-r.
+
+    Use it (or PyTorch's ``context_parallel(mesh, buffers=...)``) for every per-token input: token ids,
+    labels and position ids, so that each rank's RoPE sees global positions.
+    """
+    parts = x.chunk(2 * world_size, dim=dim)
+    return torch.cat([parts[rank], parts[2 * world_size - 1 - rank]], dim=dim)
+
+
+@contextlib.contextmanager
+def _head_tail_layout():
+    """PyTorch's ring reads its load-balancing switch from a module option; our shards are head-tail."""
+    before = _cp._cp_options.enable_load_balance
+    _cp._cp_options.enable_load_balance = True
+    try:
+        yield
+    finally:
+        _cp._cp_options.enable_load_balance = before
+
+
+@torch.library.custom_op("lhcompile::ring_attention", mutates_args=())
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: float | None) -> tuple[Tensor, Tensor]:
+    """Causal attention of this rank's [chunk r | chunk 2W-1-r] over all ranks' chunks (PyTorch's ring
+    attention with head-tail load balancing): returns the output and its log-sum-exp."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    cuda = q.device.type == "cuda"
+    op = torch.ops.aten._scaled_dot_product_flash_attention if cuda else torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with _head_tail_layout():
+        out, lse, *_ = _cp._templated_ring_attention(
+            group, 2, op, query=q, key=k, value=v, is_causal=True, dropout_p=0.0, scale=scale
+        )
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+@ring_attention.register_fake
+def _(q, k, v, group_name, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _ring_setup(ctx, inputs, output) -> None:
+    q, k, v, ctx.group_name, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _ring_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    group = dist.distributed_c10d._resolve_process_group(ctx.group_name)
+    if q.device.type == "cuda":
+        op = torch.ops.aten._scaled_dot_product_flash_attention_backward.default
+        # dense (not nested) inputs: no cumulative lengths, as the forward returns; no dropout: philox unread
+        philox = q.new_zeros((), dtype=torch.int64)
+        extra = dict(cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], philox_seed=philox,
+                     philox_offset=philox)
+    else:
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        extra = {}
+    with _head_tail_layout():
+        dq, dk, dv, *_ = _cp._templated_ring_attention_backward(
+            group, 2, op, grad_out=grad_out, grad_out_name="grad_out", query=q, key=k, value=v, out=out,
+            logsumexp=lse, is_causal=True, dropout_p=0.0, scale=ctx.scale, **extra,
+        )
+    return dq, dk, dv, None, None
+
+
+ring_attention.register_autograd(_ring_backward, setup_context=_ring_setup)
+
+
+def dense_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, gqa_groups: int, group_name: str, scale: float | None
+                    ) -> Tensor:
+    """Dense causal attention of this rank's shard over the whole sequence (for the sites kept dense)."""
+    if gqa_groups > 1:  # the ring's per-step kernels want one kv head per query head
+        k, v = (t.repeat_interleave(gqa_groups, dim=1) for t in (k, v))
+    return ring_attention(q, k, v, group_name, scale)[0]
+
+
+def lighthouse_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, n: int, group_name: str, scale: float | None,
+                         config: LighthouseConfig) -> Tensor:
+    """The traceable body of ``lighthouse_attention_cp`` for a shard of known length n."""
+    return _stages(q, k, v, 2, n // 2, chunk_config(config),
+                   lambda qg, kg, vg: ring_attention(qg, kg, vg, group_name, scale)[0])
+
+
+def lighthouse_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, group: dist.ProcessGroup,
+                            *, scale: float | None = None) -> Tensor:
+    """Lighthouse attention of this rank's shard, (B, H, 2c, d) = [chunk r | chunk 2W-1-r] as ``shard`` cuts it.
+
+    Equals ``shard(cp_reference(whole q, k, v, config, W), r, W)`` (tested). q may have more heads than k/v
+    (GQA); the gathered k/v are per query head, as in the single-device operator.
+    """
+    ops.check_sdpa_inputs(q, k, v, is_causal=True)
+    problem = chunk_problem(config, q.shape[2])
+    if problem:
+        raise ValueError(problem)
+    return lighthouse_stages_cp(q, k, v, n=q.shape[2], group_name=group.group_name, scale=scale, config=config)
