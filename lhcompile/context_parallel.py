@@ -29,7 +29,7 @@ from .config import LighthouseConfig
 
 def chunk_problem(config: LighthouseConfig, local_len: int) -> str | None:
     """Why a rank's shard of local_len tokens (two chunks) cannot run Lighthouse, or None if it can."""
-    half = dataclasses.replace(config, topk=config.topk // 2)
+    half = chunk_config(config)
     chunk = local_len // 2
     if local_len % 2 or chunk < half.min_lighthouse_len or half.padded_len(chunk) != chunk:
         return (f"a context-parallel chunk of {local_len / 2:g} tokens cannot hold the tiles of topk/2={half.topk} "
@@ -47,26 +47,6 @@ def chunk_config(config: LighthouseConfig) -> LighthouseConfig:
     return dataclasses.replace(config, topk=config.topk // 2)
 
 
-def _stages(q: Tensor, k: Tensor, v: Tensor, chunks: int, chunk_len: int, config: LighthouseConfig, attention):
-    """Per chunk: score, select, gather; then ``attention`` over the chunks' gathered sub-sequences concatenated
-    in chunk order; then per chunk: scatter. Only ints come from shapes, so the graph pass can trace it."""
-    levels, p = config.levels, config.pooling_factor
-    gathered, selections = [], []
-    for i in range(chunks):
-        qc, kc, vc = (t[:, :, i * chunk_len : (i + 1) * chunk_len] for t in (q, k, v))
-        s_qk, s_kq = ops.score(qc.detach(), kc.detach(), levels, p)
-        index, inv = ops.select(s_qk, s_kq, chunk_len, levels, p, config.topk, config.tile_budget)
-        gathered.append([ops.gather(t, index, inv, levels, p) for t in (qc, kc, vc)])
-        selections.append((index, inv))
-    o = attention(*(torch.cat(parts, dim=2) for parts in zip(*gathered)))
-    s = config.gathered_len(chunk_len)
-    return torch.cat(
-        [ops.scatter(o[:, :, i * s : (i + 1) * s], index, inv, chunk_len, levels, p)
-         for i, (index, inv) in enumerate(selections)],
-        dim=2,
-    )
-
-
 def cp_reference(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, world_size: int,
                  *, scale: float | None = None) -> Tensor:
     """Single-device meaning of ``lighthouse_attention_cp`` on W = world_size ranks, from the whole sequence."""
@@ -74,8 +54,10 @@ def cp_reference(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, worl
     problem = chunk_problem(config, 2 * q.shape[2] // chunks)
     if problem:
         raise ValueError(problem)
-    return _stages(q, k, v, chunks, q.shape[2] // chunks, chunk_config(config),
-                   lambda qg, kg, vg: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale))
+    return ops.chunked_stages(
+        q, k, v, chunks=chunks, chunk_len=q.shape[2] // chunks, config=chunk_config(config),
+        attention=lambda qg, kg, vg: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale),
+    )
 
 
 def shard(x: Tensor, rank: int, world_size: int, dim: int = 2) -> Tensor:
@@ -157,8 +139,8 @@ def dense_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, gqa_groups: int, group_n
 def lighthouse_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, n: int, group_name: str, scale: float | None,
                          config: LighthouseConfig) -> Tensor:
     """The traceable body of ``lighthouse_attention_cp`` for a shard of known length n."""
-    return _stages(q, k, v, 2, n // 2, chunk_config(config),
-                   lambda qg, kg, vg: ring_attention(qg, kg, vg, group_name, scale)[0])
+    return ops.chunked_stages(q, k, v, chunks=2, chunk_len=n // 2, config=chunk_config(config),
+                              attention=lambda qg, kg, vg: ring_attention(qg, kg, vg, group_name, scale)[0])
 
 
 def lighthouse_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, group: dist.ProcessGroup,

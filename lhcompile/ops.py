@@ -14,6 +14,7 @@ position-key order and its inverse ``inv`` (B, H, P) int32 (slot of each pyramid
 from __future__ import annotations
 
 import os
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,21 +149,46 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None, backen
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
+def _part(t: Tensor, i: int, length: int, parts: int) -> Tensor:
+    """Part i of ``parts`` equal parts of t along the sequence (t itself when there is one part)."""
+    return t if parts == 1 else t[:, :, i * length : (i + 1) * length]
+
+
+def _joined(parts: Sequence[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: int, config: LighthouseConfig,
+                   attention: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """Per chunk of chunk_len tokens: score, select, gather; then ``attention`` over the chunks' gathered
+    sub-sequences joined in chunk order; then per chunk: scatter. One chunk is the single-device operator;
+    several are context parallelism's (``lhcompile.context_parallel``). Shapes come in as plain ints so
+    that the graph pass can trace this function into a graph."""
+    levels, p = config.levels, config.pooling_factor
+    gathered, selections = [], []
+    for i in range(chunks):
+        qc, kc, vc = (_part(t, i, chunk_len, chunks) for t in (q, k, v))
+        s_qk, s_kq = score(qc.detach(), kc.detach(), levels, p)
+        index, inv = select(s_qk, s_kq, chunk_len, levels, p, config.topk, config.tile_budget)
+        gathered.append([gather(t, index, inv, levels, p) for t in (qc, kc, vc)])
+        selections.append((index, inv))
+    o = attention(*(_joined(parts) for parts in zip(*gathered)))
+    s = config.gathered_len(chunk_len)
+    return _joined([scatter(_part(o, i, s, chunks), index, inv, chunk_len, levels, p)
+                    for i, (index, inv) in enumerate(selections)])
+
+
 def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float | None, config: LighthouseConfig) -> Tensor:
     """The staged subgraph for a sequence of known length n (>= config.min_lighthouse_len).
 
-    Shape arguments are plain ints so that the graph pass can trace this function into a graph.
     A length that does not split into whole tiles is zero-padded at the end; padded positions only
     ever reach outputs beyond n, which are cut off.
     """
-    levels, p = config.levels, config.pooling_factor
     padded = config.padded_len(n)
     if padded != n:
         q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
-    s_qk, s_kq = score(q.detach(), k.detach(), levels, p)
-    index, inv = select(s_qk, s_kq, padded, levels, p, config.topk, config.tile_budget)
-    qg, kg, vg = (gather(t, index, inv, levels, p) for t in (q, k, v))
-    out = scatter(dense_attention(qg, kg, vg, scale, config.inner_backend), index, inv, padded, levels, p)
+    out = chunked_stages(q, k, v, chunks=1, chunk_len=padded, config=config,
+                         attention=lambda qg, kg, vg: dense_attention(qg, kg, vg, scale, config.inner_backend))
     if padded != n:
         out = out[:, :, :n]
     return out
