@@ -6,7 +6,8 @@
 
 Every sequence is cut into 2W chunks and rank r holds chunks r and 2W-1-r (PyTorch's head-tail layout, from
 ``lhcompile.context_parallel.shard``) of the token ids, labels and position ids. Parameters are sharded with
-``fully_shard`` over the same ranks. ``lhcompile.apply(..., context_parallel=group)`` makes each Lighthouse site
+``fully_shard`` over the same ranks: each decoder layer, then the root, as torchtitan does (``--wrap root`` shards
+only the root). ``lhcompile.apply(..., context_parallel=group)`` makes each Lighthouse site
 select per chunk and join PyTorch's ring attention with its gathered tokens, and every dense site ring attention.
 Prints the loss and the global tokens/s.
 """
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--paper", action="store_true", help="the paper's 530M-class dimensions (GPU)")
     ap.add_argument("--compiler", default=None, help="inductor (default on GPU) or eager (default on CPU)")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--wrap", choices=["layers", "root"], default="layers",
+                    help="fully_shard each decoder layer and the root (default), or the root only")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -53,7 +56,10 @@ def main() -> None:
     torch.manual_seed(0)
     ns = argparse.Namespace(paper=args.paper, seq_len=args.seq_len, attention="causal_sdpa")
     model = LlamaForCausalLM(train.model_config(ns)).to(device=device, dtype=dtype)
-    fully_shard(model, mesh=init_device_mesh(device.type, (world,)))
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in model.model.layers if args.wrap == "layers" else []:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     config = train.lighthouse_config(ns)
     lhcompile.apply(model, config, compiler=args.compiler or ("inductor" if cuda else "eager"),

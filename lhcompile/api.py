@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -21,7 +23,7 @@ FilterFn = Callable[[str], bool]
 """Called with an SDPA site's module path (e.g. 'model.layers.3.self_attn'); False keeps the site dense."""
 Compiler = Literal["inductor", "eager"] | Callable[[fx.GraphModule, Sequence[Any]], Callable]
 
-_STATE = "_lhcompile"  # attribute (nn.Module) or gm.meta key (GraphModule) holding the backend/report
+_STATE = "_lhcompile"  # attribute (nn.Module: an _Applied) or gm.meta key (GraphModule: its Report)
 
 
 def _op_name(target: Any) -> str:
@@ -30,16 +32,37 @@ def _op_name(target: Any) -> str:
     return f"F.{target.__name__}"
 
 
+@dataclass(frozen=True)
+class Block:
+    """A module that Dynamo compiles on its own (a ``fully_shard``-ed layer, or part of one) and its layer's fate."""
+
+    path: str
+    """Module path of the block in the model, e.g. 'model.layers.3'."""
+    dense_reason: str | None
+    """Why its layer stays dense (the layer is in ``dense_layers``), or None."""
+
+
+def _join(prefix: str, path: str) -> str:
+    return ".".join(p for p in (prefix, path) if p)
+
+
 def _decide(site: SdpaSite, total: int, config: LighthouseConfig, filter_fn: FilterFn | None, training: bool,
-            context_parallel: bool) -> str | None:
-    """Why this site stays dense, or None to rewrite it."""
+            context_parallel: bool, block: Block | None) -> str | None:
+    """Why this site stays dense, or None to rewrite it.
+
+    ``block`` is the module the graph was captured for; None when the graph is the compiled module's own, whose
+    sites are counted in graph order for ``dense_layers``.
+    """
     if site.problem:
         return site.problem
     if not training:
         return "module is in eval mode (Lighthouse is for training; dense SDPA is used)"
-    if site.index in {i % total for i in config.dense_layers if -total <= i < total}:
+    if block is not None:
+        if block.dense_reason:
+            return block.dense_reason
+    elif site.index in {i % total for i in config.dense_layers if -total <= i < total}:
         return f"dense layer (site {site.index} is in dense_layers={config.dense_layers})"
-    if filter_fn is not None and not filter_fn(site.module_path):
+    if filter_fn is not None and not filter_fn(_join(block.path if block else "", site.module_path)):
         return "excluded by filter_fn"
     n = site.q_shape[2]
     if not isinstance(n, int):
@@ -58,10 +81,11 @@ def _warn_if_captured_below(root: torch.nn.Module, sites: list[SdpaSite]) -> Non
         except AttributeError:
             warnings.warn(
                 f"lhcompile: the SDPA call of {site.module_path!r} was captured in a graph of one submodule, not of "
-                f"{type(root).__name__}: Dynamo compiles that submodule on its own (e.g. per-layer FSDP2 "
-                "fully_shard, whose hooks Dynamo does not trace) and may reuse the graph for every layer of the "
-                "same class, so dense_layers and filter_fn see one site per graph and cannot tell layers apart. "
-                "Wrap only the root with fully_shard, or apply lhcompile to each block with its own config",
+                f"{type(root).__name__}: Dynamo compiles that submodule on its own (its hooks are not traced, e.g. "
+                "fully_shard on a module that is not inside an item of a ModuleList/ModuleDict of layers) and may "
+                "reuse the graph for every submodule of the same class, so dense_layers and filter_fn see one site "
+                "per graph and cannot tell them apart. fully_shard the layers of the layer stack (lhcompile then "
+                "compiles each kind of layer itself), or only the root",
                 stacklevel=2,
             )
             return
@@ -77,11 +101,14 @@ def rewrite_graph(
     debug: bool = False,
     context_parallel: dist.ProcessGroup | None = None,
     root: torch.nn.Module | None = None,
+    blocks: Sequence[Block] = (),
 ) -> None:
     """Rewrite the eligible SDPA sites of gm in place and add every site, with its fate, to report.
 
     ``root`` is the module that ``apply`` compiled: a site whose module path does not resolve in it was
     captured in a graph of its own submodule, which is warned about (``dense_layers`` would count wrongly).
+    ``blocks``, when given, are the modules this one graph serves (Dynamo reuses a module's graph for every
+    module of its class): site paths are relative to them, the first one decides, and each gets its rows.
 
     With ``context_parallel`` (the group over which the sequence is sharded) every other site is rewritten
     too, into ring attention over the group: a shard's attention must see the whole sequence either way.
@@ -94,28 +121,30 @@ def rewrite_graph(
             f"(module {missing[0].module_path or '<top>'!r}); pass example_inputs= to lhcompile.apply, or capture "
             "the graph with torch.export / torch.compile, which record shapes"
         )
-    if root is not None:
+    if root is not None and not blocks:
         _warn_if_captured_below(root, sites)
     graph_id = report.graphs
     report.graphs += 1
     before = gm.code if debug else ""
     chosen = []
     for site in sites:
-        reason = _decide(site, len(sites), config, filter_fn, training, context_parallel is not None)
         if context_parallel is not None and site.problem:
             raise ValueError(
                 f"lhcompile: under context parallelism every SDPA site must become ring attention, but site "
                 f"{site.index} (module {site.module_path or '<top>'!r}) cannot: {site.problem}"
             )
-        if reason is None:
+        reasons = [_decide(site, len(sites), config, filter_fn, training, context_parallel is not None, block)
+                   for block in blocks or [None]]
+        if reasons[0] is None:
             chosen.append(site)
-        elif context_parallel is not None:
-            reason += "; dense ring attention across the context-parallel group"
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
-        report.sites.append(
-            SiteReport(graph_id, site.index, site.module_path, _op_name(site.node.target),
-                       site.q_shape, kv_heads, reason is None, reason or "lighthouse")
-        )
+        for block, reason in zip(blocks or [None], reasons):
+            if reason is not None and context_parallel is not None:
+                reason += "; dense ring attention across the context-parallel group"
+            report.sites.append(
+                SiteReport(graph_id, site.index, _join(block.path if block else "", site.module_path),
+                           _op_name(site.node.target), site.q_shape, kv_heads, reason is None, reason or "lighthouse")
+            )
     lighthouse_sites = {id(site) for site in chosen}
 
     def build(site: SdpaSite, args: dict[str, Any]) -> fx.Proxy:
@@ -136,7 +165,11 @@ def rewrite_graph(
 
 
 class LighthouseBackend:
-    """A torch.compile backend: rewrite SDPA sites of each captured graph, then hand it to ``compiler``."""
+    """A torch.compile backend: rewrite SDPA sites of each captured graph, then hand it to ``compiler``.
+
+    ``module`` is the module compiled with it (its ``training`` flag is read at capture); ``blocks`` the
+    modules whose shared graph it captures (see ``rewrite_graph``); ``report`` may be shared between backends.
+    """
 
     def __init__(
         self,
@@ -147,6 +180,8 @@ class LighthouseBackend:
         debug: bool | None = None,
         module: torch.nn.Module | None = None,
         context_parallel: dist.ProcessGroup | None = None,
+        blocks: Sequence[Block] = (),
+        report: Report | None = None,
     ) -> None:
         self.config = config or LighthouseConfig()
         if context_parallel is not None:
@@ -156,12 +191,13 @@ class LighthouseBackend:
         self.debug = debug_enabled(debug)
         self.module = module
         self.context_parallel = context_parallel
-        self.report = Report()
+        self.blocks = tuple(blocks)
+        self.report = report if report is not None else Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         training = self.module.training if self.module is not None else True
         rewrite_graph(gm, self.config, self.report, filter_fn=self.filter_fn, training=training, debug=self.debug,
-                      context_parallel=self.context_parallel, root=self.module)
+                      context_parallel=self.context_parallel, root=self.module, blocks=self.blocks)
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "inductor":
@@ -205,6 +241,9 @@ def apply(
       and 2W-1-r of 2W (PyTorch's head-tail layout; cut inputs with ``lhcompile.context_parallel.shard``).
       Lighthouse then runs per chunk with half the budget and its gathered tokens join PyTorch's ring
       attention; every site kept dense becomes ring attention too (see ``lhcompile.context_parallel``).
+    - per-layer FSDP2 (``fully_shard`` on the layers of a ModuleList/ModuleDict, or on modules inside them):
+      those modules are compiled one by one, sharing one backend per kind of layer, and ``dense_layers``
+      counts layers (see ``_sharded_blocks``).
     Applying twice with the same settings changes nothing; use ``restore`` to go back to dense SDPA.
     """
     config = config or LighthouseConfig()
@@ -223,27 +262,94 @@ def apply(
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"lhcompile.apply expects a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
+    settings = (config, filter_fn, compiler, debug, context_parallel)
     current = getattr(model, _STATE, None)
     if current is not None:
-        if (current.config, current.filter_fn, current.compiler, current.context_parallel) != (
-            config, filter_fn, compiler, context_parallel
-        ):
+        if current.settings != settings:
             raise ValueError(
                 "lhcompile.apply: the model is already rewritten with other settings; call lhcompile.restore(model) first"
             )
         warnings.warn("lhcompile.apply: the model is already rewritten with these settings; nothing new to do", stacklevel=2)
         return model
-    if model._compiled_call_impl is not None:
-        raise ValueError(
-            f"lhcompile.apply: {type(model).__name__} was already compiled in place (Module.compile); "
-            "apply lhcompile to the uncompiled module instead (it compiles it itself)"
-        )
-    lighthouse = LighthouseBackend(config, filter_fn=filter_fn, compiler=compiler, debug=debug, module=model,
-                                   context_parallel=context_parallel)
+    blocks = _sharded_blocks(model, config)
+    for path, module in [("", model), *((b.path, m) for b, m in blocks)]:
+        if module._compiled_call_impl is not None:
+            raise ValueError(
+                f"lhcompile.apply: {type(module).__name__} {path or '(the model)'} was already compiled in place "
+                "(Module.compile); apply lhcompile to the uncompiled model instead (it compiles it itself)"
+            )
+    report = Report()
+    options = dict(filter_fn=filter_fn, compiler=compiler, debug=debug, context_parallel=context_parallel, report=report)
+    for members in _group_blocks(blocks, filter_fn):
+        block_backend = LighthouseBackend(config, module=members[0][1], blocks=[b for b, _ in members], **options)
+        for _, module in members:
+            module.compile(backend=block_backend, dynamic=False)
     # dynamic=False: a new sequence length gets its own static graph, so the short-sequence rule stays exact
-    model.compile(backend=lighthouse, dynamic=False)
-    object.__setattr__(model, _STATE, lighthouse)
+    model.compile(backend=LighthouseBackend(config, module=model, **options), dynamic=False)
+    object.__setattr__(model, _STATE, _Applied(settings, report, [model, *(m for _, m in blocks)]))
     return model
+
+
+@dataclass
+class _Applied:
+    """What ``apply`` did to a module: with which settings, what it found, and which modules it compiled in place."""
+
+    settings: tuple
+    report: Report
+    compiled: list[torch.nn.Module]
+
+
+def _sharded_blocks(model: torch.nn.Module, config: LighthouseConfig) -> list[tuple[Block, torch.nn.Module]]:
+    """The ``fully_shard``-ed modules inside the model's layers (items of a ModuleList/ModuleDict), top-most only.
+
+    Dynamo does not trace FSDP2's hooks, so it compiles each such module on its own, as one graph that it
+    reuses for every module of the class; ``apply`` compiles them itself, one backend per kind of block.
+    ``dense_layers`` counts the layers that hold such modules.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    layers: list[tuple[str, list[tuple[str, torch.nn.Module]]]] = []
+    for path, container in model.named_modules():
+        if not isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _ in layers):
+            continue
+        for name, item in container.named_children():
+            sharded: list[tuple[str, torch.nn.Module]] = []
+            for inner, module in item.named_modules(prefix=_join(path, name)):
+                if isinstance(module, FSDPModule) and not any(inner.startswith(f"{p}.") for p, _ in sharded):
+                    sharded.append((inner, module))
+            if sharded:
+                layers.append((_join(path, name), sharded))
+    n = len(layers)
+    dense = {i % n for i in config.dense_layers if -n <= i < n}
+    return [
+        (Block(path, f"dense layer (layer {i} of {n} is in dense_layers={config.dense_layers})" if i in dense else None),
+         module)
+        for i, (_, sharded) in enumerate(layers)
+        for path, module in sharded
+    ]
+
+
+def _group_blocks(blocks: list[tuple[Block, torch.nn.Module]],
+                  filter_fn: FilterFn | None) -> list[list[tuple[Block, torch.nn.Module]]]:
+    """Split the blocks into kinds that can share one compiled graph: same class, dense or not alike, and the
+    same filter_fn verdict on every module path inside them (so on the path of every SDPA call)."""
+    groups: dict[tuple, list[tuple[Block, torch.nn.Module]]] = {}
+    for block, module in blocks:
+        verdicts = tuple(filter_fn(path) for path, _ in module.named_modules(prefix=block.path)) if filter_fn else ()
+        groups.setdefault((type(module), block.dense_reason is None, verdicts), []).append((block, module))
+    limit = torch._dynamo.config.recompile_limit
+    kinds = Counter(cls for cls, _, _ in groups)
+    if kinds and kinds.most_common(1)[0][1] > limit // 2:
+        cls, count = kinds.most_common(1)[0]
+        raise ValueError(
+            f"lhcompile.apply: dense_layers and filter_fn split the sharded {cls.__name__} modules into {count} "
+            f"kinds, each its own compiled graph, but Dynamo keeps at most {limit} graphs per code "
+            "(torch._dynamo.config.recompile_limit) and training and eval need one each; choose layers by "
+            "dense_layers, or make filter_fn answer alike for most layers"
+        )
+    return list(groups.values())
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
@@ -254,10 +360,12 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         if not restored:
             warnings.warn("lhcompile.restore: this GraphModule has no Lighthouse subgraph; nothing to restore", stacklevel=2)
         return model
-    if getattr(model, _STATE, None) is None:
+    state = getattr(model, _STATE, None)
+    if state is None:
         warnings.warn(f"lhcompile.restore: {type(model).__name__} was not rewritten by lhcompile; nothing to restore", stacklevel=2)
         return model
-    model._compiled_call_impl = None
+    for module in state.compiled:
+        module._compiled_call_impl = None
     object.__delattr__(model, _STATE)
     return model
 

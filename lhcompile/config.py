@@ -32,7 +32,8 @@ class LighthouseConfig:
     scorer: Scorer = "norm"
     """Selection score; only the paper's default, the L2 norm, is implemented."""
     dense_layers: tuple[int, ...] = (0, 1, -2, -1)
-    """Attention sites (in graph order; negative counts from the end) that stay dense SDPA."""
+    """Attention sites (in graph order; negative counts from the end) that stay dense SDPA; with per-layer
+    ``fully_shard``, the layers of the layer stack (see ``lhcompile.apply``)."""
     min_seq_len: int = 0
     """Sequences shorter than this use dense SDPA (the tile rule may set a higher floor)."""
     inner_backend: InnerBackend = "sdpa"

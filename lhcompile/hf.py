@@ -5,7 +5,9 @@ explicit N x N causal mask (its masking_utils says so), and builds it from ``pos
 passed. lhcompile proves an in-graph causal mask causal and drops it at Lighthouse sites, but:
 - dense layers and the dense stage keep the mask: N^2 memory, and SDPA off the cuDNN and flash kernels;
 - under context parallelism each rank passes global ``position_ids`` of its two chunks, from which
-  transformers would build a wrong (packed-sequence) mask that depends on inputs, so it cannot be dropped.
+  transformers would build a wrong (packed-sequence) mask that depends on inputs, so it cannot be dropped;
+- with per-layer FSDP2 each layer is compiled on its own and the mask, made outside the layer, is an input of
+  the layer's graph, which no pass can prove causal.
 ``LlamaConfig(..., attn_implementation="causal_sdpa")`` avoids both; the weights and checkpoints are the
 same as with "sdpa" (the choice is not saved in config.json).
 """

@@ -40,7 +40,9 @@ def why_mask_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
     nodes = _ancestors(mask)
     inputs = [n.name for n in nodes if n.op == "placeholder"]
     if inputs:
-        return f"explicit attn_mask depends on graph inputs ({', '.join(inputs[:3])}): e.g. a padding mask"
+        return (f"explicit attn_mask depends on graph inputs ({', '.join(inputs[:3])}): a padding mask, or a causal "
+                "mask made outside this graph (as when a layer is compiled on its own); have the model call SDPA "
+                "with is_causal=True instead (Hugging Face: attn_implementation='causal_sdpa', lhcompile.hf)")
     if any(n.op not in ("call_function", "call_method", "get_attr") or n.target in _STATEFUL for n in nodes):
         return "explicit attn_mask is built with stateful operations; cannot prove it causal"
     shape = node_shape(mask)

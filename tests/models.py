@@ -138,6 +138,37 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class EmbeddingAttention(nn.Module):
+    """Attention with the token embeddings themselves as q, k and v: no arithmetic runs before SDPA, so every
+    compiler and every sharding hands it (and Lighthouse's selection) the same bits, even in bf16."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = x.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        return x + self.proj(F.scaled_dot_product_attention(h, h, h, is_causal=True).transpose(1, 2).reshape(b, n, c))
+
+
+class EmbeddingAttentionLM(nn.Module):
+    """EmbeddingAttention, then a GPT-2 block; no position embeddings, so a sequence shards without positions."""
+
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList([EmbeddingAttention(dim, heads), GPTBlock(dim, heads)])
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
 MODELS = {
     "llama": lambda: hf_model("llama"),
     "qwen2": lambda: hf_model("qwen2"),

@@ -65,3 +65,21 @@ def test_corpus_is_the_stdlib_split_into_train_and_heldout():
     train, held = _train_module().stdlib_corpus()
     assert train.numel() > 10 * held.numel() > 0
     assert b"def " in bytes(train[:200000].to(torch.uint8).tolist())
+
+
+def test_context_parallel_launcher_trains_on_two_cpu_processes():
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/train_cp.py",
+         "--steps", "2", "--warmup", "1", "--seq-len", "512"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 3 and losses[-1] < losses[0], run.stdout
+    # per-layer fully_shard (the default wrap): every layer decided on its own, the outer two kept dense
+    assert "2 of 4 SDPA sites rewritten" in run.stdout and "model.layers.1.self_attn" in run.stdout, run.stdout
+    assert "CP=2, N=512:" in run.stdout
