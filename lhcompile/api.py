@@ -198,6 +198,10 @@ class LighthouseBackend:
         training = self.module.training if self.module is not None else True
         rewrite_graph(gm, self.config, self.report, filter_fn=self.filter_fn, training=training, debug=self.debug,
                       context_parallel=self.context_parallel, root=self.module, blocks=self.blocks)
+        # a causal mask that Lighthouse sites no longer read is N x N; nothing needs it later, since a module's
+        # restore recaptures its graph (only a GraphModule rewritten in place keeps it, for restore_sdpa)
+        if gm.graph.eliminate_dead_code():
+            gm.recompile()
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "inductor":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -149,6 +150,25 @@ def test_backend_rewrites_across_graph_breaks():
     out = torch.compile(model, backend=lighthouse)(x)
     assert lighthouse.report.graphs == 2 and len(lighthouse.report.rewritten) == 2
     assert out.shape == x.shape
+
+
+def test_compiled_graph_keeps_no_causal_mask_that_only_rewritten_sites_read():
+    # transformers builds an N x N causal mask in the graph; once every site is Lighthouse nothing may build it,
+    # even when the rewritten graph runs op by op
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    n = 3 * N  # no weight or activation dimension is n
+    model = MODELS["llama"]()  # attn_implementation="sdpa": explicit mask
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler=keep)
+    logits(model, torch.randint(0, VOCAB, (1, n)))
+    assert len(lhcompile.inspect(model).rewritten) == 4
+    shapes = [v.shape for gm in graphs for node in gm.graph.nodes
+              if isinstance(v := node.meta.get("example_value"), torch.Tensor)]
+    assert shapes and not [s for s in shapes if s[-2:] == (n, n)]
 
 
 @pytest.mark.parametrize("name", ["llama", "titan", "gpt"])
