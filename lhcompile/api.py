@@ -46,6 +46,11 @@ def _join(prefix: str, path: str) -> str:
     return ".".join(p for p in (prefix, path) if p)
 
 
+def _site_path(site: SdpaSite, block: Block | None) -> str:
+    """The site's module path in the whole model (a block's graph records it relative to the block)."""
+    return _join(block.path if block else "", site.module_path)
+
+
 def _decide(site: SdpaSite, total: int, config: LighthouseConfig, filter_fn: FilterFn | None, training: bool,
             context_parallel: bool, block: Block | None) -> str | None:
     """Why this site stays dense, or None to rewrite it.
@@ -60,9 +65,9 @@ def _decide(site: SdpaSite, total: int, config: LighthouseConfig, filter_fn: Fil
     if block is not None:
         if block.dense_reason:
             return block.dense_reason
-    elif site.index in {i % total for i in config.dense_layers if -total <= i < total}:
+    elif site.index in config.dense_indices(total):
         return f"dense layer (site {site.index} is in dense_layers={config.dense_layers})"
-    if filter_fn is not None and not filter_fn(_join(block.path if block else "", site.module_path)):
+    if filter_fn is not None and not filter_fn(_site_path(site, block)):
         return "excluded by filter_fn"
     n = site.q_shape[2]
     if not isinstance(n, int):
@@ -127,6 +132,7 @@ def rewrite_graph(
     report.graphs += 1
     before = gm.code if debug else ""
     chosen = []
+    scopes: Sequence[Block | None] = blocks or [None]  # None: the graph is the compiled module's own
     for site in sites:
         if context_parallel is not None and site.problem:
             raise ValueError(
@@ -134,15 +140,15 @@ def rewrite_graph(
                 f"{site.index} (module {site.module_path or '<top>'!r}) cannot: {site.problem}"
             )
         reasons = [_decide(site, len(sites), config, filter_fn, training, context_parallel is not None, block)
-                   for block in blocks or [None]]
+                   for block in scopes]
         if reasons[0] is None:
             chosen.append(site)
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
-        for block, reason in zip(blocks or [None], reasons):
+        for block, reason in zip(scopes, reasons):
             if reason is not None and context_parallel is not None:
                 reason += "; dense ring attention across the context-parallel group"
             report.sites.append(
-                SiteReport(graph_id, site.index, _join(block.path if block else "", site.module_path),
+                SiteReport(graph_id, site.index, _site_path(site, block),
                            _op_name(site.node.target), site.q_shape, kv_heads, reason is None, reason or "lighthouse")
             )
     lighthouse_sites = {id(site) for site in chosen}
@@ -319,14 +325,15 @@ def _sharded_blocks(model: torch.nn.Module, config: LighthouseConfig) -> list[tu
         if any(path.startswith(f"{outer}.") for outer, _ in layers):
             continue
         for name, item in container.named_children():
+            item_path = _join(path, name)
             sharded: list[tuple[str, torch.nn.Module]] = []
-            for inner, module in item.named_modules(prefix=_join(path, name)):
+            for inner, module in item.named_modules(prefix=item_path):
                 if isinstance(module, FSDPModule) and not any(inner.startswith(f"{p}.") for p, _ in sharded):
                     sharded.append((inner, module))
             if sharded:
-                layers.append((_join(path, name), sharded))
+                layers.append((item_path, sharded))
     n = len(layers)
-    dense = {i % n for i in config.dense_layers if -n <= i < n}
+    dense = config.dense_indices(n)
     return [
         (Block(path, f"dense layer (layer {i} of {n} is in dense_layers={config.dense_layers})" if i in dense else None),
          module)
@@ -344,9 +351,8 @@ def _group_blocks(blocks: list[tuple[Block, torch.nn.Module]],
         verdicts = tuple(filter_fn(path) for path, _ in module.named_modules(prefix=block.path)) if filter_fn else ()
         groups.setdefault((type(module), block.dense_reason is None, verdicts), []).append((block, module))
     limit = torch._dynamo.config.recompile_limit
-    kinds = Counter(cls for cls, _, _ in groups)
-    if kinds and kinds.most_common(1)[0][1] > limit // 2:
-        cls, count = kinds.most_common(1)[0]
+    cls, count = Counter(cls for cls, _, _ in groups).most_common(1)[0] if groups else (None, 0)
+    if count > limit // 2:
         raise ValueError(
             f"lhcompile.apply: dense_layers and filter_fn split the sharded {cls.__name__} modules into {count} "
             f"kinds, each its own compiled graph, but Dynamo keeps at most {limit} graphs per code "

@@ -60,6 +60,10 @@ class LighthouseConfig:
         if self.inner_backend not in ("sdpa", "flash_attn"):
             reject("inner_backend", "must be 'sdpa' or 'flash_attn'")
 
+    def dense_indices(self, total: int) -> set[int]:
+        """The positions among ``total`` sites (or layers) that ``dense_layers`` keeps dense; out-of-range ones are ignored."""
+        return {i % total for i in self.dense_layers if -total <= i < total}
+
     @property
     def tiles(self) -> int:
         """Number of independent selection tiles T = k / tile_budget."""

@@ -40,6 +40,17 @@ def _run(rank, worker, store, backend, args):
         dist.destroy_process_group()
 
 
+def shard_with_fsdp2(model, parts):
+    """fully_shard each of parts, then the root, over all ranks (parts=[]: the root only)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (WORLD,))
+    for part in parts:
+        fully_shard(part, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def close(mine, want, what, tol=1e-5):
     err = ((mine.double() - want.double()).norm() / want.double().norm()).item()
     assert err < tol, f"{what}: relative error {err:.2e}"
@@ -70,9 +81,6 @@ def test_operator_on_two_gpus_equals_single_device_reference(tmp_path):
 
 
 def _model(rank, compiler, per_layer, gpu=False):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     if gpu:
         # bf16, which the CUDA ring needs, and selection on the embeddings: a selection downstream of arithmetic
         # flips with bf16 rounding (in a 4-layer Llama, running the reference's dense layers with the math
@@ -96,10 +104,7 @@ def _model(rank, compiler, per_layer, gpu=False):
         want = run(twin, inputs, positions)
     F.cross_entropy(want.flatten(0, 1).float(), labels.flatten()).backward()
 
-    mesh = init_device_mesh(torch.device(device).type, (WORLD,))
-    for layer in model.get_submodule(stack) if per_layer else []:  # torchtitan's wrapping: each layer, then the root
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard_with_fsdp2(model, model.get_submodule(stack) if per_layer else [])  # per layer: torchtitan's wrapping
     lhcompile.apply(model, config, compiler=compiler, context_parallel=dist.group.WORLD)
     local = run(model, shard(inputs, rank, WORLD, dim=1), shard(positions, rank, WORLD, dim=1))
     F.cross_entropy(local.flatten(0, 1).float(), shard(labels, rank, WORLD, dim=1).flatten()).backward()
@@ -127,9 +132,6 @@ def test_hf_llama_on_two_gpus_equals_single_device_reference(tmp_path, compiler,
 
 
 def _per_layer_fsdp(rank, part):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     model = hf_model("llama", attention="causal_sdpa")  # a layer compiled alone cannot prove an input mask causal
     twin = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (2, N))  # the same batch on both ranks: FSDP's averaged gradients are its own
@@ -137,10 +139,7 @@ def _per_layer_fsdp(rank, part):
         want = twin(input_ids=ids).logits
     want.square().mean().backward()
 
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model.model.layers:
-        fully_shard(layer.get_submodule(part), mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard_with_fsdp2(model, [layer.get_submodule(part) for layer in model.model.layers])
     lhcompile.apply(model, CFG, compiler="eager", filter_fn=lambda path: path != "model.layers.2.self_attn")
     got = model(input_ids=ids).logits
     got.square().mean().backward()
@@ -174,13 +173,8 @@ def test_per_layer_fsdp2_compiles_each_kind_of_layer_with_its_own_decision(tmp_p
 
 
 def _sub_layer_fsdp(rank):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     model = hf_model("llama")
-    mesh = init_device_mesh("cpu", (WORLD,))
-    fully_shard(model.model, mesh=mesh)  # compiled on its own: its site paths lack the "model." of the root's
-    fully_shard(model, mesh=mesh)
+    shard_with_fsdp2(model, [model.model])  # compiled on its own: its site paths lack the "model." of the root's
     lhcompile.apply(model, CFG, compiler="eager")
     with pytest.warns(UserWarning, match="captured in a graph of one submodule"):
         model(input_ids=torch.randint(0, VOCAB, (2, N)))
