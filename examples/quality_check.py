@@ -4,6 +4,10 @@
     python examples/quality_check.py --runs dense         # one run at a time (each writes <out>/<run>/summary.json)
     python examples/quality_check.py --runs               # no run: report on the runs already in --out
     python examples/quality_check.py --smoke              # CPU plumbing check in a minute (says nothing of quality)
+    python examples/train.py --dense --seed 1 --no-save --out runs/quality/dense_seed1    # the noise floor
+
+Dense runs with other seeds found in --out (dense_seed*/summary.json) are reported as the noise floor: how far
+dense from scratch moves with its seed alone (initial weights and batch order).
 
 Both runs are examples/train.py with the same arguments (one with --dense). The report compares them against
 the criteria written down before the experiment (CRITERIA below, BENCHMARKS.md), prints the held-out curves,
@@ -92,6 +96,11 @@ def report(out: Path) -> dict:
               f"{pct(t['exact'], 5)} {t['queries']:>8}")
     for name, run in runs.items():
         print(f"{name}: training {run['train_s']:.0f} s, compile {run['compile_s']:.0f} s, evaluation {run['eval_s']:.0f} s")
+    seeds = {path.parent.name: json.loads(path.read_text()) for path in sorted(out.glob("dense_seed*/summary.json"))}
+    for name, run in seeds.items():
+        print(f"noise floor: {name} ends at {run['final_heldout_loss']:.4f}, "
+              f"{run['final_heldout_loss'] / dense['final_heldout_loss'] - 1:+.2%} from dense (seed 0); "
+              f"two-stage is {two['final_heldout_loss'] / run['final_heldout_loss'] - 1:+.2%} from it")
     result = verdict(dense, two)
     print("\npre-registered criteria:")
     for key, rule in CRITERIA.items():
@@ -100,34 +109,39 @@ def report(out: Path) -> dict:
         print(f"  {result[key]['status'].upper():<8} {rule} ({numbers})")
     print(f"  two-stage {'beats' if result['beats_dense'] else 'does not beat'} dense from scratch "
           f"({result['final_loss']['gap']:+.2%}; the paper: -1.9% to -5.7%)")
-    summary = {"criteria": CRITERIA, "verdict": result, **{name: compact(run) for name, run in runs.items()}}
+    summary = {"criteria": CRITERIA, "verdict": result, **{name: compact(run) for name, run in runs.items()},
+               "noise_floor": {name: compact(run) for name, run in seeds.items()}}
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
-    plot(dense, two, out / "compare.png")
+    plot({"dense from scratch": dense, **{f"dense, {name[6:].replace('_', ' ')}": run for name, run in seeds.items()},
+          "Lighthouse → dense": two}, out / "compare.png")
     print(f"wrote {out / 'quality.json'} and {out / 'compare.png'}")
     return summary
 
 
-def plot(dense: dict, two: dict, path: Path) -> None:
-    """Held-out loss against tokens and against training wall clock, both runs, the switch marked."""
+def plot(runs: dict[str, dict], path: Path) -> None:
+    """Held-out loss against tokens and against training wall clock of each run (the two-stage one last, its
+    Lighthouse-attention loss at the switch as a cross), the switch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    two = list(runs.values())[-1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     switch = next(p for p in two["heldout"] if p["step"] == two["lighthouse_steps"])
     for ax, x, label in [(axes[0], "tokens", "tokens"), (axes[1], "train_s", "training wall clock (s, compile excluded)")]:
-        for name, run in (("dense from scratch", dense), ("Lighthouse → dense", two)):
-            ax.plot([p[x] for p in run["heldout"]], [p["loss"] for p in run["heldout"]], "o-", ms=3, label=name)
+        for name, run in runs.items():
+            ax.plot([p[x] for p in run["heldout"]], [p["loss"] for p in run["heldout"]], "o-", ms=3, label=name,
+                    alpha=0.5 if "seed" in name else 1.0)
+        ax.plot([switch[x]], [switch["lighthouse_loss"]], "kx", ms=8, label="Lighthouse attention at the switch")
         ax.axvline(switch[x], color="k", ls="--", lw=1, label="switch to dense")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out loss, dense attention (nats/byte)")
-    lows = [p["loss"] for run in (dense, two) for p in run["heldout"][1:]]
-    if lows:  # the first point is the untrained model: leave it off the scale
-        axes[0].set_ylim(min(lows) * 0.98, max(lows) * 1.02)
-    axes[0].legend()
-    fig.suptitle(f"{two['size']} size: {two['parameters'] / 1e6:.1f}M parameters, {two['tokens'] / 1e6:.0f}M tokens")
+    lows = [p["loss"] for run in runs.values() for p in run["heldout"][1:]]
+    axes[0].set_ylim(min(lows) * 0.97, min(max(lows), 2 * min(lows)) * 1.03)  # the untrained start is off the scale
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{two['size']} size: {two['parameters'] / 1e6:.1f}M parameters, {two['tokens'] / 1e6:.3g}M tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

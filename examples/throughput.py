@@ -21,24 +21,24 @@ import lhcompile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train  # noqa: E402
+from corpus import python_corpus, sequences  # noqa: E402
 
 
 def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
     torch.manual_seed(0)
-    ns = argparse.Namespace(paper=not args.small, seq_len=seq_len, attention="causal_sdpa")
-    config = train.model_config(ns)
-    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    size = train.SIZES[args.size]
+    model = LlamaForCausalLM(train.model_config(size, seq_len, "causal_sdpa")).to(device="cuda", dtype=torch.bfloat16)
     if args.checkpointing:
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     if mode == "dense":
         model.compile()
     else:
-        lhcompile.apply(model, train.lighthouse_config(ns))
-    stream = train.batches(data, 1, seq_len, torch.Generator().manual_seed(0))
+        lhcompile.apply(model, size.lighthouse)
+    stream = sequences(data, 1, seq_len + 1, torch.Generator().manual_seed(0))
 
     def step():
-        loss = train.loss_of(model, next(stream).cuda())
+        loss = train.loss_of(model, next(stream)[0].cuda())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -65,17 +65,19 @@ def measure(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, nargs="+", default=[32768, 65536])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[32768, 65536], help="context lengths to time")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (batch 1)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (both models)")
-    ap.add_argument("--small", action="store_true", help="the small CPU-default dims instead of the paper's")
+    ap.add_argument("--size", choices=list(train.SIZES), default="paper",
+                    help="model dims and Lighthouse setting (examples/train.py's presets)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("throughput.py measures CUDA training steps; no CUDA device is visible")
-    data, _ = train.stdlib_corpus()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {'small' if args.small else 'paper'} dims, "
+    data = python_corpus().train
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size} dims, "
           f"bf16, AdamW, batch 1, {args.steps} timed steps after {args.warmup}")
     print(f"{'N':>7} {'dense tok/s':>12} {'peak GiB':>9} {'Lighthouse tok/s':>17} {'peak GiB':>9} {'speed-up':>9}")
     for n in args.seq_len:

@@ -108,8 +108,8 @@ class Evaluator:
         self.probed = [next(probes) for _ in range(args.probe_batches)]
 
     def _logits(self, model, batch: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return model(input_ids=batch[:, :-1].to(self.device)).logits.float()
+        with self.autocast():  # sliced on the device, as in training: the same strides reuse the compiled graph
+            return model(input_ids=batch.to(self.device)[:, :-1]).logits.float()
 
     def loss(self, model, *, lighthouse: bool = False) -> dict:
         """Mean held-out loss, overall and per bucket; dense attention unless ``lighthouse`` (train mode, whose

@@ -32,16 +32,19 @@ from lhcompile.context_parallel import shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train  # noqa: E402
+from corpus import python_corpus, sequences  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=1024, help="whole sequence; each rank holds seq-len / W tokens")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-    ap.add_argument("--paper", action="store_true", help="the paper's 530M-class dimensions (GPU)")
-    ap.add_argument("--compiler", default=None, help="inductor (default on GPU) or eager (default on CPU)")
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--paper", action="store_true", help="the paper's 530M-class dimensions (GPU); else the tiny ones")
+    ap.add_argument("--compiler", choices=["inductor", "eager"], default=None,
+                    help="inductor (default on GPU) or eager (default on CPU)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="constant learning rate")
     ap.add_argument("--wrap", choices=["layers", "root"], default="layers",
                     help="fully_shard each decoder layer and the root (default), or the root only")
     args = ap.parse_args()
@@ -54,19 +57,17 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    ns = argparse.Namespace(paper=args.paper, seq_len=args.seq_len, attention="causal_sdpa")
-    model = LlamaForCausalLM(train.model_config(ns)).to(device=device, dtype=dtype)
+    size = train.SIZES["paper" if args.paper else "tiny"]
+    model = LlamaForCausalLM(train.model_config(size, args.seq_len, "causal_sdpa")).to(device=device, dtype=dtype)
     mesh = init_device_mesh(device.type, (world,))
     for layer in model.model.layers if args.wrap == "layers" else []:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    config = train.lighthouse_config(ns)
-    lhcompile.apply(model, config, compiler=args.compiler or ("inductor" if cuda else "eager"),
+    lhcompile.apply(model, size.lighthouse, compiler=args.compiler or ("inductor" if cuda else "eager"),
                     context_parallel=dist.group.WORLD)
 
-    data, _ = train.stdlib_corpus()
-    stream = train.batches(data, 1, args.seq_len, torch.Generator().manual_seed(0))  # same batches on every rank
+    stream = sequences(python_corpus().train, 1, args.seq_len + 1, torch.Generator().manual_seed(0))  # same on every rank
     positions = torch.arange(args.seq_len, device=device)[None]
     start, tokens = None, 0
     for step in range(args.warmup + args.steps):
@@ -74,7 +75,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        ids = next(stream).to(device)
+        ids = next(stream)[0].to(device)
         local = model(input_ids=shard(ids[:, :-1], rank, world, dim=1), position_ids=shard(positions, rank, world, dim=1))
         loss = F.cross_entropy(local.logits.flatten(0, 1).float(), shard(ids[:, 1:], rank, world, dim=1).flatten())
         loss.backward()
