@@ -1,13 +1,15 @@
 """lhcompile: rewrite the SDPA calls of a traced model into Lighthouse attention for long-context training."""
 
-from .api import LighthouseBackend, apply, backend, inspect, restore
+from .api import apply, backend, inspect, restore
+from .backend import LighthouseBackend
 from .config import LighthouseConfig
-from .debug import Report, SiteReport
 from .ops import lighthouse_attention
+from .report import LighthouseWarning, Report, SiteReport
 
 __all__ = [
     "LighthouseBackend",
     "LighthouseConfig",
+    "LighthouseWarning",
     "Report",
     "SiteReport",
     "apply",

@@ -73,10 +73,11 @@ def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: flo
 
     levels, p, n = config.levels, config.pooling_factor, q.shape[2]
     row_bytes = q.shape[0] * q.shape[1] * q.shape[3] * q.element_size()  # one position, all heads
-    s_qk, s_kq = kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)
-    index, inv = kernels.select(s_qk, s_kq, n, levels, p, config.topk, config.tile_budget)
+    s_qk, s_kq = kernels.score(q, k, levels, p)
+    geometry = config.geometry(n)
+    index, inv = kernels.select(s_qk, s_kq, geometry)
     s = index.shape[2]
-    gathered = [kernels.gather(t, index, levels, p).requires_grad_() for t in (q, k, v)]
+    gathered = [kernels.gather(t, index, inv, levels, p).requires_grad_() for t in (q, k, v)]
     with sdpa_kernel(DENSE_BACKENDS):
         o = F.scaled_dot_product_attention(*gathered, is_causal=True)
     grad_out = torch.randn_like(q)
@@ -91,16 +92,17 @@ def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: flo
             F.scaled_dot_product_attention(*gathered, is_causal=True)
 
     plan = [
-        ("score q,k", lambda: (kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)),
-         2 * n * row_bytes / bandwidth),
-        ("select", lambda: kernels.select(s_qk, s_kq, n, levels, p, config.topk, config.tile_budget), 0.0),
-        ("gather q,k,v", lambda: [kernels.gather(t, index, levels, p) for t in (q, k, v)],
+        ("score q,k", lambda: kernels.score(q, k, levels, p), 2 * n * row_bytes / bandwidth),
+        ("select", lambda: kernels.select(s_qk, s_kq, geometry), 0.0),
+        ("gather q,k,v", lambda: [kernels.gather(t, index, inv, levels, p) for t in (q, k, v)],
          3 * (n + s) * row_bytes / bandwidth),
         ("attention fwd", attention_forward, attn_flops / flops),
-        ("scatter", lambda: kernels.scatter(o, inv, n, levels, p), (n + s) * row_bytes / bandwidth),
-        ("scatter bwd", lambda: kernels.scatter_backward(grad_out, index, levels, p), (n + s) * row_bytes / bandwidth),
+        ("scatter", lambda: kernels.scatter(o, index, inv, n, levels, p), (n + s) * row_bytes / bandwidth),
+        ("scatter bwd", lambda: kernels.scatter_backward(grad_out, index, inv, levels, p),
+         (n + s) * row_bytes / bandwidth),
         ("attention bwd", attention_backward, 2.5 * attn_flops / flops),
-        ("gather bwd q,k,v", lambda: [kernels.gather_backward(grad_o, inv, n, t.shape[1], levels, p) for t in (q, k, v)],
+        ("gather bwd q,k,v",
+         lambda: [kernels.gather_backward(grad_o, index, inv, n, t.shape[1], levels, p) for t in (q, k, v)],
          3 * (n + s) * row_bytes / bandwidth),
     ]
     return [Stage(name, median_ms(fn, reps), 1e3 * floor) for name, fn, floor in plan]
@@ -158,19 +160,20 @@ def plot(rows: list[Row], path: str, title: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, nargs="+", default=[1 << s for s in range(14, 21)])
-    ap.add_argument("--topk", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--levels", type=int, default=3)
-    ap.add_argument("--pooling-factor", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seq", type=int, nargs="+", default=[1 << s for s in range(14, 21)], help="context lengths N")
+    ap.add_argument("--topk", type=int, nargs="+", default=[2048, 4096], help="top-k budgets k")
+    ap.add_argument("--levels", type=int, default=3, help="pyramid levels L")
+    ap.add_argument("--pooling-factor", type=int, default=4, help="pooling factor p")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs of Lighthouse (median)")
     ap.add_argument("--dense-reps", type=int, default=3, help="timed runs of dense SDPA (0 skips it)")
     ap.add_argument("--dense-max-seq", type=int, default=1 << 20, help="longest N at which to time dense SDPA")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True): bit-identical gradients for dense and Lighthouse "
                          "(PyTorch's SDPA then skips cuDNN, whose backward is not deterministic)")
-    ap.add_argument("--json", default="bench.json")
-    ap.add_argument("--plot", default="bench.png")
+    ap.add_argument("--json", default="bench.json", help="where to write the numbers")
+    ap.add_argument("--plot", default="bench.png", help="where to write the latency plot")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("lhcompile.bench times CUDA kernels; no CUDA device is visible")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .geometry import Geometry
+
 Scorer = Literal["norm"]
 InnerBackend = Literal["sdpa", "flash_attn"]
 
@@ -64,15 +66,9 @@ class LighthouseConfig:
         """The positions among ``total`` sites (or layers) that ``dense_layers`` keeps dense; out-of-range ones are ignored."""
         return {i % total for i in self.dense_layers if -total <= i < total}
 
-    @property
-    def tiles(self) -> int:
-        """Number of independent selection tiles T = k / tile_budget."""
-        return self.topk // self.tile_budget
-
-    @property
-    def coarsest_span(self) -> int:
-        """Base tokens covered by one coarsest-level entry, p^(L-1)."""
-        return self.pooling_factor ** (self.levels - 1)
+    def geometry(self, n: int) -> Geometry:
+        """The selection geometry of a sequence of n tokens (n a multiple of ``padded_len(1)``)."""
+        return Geometry(n, self.levels, self.pooling_factor, self.topk, self.tile_budget)
 
     @property
     def min_lighthouse_len(self) -> int:
@@ -80,14 +76,12 @@ class LighthouseConfig:
 
         Each tile must hold at least tile_budget coarsest entries, so N >= p^(L-1) * k.
         """
-        return max(self.min_seq_len, self.coarsest_span * self.topk)
+        return max(self.min_seq_len, self.geometry(0).min_len)
 
     def padded_len(self, n: int) -> int:
         """N rounded up so that it splits into T tiles of whole coarsest windows."""
-        unit = self.coarsest_span * self.tiles
-        return -(-n // unit) * unit
+        return self.geometry(n).padded(n)
 
     def gathered_len(self, n: int) -> int:
         """Length S of the dense sub-sequence for a (padded) length n: N/p^(L-1) + (L-1)*p*k."""
-        n = self.padded_len(n)
-        return n // self.coarsest_span + (self.levels - 1) * self.pooling_factor * self.topk
+        return self.geometry(self.padded_len(n)).gathered_len

@@ -1,11 +1,12 @@
-"""Inspection: what the pass found and did at each SDPA site, as data, as a table, and as graph code on disk."""
+"""Debug mode: the site table on stderr and each captured graph's code before and after the rewrite on disk."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .report import Report
 
 DEBUG_ENV = "LHCOMPILE_DEBUG"
 DEBUG_DIR_ENV = "LHCOMPILE_DEBUG_DIR"
@@ -18,52 +19,6 @@ def debug_enabled(flag: bool | None) -> bool:
 
 def debug_dir() -> Path:
     return Path(os.environ.get(DEBUG_DIR_ENV, "lhcompile_debug"))
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """One SDPA call found in a captured graph, and whether it was rewritten (or why not)."""
-
-    graph: int
-    index: int
-    module_path: str
-    target: str
-    q_shape: tuple | None
-    kv_heads: int | None
-    rewritten: bool
-    reason: str
-
-
-@dataclass
-class Report:
-    """Every SDPA site lhcompile has seen in a model, graph by graph."""
-
-    sites: list[SiteReport] = field(default_factory=list)
-    graphs: int = 0
-
-    @property
-    def rewritten(self) -> list[SiteReport]:
-        return [s for s in self.sites if s.rewritten]
-
-    @property
-    def dense(self) -> list[SiteReport]:
-        return [s for s in self.sites if not s.rewritten]
-
-    def __str__(self) -> str:
-        if not self.sites:
-            return "lhcompile: no SDPA site seen yet (a module is captured on its first forward call)"
-        rows = [("graph", "#", "module", "op", "q shape", "kv heads", "lighthouse", "reason")]
-        for s in self.sites:
-            shape = "x".join(map(str, s.q_shape)) if s.q_shape else "?"
-            rows.append(
-                (str(s.graph), str(s.index), s.module_path or "<top>", s.target, shape, str(s.kv_heads or "?"),
-                 "yes" if s.rewritten else "no", s.reason)
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        summary = f"lhcompile: {len(self.rewritten)} of {len(self.sites)} SDPA sites rewritten in {self.graphs} graph(s)"
-        return "\n".join([summary, *lines])
 
 
 def dump_graph(graph: int, before: str, after: str, report: Report) -> Path:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import reference
+from .geometry import Geometry, level_offsets
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def score_pyramid(x: torch.Tensor, levels: int, p: int) -> torch.Tensor:
     """Flat fp32 score pyramid of x (B, H, N, d): ||x_i|| at level 0, span maxima above (reference.score)."""
     x = _rows(x)
     b, h, n, d = x.shape
-    total = reference.level_offsets(n, levels, p)[-1]
+    total = level_offsets(n, levels, p)[-1]
     out = torch.empty(b, h, total, device=x.device, dtype=torch.float32)
     rows = max(p ** (levels - 1), 32)
     grid = (triton.cdiv(n, rows), b * h)
@@ -74,6 +74,11 @@ def score_pyramid(x: torch.Tensor, levels: int, p: int) -> torch.Tensor:
         LEVELS=levels, LOG_P=p.bit_length() - 1, ROWS=rows, BLOCK_D=triton.next_power_of_2(d),
     )
     return out
+
+
+def score(q: torch.Tensor, k: torch.Tensor, levels: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.score: the score pyramids of q and k."""
+    return score_pyramid(q, levels, p), score_pyramid(k, levels, p)
 
 
 # -- selection -------------------------------------------------------------------------------------
@@ -225,23 +230,18 @@ def _select_kernel(
             tl.store(inv_ptr + bh * total + off + c, slot.to(tl.int32), mask=valid)
 
 
-def select(s_qk: torch.Tensor, s_kq: torch.Tensor, n: int, levels: int, p: int, topk: int, tile_budget: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.select, plus the inverse map (B, H, P) int32: slot of each pyramid entry, or -1."""
+def select(s_qk: torch.Tensor, s_kq: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.select: the selection (B, H, S) and its inverse map (B, H, P) int32 (slot of each entry, or -1)."""
     b, h, total = s_qk.shape
-    top = levels - 1
-    tiles = topk // tile_budget
-    coarse = n // p**top // tiles
-    child = tile_budget * p
-    emitted = coarse + top * child
-    index = torch.empty(b, h, tiles * emitted, device=s_qk.device, dtype=torch.int64)
+    coarse, child, tiles = g.coarse_per_tile, g.children_per_tile, g.tiles
+    index = torch.empty(b, h, g.gathered_len, device=s_qk.device, dtype=torch.int64)
     inv = torch.full((b, h, total), -1, device=s_qk.device, dtype=torch.int32)
-    cand = torch.empty(b * h * tiles, coarse + top * child, device=s_qk.device, dtype=torch.int32)
+    cand = torch.empty(b * h * tiles, g.emitted_per_tile, device=s_qk.device, dtype=torch.int32)
     flag = torch.empty_like(cand, dtype=torch.int8)
     wrap_triton(_select_kernel)[(b * h * tiles,)](
         s_qk, s_kq, index, inv, cand, flag,
-        n, h, h // s_kq.shape[1], tiles, coarse, emitted, coarse.bit_length(),
-        LEVELS=levels, LOG_P=p.bit_length() - 1, HALF=tile_budget // 2, NBITS_CHILD=child.bit_length(),
+        g.n, h, h // s_kq.shape[1], tiles, coarse, g.emitted_per_tile, coarse.bit_length(),
+        LEVELS=g.levels, LOG_P=g.p.bit_length() - 1, HALF=g.tile_budget // 2, NBITS_CHILD=child.bit_length(),
         BLOCK=min(1024, triton.next_power_of_2(max(coarse, child))),
     )
     return index, inv
@@ -304,12 +304,13 @@ def _segment(x: torch.Tensor, index: torch.Tensor, n: int, levels: int, p: int, 
     return out
 
 
-def gather(x: torch.Tensor, index: torch.Tensor, levels: int, p: int) -> torch.Tensor:
-    """Pyramid rows at ``index`` (B, H, S) pooled on the fly from x (B, H_kv, N, d): reference.gather of pool."""
+def gather(x: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, levels: int, p: int) -> torch.Tensor:
+    """reference.gather: pyramid rows at ``index`` (B, H, S) pooled on the fly from x (B, H_kv, N, d)."""
     return _segment(x, index, x.shape[2], levels, p, shift=False, mean=True)
 
 
-def scatter_backward(grad: torch.Tensor, index: torch.Tensor, levels: int, p: int) -> torch.Tensor:
+def scatter_backward(grad: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, levels: int, p: int
+                     ) -> torch.Tensor:
     """reference.scatter_backward: each entry's gradient is the sum over its shifted output range."""
     return _segment(grad, index, grad.shape[2], levels, p, shift=True, mean=False)
 
@@ -371,12 +372,12 @@ def _pull(y: torch.Tensor, inv: torch.Tensor, n: int, out_heads: int, levels: in
     return out
 
 
-def scatter(o: torch.Tensor, inv: torch.Tensor, n: int, levels: int, p: int) -> torch.Tensor:
+def scatter(o: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, n: int, levels: int, p: int) -> torch.Tensor:
     """reference.scatter: entry outputs added onto base positions from the last token they summarise on."""
     return _pull(o, inv, n, o.shape[1], levels, p, shift=True, mean=False)
 
 
-def gather_backward(grad: torch.Tensor, inv: torch.Tensor, n: int, kv_heads: int, levels: int, p: int
-                    ) -> torch.Tensor:
+def gather_backward(grad: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, n: int, kv_heads: int, levels: int,
+                    p: int) -> torch.Tensor:
     """Gradient of ``gather`` w.r.t. x (B, H_kv, N, d): each entry's gradient spread / p^l over its span."""
     return _pull(grad, inv, n, kv_heads, levels, p, shift=False, mean=True)

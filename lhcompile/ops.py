@@ -1,11 +1,13 @@
 """The Lighthouse stages as torch.library ops, and the functional operator composed of them.
 
 Each stage is one named op (namespace ``lhcompile``) so that traced graphs stay readable and the graph
-pass can find and restore them. The ops are ``triton_op``s: on CUDA tensors they launch the kernels of
-``lhcompile.kernels`` (and torch.compile sees those kernels); elsewhere they run the pure-PyTorch stages
-of ``lhcompile.reference``. ``LHCOMPILE_KERNELS`` overrides the choice: ``reference`` everywhere (to
-check a result against the oracle on the GPU) or ``triton`` everywhere (on CPU this needs
-``TRITON_INTERPRET=1``; the test suite uses it to run the kernels without a GPU).
+pass can find and restore them. The ops are ``triton_op``s: on CUDA tensors they run the Triton kernels of
+``lhcompile.kernels`` (and torch.compile sees those kernels), on every other device the pure-PyTorch stages
+of ``lhcompile.reference``; both modules have the same stage signatures. The choice is made per device type
+(``STAGES``), so under torch.compile it is fixed by the traced tensors' device. (A per-device
+``torch.library`` kernel would not do: torch.compile traces a triton_op's own body on every device.)
+``use_stages`` swaps a device's implementation for tests: the kernels on CPU under ``TRITON_INTERPRET=1``,
+or the oracle on a GPU.
 
 Tensor layout: q/k/v (B, H, N, d); a selection ``index`` (B, H, S) int64 of flat pyramid indices in
 position-key order and its inverse ``inv`` (B, H, P) int32 (slot of each pyramid entry, or -1).
@@ -13,45 +15,48 @@ position-key order and its inverse ``inv`` (B, H, P) int32 (slot of each pyramid
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Sequence
+import contextlib
+import importlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
 from .config import LighthouseConfig
+from .geometry import Geometry
+
+STAGES: dict[str, str] = {"cuda": "kernels"}
+"""Device type -> the module of ``lhcompile`` that implements the stages there ('reference' where absent)."""
 
 
-def _kernels(t: Tensor):
-    """lhcompile.kernels when the stages should run as Triton kernels on t's device, else None."""
-    choice = os.environ.get("LHCOMPILE_KERNELS", "auto")
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(f"LHCOMPILE_KERNELS={choice!r}: expected 'auto', 'triton' or 'reference'")
-    if choice == "reference" or (choice == "auto" and t.device.type != "cuda"):
-        return None
-    from . import kernels
-
-    return kernels
+def _stages(t: Tensor):
+    return importlib.import_module(f"lhcompile.{STAGES.get(t.device.type, 'reference')}")
 
 
-def _pyramid_len(n: int, levels: int, p: int) -> int:
-    return reference.level_offsets(n, levels, p)[-1]
+@contextlib.contextmanager
+def use_stages(device_type: str, module: str) -> Iterator[None]:
+    """Run the stages of ``device_type`` tensors with ``lhcompile.<module>`` ('kernels' or 'reference') for a while
+    (eager calls; a graph compiled inside keeps the choice it traced)."""
+    if module not in ("kernels", "reference"):
+        raise ValueError(f"use_stages: module={module!r}; expected 'kernels' or 'reference'")
+    before = STAGES.get(device_type)
+    STAGES[device_type] = module
+    try:
+        yield
+    finally:
+        if before is None:
+            del STAGES[device_type]
+        else:
+            STAGES[device_type] = before
 
 
-# -- score (no gradient: the caller passes detached tensors) --------------------------------------
+# -- score and select (no gradient: the caller passes detached tensors) ------------------------------
 
 
 @torch.library.triton_op("lhcompile::score", mutates_args=())
 def score(q: Tensor, k: Tensor, levels: int, p: int) -> tuple[Tensor, Tensor]:
-    kernels = _kernels(q)
-    if kernels is None:
-        return reference.score(q, k, levels, p)
-    return kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)
-
-
-# -- select (no gradient) --------------------------------------------------------------------------
+    return _stages(q).score(q, k, levels, p)
 
 
 @torch.library.triton_op("lhcompile::select", mutates_args=())
@@ -64,13 +69,7 @@ def select(
             "lhcompile: this graph still contains Lighthouse attention (training only); call "
             "lhcompile.restore(model) before torch.export / torch.onnx.export to get the dense SDPA graph back"
         )
-    kernels = _kernels(s_qk)
-    if kernels is not None:
-        return kernels.select(s_qk, s_kq, n, levels, p, topk, tile_budget)
-    index = reference.select(s_qk, s_kq, n, levels, p, topk, tile_budget)
-    slots = torch.arange(index.shape[2], device=index.device, dtype=torch.int32).expand(index.shape)
-    inv = s_qk.new_full(s_qk.shape, -1, dtype=torch.int32).scatter(2, index, slots)
-    return index, inv
+    return _stages(s_qk).select(s_qk, s_kq, Geometry(n, levels, p, topk, tile_budget))
 
 
 # -- gather: pooled rows straight from the base tensor ---------------------------------------------
@@ -78,10 +77,7 @@ def select(
 
 @torch.library.triton_op("lhcompile::gather", mutates_args=())
 def gather(x: Tensor, index: Tensor, inv: Tensor, levels: int, p: int) -> Tensor:
-    kernels = _kernels(x)
-    if kernels is None:
-        return reference.gather(x, reference.pool(x, levels, p), index)
-    return kernels.gather(x, index, levels, p)
+    return _stages(x).gather(x, index, inv, levels, p)
 
 
 def _gather_setup(ctx, inputs, output) -> None:
@@ -92,13 +88,7 @@ def _gather_setup(ctx, inputs, output) -> None:
 
 def _gather_backward(ctx, grad):
     index, inv = ctx.saved_tensors
-    kernels = _kernels(grad)
-    if kernels is None:
-        pooled_len = _pyramid_len(ctx.n, ctx.levels, ctx.p) - ctx.n
-        grad_x, grad_pooled = reference.gather_backward(grad, index, ctx.n, pooled_len, ctx.kv_heads)
-        grad_x = grad_x + reference.pool_backward(grad_pooled, ctx.n, ctx.levels, ctx.p)
-    else:
-        grad_x = kernels.gather_backward(grad, inv, ctx.n, ctx.kv_heads, ctx.levels, ctx.p)
+    grad_x = _stages(grad).gather_backward(grad, index, inv, ctx.n, ctx.kv_heads, ctx.levels, ctx.p)
     return grad_x, None, None, None, None
 
 
@@ -110,22 +100,17 @@ gather.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 @torch.library.triton_op("lhcompile::scatter", mutates_args=())
 def scatter(o: Tensor, index: Tensor, inv: Tensor, n: int, levels: int, p: int) -> Tensor:
-    kernels = _kernels(o)
-    if kernels is None:
-        return reference.scatter(o, index, n, levels, p)
-    return kernels.scatter(o, inv, n, levels, p)
+    return _stages(o).scatter(o, index, inv, n, levels, p)
 
 
 def _scatter_setup(ctx, inputs, output) -> None:
-    _, index, _, _, ctx.levels, ctx.p = inputs
-    ctx.save_for_backward(index)
+    _, index, inv, _, ctx.levels, ctx.p = inputs
+    ctx.save_for_backward(index, inv)
 
 
 def _scatter_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    kernels = _kernels(grad)
-    backward = reference.scatter_backward if kernels is None else kernels.scatter_backward
-    return backward(grad, index, ctx.levels, ctx.p), None, None, None, None, None
+    index, inv = ctx.saved_tensors
+    return _stages(grad).scatter_backward(grad, index, inv, ctx.levels, ctx.p), None, None, None, None, None
 
 
 scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)

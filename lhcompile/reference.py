@@ -1,13 +1,18 @@
 """Pure-PyTorch reference of every Lighthouse stage: the oracle that fast paths are tested against.
 
-Layout conventions shared by all stages (see ../shared/LIGHTHOUSE.md for the algorithm):
+Layout conventions shared by all stages (docs/algorithm.md has the algorithm):
 - tensors are SDPA's (B, H, N, d); k and v may have H_kv heads with H % H_kv == 0 (GQA);
 - a *pyramid* concatenates the levels along the sequence axis: level l (N / p^l entries) starts at
   ``level_offsets(n, L, p)[l]``; an entry is addressed by its *flat* index into that concatenation;
 - a *selection* is a (B, H, S) int64 tensor of flat indices, sorted by the position key that makes
-  plain causal attention over the gathered sub-sequence respect causality.
-Every function here is differentiable by autograd where the operator carries gradients; the explicit
-``*_backward`` functions are the formulas the kernels implement, checked against that autograd.
+  plain causal attention over the gathered sub-sequence respect causality, and its inverse ``inv``
+  (B, H, P) int32: the slot of each pyramid entry in the selection, or -1.
+
+The stage functions (``score``, ``select``, ``gather``, ``gather_backward``, ``scatter``,
+``scatter_backward``) have the signatures of ``lhcompile.kernels``' so that ``lhcompile.ops`` runs either;
+they are composed of the oracle's building blocks below them (``cascade``, ``pool``, ``take``, ...), which are
+differentiable by autograd where the operator carries gradients; the explicit ``*_backward`` formulas are
+what the kernels implement, checked against that autograd.
 """
 
 from __future__ import annotations
@@ -15,18 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .geometry import Geometry, level_offsets
+
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """t in the accumulation precision: fp32 for half types, unchanged for fp32/fp64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def level_offsets(n: int, levels: int, p: int) -> list[int]:
-    """Start of each level in a flat pyramid, plus its total length as the last element."""
-    offsets = [0]
-    for lvl in range(levels):
-        offsets.append(offsets[-1] + n // p**lvl)
-    return offsets
 
 
 def pool(x: torch.Tensor, levels: int, p: int) -> torch.Tensor:
@@ -79,7 +78,7 @@ def _pick(s_qk: torch.Tensor, s_kq: torch.Tensor, half: int) -> torch.Tensor:
     return torch.cat([by_qk, by_kq], dim=-1)
 
 
-def select(
+def cascade(
     s_qk: torch.Tensor, s_kq: torch.Tensor, n: int, levels: int, p: int, topk: int, tile_budget: int
 ) -> torch.Tensor:
     """Stratified coarse-to-fine top-k cascade; returns the emitted entries' flat indices sorted by position key.
@@ -89,9 +88,8 @@ def select(
     """
     b, h, _ = s_qk.shape
     s_kq = s_kq.repeat_interleave(h // s_kq.shape[1], dim=1)
-    offsets = level_offsets(n, levels, p)
-    tiles = topk // tile_budget
-    top = levels - 1
+    g = Geometry(n, levels, p, topk, tile_budget)
+    offsets, tiles, top = g.offsets, g.tiles, g.top
     scale = 2**top  # position keys are integers in units of 2^-(L-1) tokens
     device = s_qk.device
 
@@ -124,13 +122,19 @@ def select(
     return flat.gather(-1, order)
 
 
+def inverse(index: torch.Tensor, pyramid_len: int) -> torch.Tensor:
+    """(B, H, P) int32: the slot of each pyramid entry in the selection ``index``, or -1."""
+    slots = torch.arange(index.shape[2], device=index.device, dtype=torch.int32).expand(index.shape)
+    return index.new_full((*index.shape[:2], pyramid_len), -1, dtype=torch.int32).scatter(2, index, slots)
+
+
 def entry_levels(index: torch.Tensor, n: int, levels: int, p: int) -> torch.Tensor:
     """Level of each flat pyramid index."""
     bounds = torch.tensor(level_offsets(n, levels, p)[1:-1], device=index.device)
     return torch.bucketize(index, bounds, right=True)
 
 
-def gather(x: torch.Tensor, pooled: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def take(x: torch.Tensor, pooled: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of the pyramid [x | pooled] at ``index`` (B, H, S) -> (B, H, S, d).
 
     x may have fewer heads than index (GQA): query head h reads kv head h // (H / H_kv); nothing is
@@ -143,10 +147,10 @@ def gather(x: torch.Tensor, pooled: torch.Tensor, index: torch.Tensor) -> torch.
     return pyramid.gather(2, idx).view(b, h, s, d)
 
 
-def gather_backward(
+def take_backward(
     grad: torch.Tensor, index: torch.Tensor, n: int, pooled_len: int, kv_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of ``gather`` w.r.t. (x, pooled): sum the rows' gradients back onto their pyramid entries."""
+    """Gradient of ``take`` w.r.t. (x, pooled): sum the rows' gradients back onto their pyramid entries."""
     b, h, s, d = grad.shape
     idx = index.reshape(b, kv_heads, (h // kv_heads) * s, 1).expand(-1, -1, -1, d)
     g = _acc(grad.reshape(b, kv_heads, -1, d))
@@ -154,7 +158,8 @@ def gather_backward(
     return acc[:, :, :n].to(grad.dtype), acc[:, :, n:].to(grad.dtype)
 
 
-def scatter(o: torch.Tensor, index: torch.Tensor, n: int, levels: int, p: int) -> torch.Tensor:
+def scatter(o: torch.Tensor, index: torch.Tensor, inv: torch.Tensor | None, n: int, levels: int, p: int
+            ) -> torch.Tensor:
     """Decompress (B, H, S, d) entry outputs onto (B, H, N, d) base positions, with the causal shift.
 
     An entry of level l covering [b, b + p^l) adds its output to [b + p^l - 1, b + 2 p^l - 1) (clipped);
@@ -172,7 +177,8 @@ def scatter(o: torch.Tensor, index: torch.Tensor, n: int, levels: int, p: int) -
     return out.to(o.dtype)
 
 
-def scatter_backward(grad: torch.Tensor, index: torch.Tensor, levels: int, p: int) -> torch.Tensor:
+def scatter_backward(grad: torch.Tensor, index: torch.Tensor, inv: torch.Tensor | None, levels: int, p: int
+                     ) -> torch.Tensor:
     """Gradient of ``scatter`` w.r.t. the entry outputs: the sum of grad over each entry's shifted range."""
     b, h, n, d = grad.shape
     gf = _acc(grad)
@@ -200,9 +206,28 @@ def lighthouse_reference(
     n = q.shape[2]
     with torch.no_grad():
         s_qk, s_kq = score(q, k, levels, p)
-        index = select(s_qk, s_kq, n, levels, p, topk, tile_budget)
-    qg = gather(q, pool(q, levels, p), index)
-    kg = gather(k, pool(k, levels, p), index)
-    vg = gather(v, pool(v, levels, p), index)
+        index = cascade(s_qk, s_kq, n, levels, p, topk, tile_budget)
+    qg, kg, vg = (take(t, pool(t, levels, p), index) for t in (q, k, v))
     o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
-    return scatter(o, index, n, levels, p)
+    return scatter(o, index, None, n, levels, p)
+
+
+# -- the stages, with lhcompile.kernels' signatures (``inv`` is the kernels' business; the oracle reads index) --
+
+
+def select(s_qk: torch.Tensor, s_kq: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cascade`` and its inverse map."""
+    index = cascade(s_qk, s_kq, g.n, g.levels, g.p, g.topk, g.tile_budget)
+    return index, inverse(index, g.pyramid_len)
+
+
+def gather(x: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, levels: int, p: int) -> torch.Tensor:
+    """Pyramid rows of x at ``index``, pooled from x."""
+    return take(x, pool(x, levels, p), index)
+
+
+def gather_backward(grad: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, n: int, kv_heads: int, levels: int,
+                    p: int) -> torch.Tensor:
+    """Gradient of ``gather`` w.r.t. x: through ``take``, then through ``pool``."""
+    grad_x, grad_pooled = take_backward(grad, index, n, level_offsets(n, levels, p)[-1] - n, kv_heads)
+    return grad_x + pool_backward(grad_pooled, n, levels, p)

@@ -1,10 +1,26 @@
 """Pure FX graph transformations for lhcompile: find SDPA sites, rewrite them, restore them.
 
-Nothing here knows about kernels: the rewrite takes the replacement as a callable.
+Nothing here knows about kernels: the rewrite takes the replacement as a callable. Installed as
+``lhcompile.passes``.
 """
 
-from .match import SdpaSite, find_sdpa_sites
+from .causal_mask import Resolve
+from .match import SdpaSite, attention_like_calls, find_sdpa_sites, module_path
 from .restore import restore_sdpa
-from .rewrite import REWRITE_TAG, rewrite_sdpa
+from .rewrite import METADATA_TO_PORT, REWRITE_TAG, rewrite_sdpa
+from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
 
-__all__ = ["REWRITE_TAG", "SdpaSite", "find_sdpa_sites", "restore_sdpa", "rewrite_sdpa"]
+__all__ = [
+    "METADATA_TO_PORT",
+    "REWRITE_TAG",
+    "Resolve",
+    "SdpaSite",
+    "Subgraph",
+    "attention_like_calls",
+    "find_sdpa_sites",
+    "module_path",
+    "prune_unused_inputs",
+    "restore_sdpa",
+    "rewrite_sdpa",
+    "subgraph_calls",
+]

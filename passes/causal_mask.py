@@ -2,10 +2,13 @@
 
 Hugging Face models traced by Dynamo on torch < 2.14 build their causal mask inside the graph instead of
 passing is_causal=True. That mask is a compile-time constant when nothing it depends on is a graph input;
-it is then evaluated once and compared with the lower triangle.
+it is then evaluated once and compared with the lower triangle. A mask that enters the body of a higher-order
+op (an activation-checkpointed layer) as an input is followed into the enclosing graph through ``resolve``.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -14,6 +17,9 @@ from .meta import node_shape
 
 MAX_MASK_ENTRIES = 2**34
 """Largest mask (B * H * N * N entries) evaluated to prove causality: 16 GiB of bool at most."""
+
+Resolve = Callable[[fx.Node], "fx.Node | None"]
+"""Maps a placeholder of a subgraph to the node of the enclosing graph that feeds it, or None."""
 
 _STATEFUL = {
     torch._C._set_grad_enabled,
@@ -24,26 +30,67 @@ _STATEFUL = {
 }
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
+def _ancestors(node: fx.Node, resolve: Resolve | None) -> tuple[list[fx.Node], list[str]]:
+    """Every node the value of ``node`` depends on, across subgraph boundaries, and the graph inputs among them."""
     seen: set[fx.Node] = set()
+    inputs: list[str] = []
     stack = [node]
     while stack:
         n = stack.pop()
-        if n not in seen:
-            seen.add(n)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            outer = resolve(n) if resolve is not None else None
+            if outer is None:
+                inputs.append(n.name)
+            else:
+                stack.append(outer)
+        else:
             stack.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
+    return list(seen), inputs
 
 
-def why_mask_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _evaluate(node: fx.Node, resolve: Resolve | None) -> Any:
+    """The value of ``node``, computed from the nodes it depends on (placeholders through ``resolve``)."""
+    env: dict[fx.Node, Any] = {}
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        deps = [resolve(n)] if n.op == "placeholder" else n.all_input_nodes
+        missing = [d for d in deps if d not in env]
+        if missing:
+            stack.extend(missing)
+            continue
+        stack.pop()
+        args, kwargs = fx.map_arg((n.args, n.kwargs), env.__getitem__)
+        if n.op == "placeholder":
+            env[n] = env[deps[0]]
+        elif n.op == "get_attr":
+            env[n] = _attr(n.graph.owning_module, n.target)
+        elif n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:  # call_module
+            env[n] = n.graph.owning_module.get_submodule(n.target)(*args, **kwargs)
+    return env[node]
+
+
+def why_mask_not_causal(mask: fx.Node, resolve: Resolve | None = None) -> str | None:
     """None if ``mask`` always equals the causal (lower-triangular) mask, else the reason it cannot be shown."""
-    nodes = _ancestors(mask)
-    inputs = [n.name for n in nodes if n.op == "placeholder"]
+    nodes, inputs = _ancestors(mask, resolve)
     if inputs:
         return (f"explicit attn_mask depends on graph inputs ({', '.join(inputs[:3])}): a padding mask, or a causal "
-                "mask made outside this graph (as when a layer is compiled on its own); have the model call SDPA "
-                "with is_causal=True instead (Hugging Face: attn_implementation='causal_sdpa', lhcompile.hf)")
-    if any(n.op not in ("call_function", "call_method", "get_attr") or n.target in _STATEFUL for n in nodes):
+                "mask made outside this graph (as when a layer is compiled on its own)")
+    if any(n.op not in ("call_function", "call_method", "get_attr", "placeholder", "call_module")
+           or n.target in _STATEFUL for n in nodes):
         return "explicit attn_mask is built with stateful operations; cannot prove it causal"
     shape = node_shape(mask)
     if shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
@@ -53,13 +100,8 @@ def why_mask_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
         numel *= s
     if numel > MAX_MASK_ENTRIES:
         return f"explicit attn_mask has {numel} entries (> {MAX_MASK_ENTRIES}); too large to prove causal"
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in nodes:
-        env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(env[mask])
     with torch.no_grad():
-        value = fx.GraphModule(gm, sub)()
+        value = _evaluate(mask, resolve)
     n = shape[-1]
     allowed = value if value.dtype == torch.bool else value == 0
     if value.dtype != torch.bool and not bool((value[~allowed] <= torch.finfo(value.dtype).min / 2).all()):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .causal_mask import why_mask_not_causal
+from .causal_mask import Resolve, why_mask_not_causal
 from .meta import node_shape
 
 aten = torch.ops.aten
@@ -85,8 +85,17 @@ def bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
+# what Dynamo and wrappers put between a user's module names: a bound method's closure cell
+# (layers.0.attention.forward.__closure__.0.cell_contents.__self__.inner_attention), torch.compile's and
+# checkpoint_wrapper's wrapped modules
+_NOT_MODULE_NAMES = re.compile(
+    r"\.(forward\.__closure__\.\d+\.cell_contents(\.__self__)?|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)"
+    r"(?=\.|$)"
+)
+
+
 def module_path(node: fx.Node) -> str:
-    """Dotted path of the innermost module that made this call ('' at top level)."""
+    """Dotted path of the innermost module that made this call, as the user names it ('' at top level)."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -94,16 +103,17 @@ def module_path(node: fx.Node) -> str:
     # Dynamo writes paths like L['self'].model.layers[0].self_attn or L['self']._modules['model']
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^]'\"]+)['\"]?\]", r".\1", path)
+    path = _NOT_MODULE_NAMES.sub("", "." + path)
     return path.lstrip(".")
 
 
-def _problem(site: SdpaSite, returns_tuple: bool) -> str | None:
+def _problem(site: SdpaSite, returns_tuple: bool, resolve: Resolve | None) -> str | None:
     a = site.args
     if site.mask is not None:
         if not isinstance(site.mask, fx.Node):
             return "attn_mask is a constant outside the graph; cannot prove it causal"
-        reason = why_mask_not_causal(site.node.graph.owning_module, site.mask)
+        reason = why_mask_not_causal(site.mask, resolve)
         if reason:
             return reason
     elif not a.get("is_causal", False):
@@ -123,8 +133,12 @@ def _problem(site: SdpaSite, returns_tuple: bool) -> str | None:
     return None
 
 
-def find_sdpa_sites(graph: fx.Graph) -> list[SdpaSite]:
-    """Every SDPA call of the graph, in graph order, with the reason it can never be rewritten (if any)."""
+def find_sdpa_sites(graph: fx.Graph, resolve: Resolve | None = None) -> list[SdpaSite]:
+    """Every SDPA call of the graph, in graph order, with the reason it can never be rewritten (if any).
+
+    ``resolve`` maps a placeholder of ``graph`` to the node of an enclosing graph that feeds it (when the graph
+    is the body of a higher-order op), so that a mask made outside can still be proven causal.
+    """
     sites = []
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
@@ -147,8 +161,22 @@ def find_sdpa_sites(graph: fx.Graph) -> list[SdpaSite]:
             site.output = outputs[0] if len(outputs) == 1 else None
         else:
             site.output = node
-        site.problem = _problem(site, returns_tuple)
+        site.problem = _problem(site, returns_tuple, resolve)
         if site.problem is None and site.output is None:  # only a tuple op's getitems can leave it unset
             site.problem = "attention output is unused" if not outputs else "attention output is read by several getitems"
         sites.append(site)
     return sites
+
+
+_ATTENTION_WORDS = re.compile(r"attention|attn|softmax", re.IGNORECASE)
+
+
+def attention_like_calls(graph: fx.Graph) -> list[str]:
+    """Names of the calls of a graph that look like attention but are no SDPA call (e.g. flex_attention)."""
+    names = []
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and node.target not in SDPA_TARGETS:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            if _ATTENTION_WORDS.search(str(name)):
+                names.append(str(name))
+    return names

@@ -8,11 +8,16 @@ from .rewrite import REWRITE_TAG
 
 
 def restore_sdpa(gm: fx.GraphModule) -> int:
-    """Replace every rewritten subgraph of gm by the nodes it replaced; returns how many were restored.
+    """Replace every rewritten subgraph of gm, and of the graphs nested in it, by the nodes it replaced;
+    returns how many were restored.
 
-    The graph is rebuilt node by node so that the restored nodes get back their original names:
-    the result is the graph before the rewrite, node for node (names, targets, args, kwargs, order).
+    Each graph is rebuilt node by node so that the restored nodes get back their original names: the result
+    is the graph before the rewrite, node for node (names, targets, args, kwargs, order).
     """
+    return sum(_restore_graph(module) for module in gm.modules() if isinstance(module, fx.GraphModule))
+
+
+def _restore_graph(gm: fx.GraphModule) -> int:
     old = gm.graph
     outputs = {n.meta[REWRITE_TAG]["site"]: n for n in old.nodes if "original" in n.meta.get(REWRITE_TAG, {})}
     if not outputs:

@@ -12,6 +12,10 @@ from .match import SdpaSite
 REWRITE_TAG = "lhcompile"
 """node.meta key on every node of a rewritten subgraph: {"site": int, and on the output node "original"}."""
 
+METADATA_TO_PORT = ("nn_module_stack", "stack_trace", "source_fn_stack")
+"""Node metadata each replacement node inherits from the SDPA call it replaces (as torchao's pt2e ports it), so
+that inspection, Inductor's provenance, profiler names and error messages still point at the user's module."""
+
 
 @dataclass(frozen=True)
 class NodeRecord:
@@ -51,6 +55,7 @@ def rewrite_sdpa(gm: fx.GraphModule, sites: list[SdpaSite], build: Build) -> Non
         for node in graph.nodes:
             if node not in before:
                 node.meta[REWRITE_TAG] = {"site": site.index}
+                node.meta.update({key: site.node.meta[key] for key in METADATA_TO_PORT if key in site.node.meta})
         erased = [site.node, *site.extra_nodes]
         out.meta[REWRITE_TAG]["original"] = [_record(n) for n in erased]
         out.meta[REWRITE_TAG]["result"] = site.output

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from passes.match import bind_arguments
+from lhcompile.passes.match import bind_arguments
 
 VOCAB = 97
 

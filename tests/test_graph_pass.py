@@ -11,7 +11,7 @@ import torch.fx as fx
 
 import lhcompile
 from lhcompile import LighthouseConfig
-from passes import REWRITE_TAG, find_sdpa_sites
+from lhcompile.passes import REWRITE_TAG, find_sdpa_sites
 
 from .models import MODELS, VOCAB, logits
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lhcompile import LighthouseConfig, kernels, lighthouse_attention
 from lhcompile import reference as R
+from lhcompile.ops import use_stages
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -23,7 +24,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="large shapes need a CUDA GPU")
 SMALL = [
     (1, 2, 1, 64, 8, LighthouseConfig(levels=3, pooling_factor=2, topk=8, tile_budget=4)),
     (3, 3, 3, 128, 16, LighthouseConfig(levels=2, pooling_factor=4, topk=8, tile_budget=4)),
-    (2, 6, 2, 256, 12, LighthouseConfig(levels=3, pooling_factor=4, topk=8, tile_budget=4)),
+    (2, 4, 2, 128, 12, LighthouseConfig(levels=3, pooling_factor=4, topk=8, tile_budget=4)),
 ]
 LARGE = [
     (1, 8, 8, 16384, 128, LighthouseConfig(topk=1024)),
@@ -46,13 +47,8 @@ def inputs(b, h, hkv, n, d, dtype):
 
 
 def scores_and_index(q, k, cfg):
-    n = q.shape[2]
     s_qk, s_kq = R.score(q, k, cfg.levels, cfg.pooling_factor)
-    return s_qk, s_kq, R.select(s_qk, s_kq, n, cfg.levels, cfg.pooling_factor, cfg.topk, cfg.tile_budget)
-
-
-def kernels_scores(q, k, cfg):
-    return (kernels.score_pyramid(t.detach(), cfg.levels, cfg.pooling_factor) for t in (q, k))
+    return s_qk, s_kq, R.select(s_qk, s_kq, cfg.geometry(q.shape[2]))
 
 
 @pytest.mark.parametrize("b,h,hkv,n,d,cfg", SHAPES)
@@ -71,9 +67,9 @@ def test_select_kernel_gives_exactly_the_reference_indices(b, h, hkv, n, d, cfg,
     s_qk, s_kq = R.score(q, k, cfg.levels, cfg.pooling_factor)
     if ties:  # a handful of distinct values: the tie-break (earlier entry wins) decides most picks
         s_qk, s_kq = s_qk.round(), s_kq.round()
-    want = R.select(s_qk, s_kq, n, cfg.levels, cfg.pooling_factor, cfg.topk, cfg.tile_budget)
-    index, inv = kernels.select(s_qk, s_kq, n, cfg.levels, cfg.pooling_factor, cfg.topk, cfg.tile_budget)
-    assert torch.equal(index, want)
+    want, want_inv = R.select(s_qk, s_kq, cfg.geometry(n))
+    index, inv = kernels.select(s_qk, s_kq, cfg.geometry(n))
+    assert torch.equal(index, want) and torch.equal(inv, want_inv)
     slots = torch.arange(want.shape[2], device=DEVICE, dtype=torch.int32).expand(want.shape)
     assert torch.equal(inv.gather(2, want), slots), "inv must map every selected entry to its slot"
     assert int((inv >= 0).sum()) == want.numel(), "inv must be -1 for every entry that was not selected"
@@ -84,23 +80,22 @@ def test_select_kernel_gives_exactly_the_reference_indices(b, h, hkv, n, d, cfg,
 def test_gather_and_scatter_kernels_match_reference_forward_and_backward(b, h, hkv, n, d, cfg, dtype):
     levels, p = cfg.levels, cfg.pooling_factor
     q, k, _ = inputs(b, h, hkv, n, d, dtype)
-    _, _, index = scores_and_index(q, k, cfg)
-    _, inv = kernels.select(*R.score(q, k, levels, p), n, levels, p, cfg.topk, cfg.tile_budget)
+    _, _, (index, inv) = scores_and_index(q, k, cfg)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     k64 = k.double()
-    assert rel_err(kernels.gather(k, index, levels, p), R.gather(k64, R.pool(k64, levels, p), index)) < tol
+    assert rel_err(kernels.gather(k, index, inv, levels, p), R.take(k64, R.pool(k64, levels, p), index)) < tol
 
     o = torch.randn(b, h, index.shape[2], d, device=DEVICE, dtype=dtype)
-    assert rel_err(kernels.scatter(o, inv, n, levels, p), R.scatter(o.double(), index, n, levels, p)) < tol
+    assert rel_err(kernels.scatter(o, index, inv, n, levels, p), R.scatter(o.double(), index, inv, n, levels, p)) < tol
 
     grad = torch.randn(b, h, n, d, device=DEVICE, dtype=dtype)
-    want = R.scatter_backward(grad.double(), index, levels, p)
-    assert rel_err(kernels.scatter_backward(grad, index, levels, p), want) < tol
+    want = R.scatter_backward(grad.double(), index, inv, levels, p)
+    assert rel_err(kernels.scatter_backward(grad, index, inv, levels, p), want) < tol
 
     pooled_len = R.level_offsets(n, levels, p)[-1] - n
-    gx, gp = R.gather_backward(o.double(), index, n, pooled_len, hkv)
+    gx, gp = R.take_backward(o.double(), index, n, pooled_len, hkv)
     want = gx + R.pool_backward(gp, n, levels, p)
-    assert rel_err(kernels.gather_backward(o, inv, n, hkv, levels, p), want) < tol
+    assert rel_err(kernels.gather_backward(o, index, inv, n, hkv, levels, p), want) < tol
 
 
 def float64_oracle(q, k, v, grad, cfg, index):
@@ -111,8 +106,8 @@ def float64_oracle(q, k, v, grad, cfg, index):
     for i in range(q.shape[0]):
         leaves = [t[i : i + 1].detach().double().requires_grad_() for t in (q, k, v)]
         idx = index[i : i + 1]
-        qg, kg, vg = (R.gather(t, R.pool(t, levels, p), idx) for t in leaves)
-        out = R.scatter(F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), idx, n, levels, p)
+        qg, kg, vg = (R.take(t, R.pool(t, levels, p), idx) for t in leaves)
+        out = R.scatter(F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), idx, None, n, levels, p)
         grads.append(torch.autograd.grad(out, leaves, grad[i : i + 1].double()))
         outs.append(out.detach())
     return torch.cat(outs), [torch.cat(g) for g in zip(*grads)]
@@ -120,15 +115,14 @@ def float64_oracle(q, k, v, grad, cfg, index):
 
 @pytest.mark.parametrize("b,h,hkv,n,d,cfg", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_operator_on_kernels_matches_float64_oracle(b, h, hkv, n, d, cfg, dtype, monkeypatch):
-    monkeypatch.setenv("LHCOMPILE_KERNELS", "triton")
+def test_operator_on_kernels_matches_float64_oracle(b, h, hkv, n, d, cfg, dtype):
     q, k, v = (t.requires_grad_() for t in inputs(b, h, hkv, n, d, dtype))
-    out = lighthouse_attention(q, k, v, cfg)
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
+    with use_stages(DEVICE, "kernels"):
+        out = lighthouse_attention(q, k, v, cfg)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
 
-    levels, p = cfg.levels, cfg.pooling_factor
-    index, _ = kernels.select(*kernels_scores(q, k, cfg), n, levels, p, cfg.topk, cfg.tile_budget)
+    index, _ = kernels.select(*kernels.score(q.detach(), k.detach(), cfg.levels, cfg.pooling_factor), cfg.geometry(n))
     want, want_grads = float64_oracle(q, k, v, grad, cfg, index)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(out, want) < tol
@@ -147,8 +141,7 @@ def deterministic_algorithms():
 
 
 @pytest.mark.parametrize("b,h,hkv,n,d,cfg", SHAPES)
-def test_operator_on_kernels_is_bit_identical_run_to_run(b, h, hkv, n, d, cfg, monkeypatch):
-    monkeypatch.setenv("LHCOMPILE_KERNELS", "triton")
+def test_operator_on_kernels_is_bit_identical_run_to_run(b, h, hkv, n, d, cfg):
     q, k, v = (t.requires_grad_() for t in inputs(b, h, hkv, n, d, torch.bfloat16))
     grad = torch.randn_like(q)
 
@@ -158,7 +151,7 @@ def test_operator_on_kernels_is_bit_identical_run_to_run(b, h, hkv, n, d, cfg, m
 
     # the Lighthouse kernels use no atomics and are deterministic in any mode; the stock inner attention
     # is only in deterministic mode (PyTorch then skips cuDNN, whose backward is not, for flash's)
-    with deterministic_algorithms():
+    with deterministic_algorithms(), use_stages(DEVICE, "kernels"):
         first, second = run(), run()
     for name, a, c in zip(("out", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, c), f"{name} differs between two runs on the same inputs"
@@ -171,11 +164,12 @@ def test_stage_kernels_are_bit_identical_run_to_run(b, h, hkv, n, d, cfg):
     o = torch.randn(b, h, cfg.gathered_len(n), d, device=DEVICE, dtype=q.dtype)
 
     def run():
-        s_qk, s_kq = kernels.score_pyramid(q, levels, p), kernels.score_pyramid(k, levels, p)
-        index, inv = kernels.select(s_qk, s_kq, n, levels, p, cfg.topk, cfg.tile_budget)
-        gathered = kernels.gather(k, index, levels, p)
-        return (s_qk, s_kq, index, inv, gathered, kernels.scatter(o, inv, n, levels, p),
-                kernels.scatter_backward(q, index, levels, p), kernels.gather_backward(o, inv, n, hkv, levels, p))
+        s_qk, s_kq = kernels.score(q, k, levels, p)
+        index, inv = kernels.select(s_qk, s_kq, cfg.geometry(n))
+        gathered = kernels.gather(k, index, inv, levels, p)
+        return (s_qk, s_kq, index, inv, gathered, kernels.scatter(o, index, inv, n, levels, p),
+                kernels.scatter_backward(q, index, inv, levels, p),
+                kernels.gather_backward(o, index, inv, n, hkv, levels, p))
 
     for a, c in zip(run(), run()):
         assert torch.equal(a, c)
@@ -189,8 +183,8 @@ def test_long_sequences_and_large_budgets_run(n, topk):
     out = lighthouse_attention(q, k, v, cfg)
     out.sum().backward()
     assert all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad))
-    s_qk, s_kq, want = scores_and_index(q.detach(), k.detach(), cfg)
-    index, _ = kernels.select(s_qk, s_kq, n, cfg.levels, cfg.pooling_factor, topk, cfg.tile_budget)
+    s_qk, s_kq, (want, _) = scores_and_index(q.detach(), k.detach(), cfg)
+    index, _ = kernels.select(s_qk, s_kq, cfg.geometry(n))
     assert torch.equal(index, want)
 
 

@@ -1,4 +1,4 @@
-"""The reference stages compute exactly what ../shared/LIGHTHOUSE.md specifies."""
+"""The reference stages compute exactly what docs/algorithm.md specifies."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_select_hand_checked():
     s_kq = torch.zeros(1, 1, 24)
     s_qk[0, 0, 16:] = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.15, 0.05, 0.8, 0.12])
     s_kq[0, 0, 16:] = torch.tensor([0.7, 0.1, 0.2, 0.95, 0.3, 0.1, 0.99, 0.05])
-    index = R.select(s_qk, s_kq, n, levels, p, topk=4, tile_budget=4)
+    index = R.cascade(s_qk, s_kq, n, levels, p, topk=4, tile_budget=4)
     # level-1 entry i has flat index 16 + i; selected parents sit after their two children
     assert index[0, 0].tolist() == [0, 1, 16, 2, 3, 17, 18, 6, 7, 19, 20, 21, 12, 13, 22, 23]
 
@@ -46,7 +46,7 @@ def test_scatter_hand_checked():
     # N=8, L=2, p=2: level-1 entry 1 covers tokens [2, 4) and lands on [3, 5); level-0 entry 6 lands on itself
     index = torch.tensor([[[6, 9]]])  # level-1 offset is 8, so 9 is level-1 entry 1
     o = torch.tensor([[[[1.0], [10.0]]]])
-    out = R.scatter(o, index, 8, 2, 2)
+    out = R.scatter(o, index, None, 8, 2, 2)
     assert out[0, 0, :, 0].tolist() == [0, 0, 0, 10, 10, 0, 1, 0]
 
 
@@ -54,7 +54,7 @@ def test_scatter_hand_checked():
 def test_select_matches_spec_loops(n, levels, p, topk, budget):
     q, k = torch.randn(2, 2, n, 8), torch.randn(2, 1, n, 8)
     s_qk, s_kq = R.score(q, k, levels, p)
-    index = R.select(s_qk, s_kq, n, levels, p, topk, budget)
+    index = R.cascade(s_qk, s_kq, n, levels, p, topk, budget)
     assert _entries(index, n, levels, p) == naive.select(s_qk, s_kq, n, levels, p, topk, budget)
 
 
@@ -63,7 +63,7 @@ def test_selection_structure(n, levels, p, topk, budget):
     b, h = (1, 2) if n > 4096 else (2, 3)
     cfg = LighthouseConfig(levels=levels, pooling_factor=p, topk=topk, tile_budget=budget)
     s_qk, s_kq = R.score(torch.randn(b, h, n, 4), torch.randn(b, h, n, 4), levels, p)
-    index = R.select(s_qk, s_kq, n, levels, p, topk, budget)
+    index = R.cascade(s_qk, s_kq, n, levels, p, topk, budget)
     assert index.shape == (b, h, cfg.gathered_len(n))
     assert index.shape[-1] == n // p ** (levels - 1) + (levels - 1) * p * topk
     lv = R.entry_levels(index, n, levels, p)
@@ -100,15 +100,15 @@ def test_selection_structure(n, levels, p, topk, budget):
 def test_pool_gather_scatter_match_spec_loops(n, levels, p, topk, budget):
     q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
     s_qk, s_kq = R.score(q, k, levels, p)
-    index = R.select(s_qk, s_kq, n, levels, p, topk, budget)
+    index = R.cascade(s_qk, s_kq, n, levels, p, topk, budget)
     ents = _entries(index, n, levels, p)
-    kg = R.gather(k, R.pool(k, levels, p), index)
+    kg = R.take(k, R.pool(k, levels, p), index)
     for b in range(2):
         for h in range(4):
             want = torch.stack([naive.pooled_row(k[b], lvl, i, p)[h // 2] for lvl, i in ents[b][h]])
             torch.testing.assert_close(kg[b, h].double(), want, rtol=1e-6, atol=1e-6)
     o = torch.randn(2, 4, index.shape[-1], 8)
-    torch.testing.assert_close(R.scatter(o, index, n, levels, p).double(), naive.scatter(o, ents, n, p), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(R.scatter(o, index, None, n, levels, p).double(), naive.scatter(o, ents, n, p), rtol=1e-5, atol=1e-6)
 
 
 def test_scores_are_norms_then_span_max():
@@ -130,16 +130,16 @@ def test_explicit_backward_formulas_match_autograd():
     torch.testing.assert_close(R.pool_backward(g, n, levels, p), auto)
 
     s_qk, s_kq = R.score(x.detach(), x.detach(), levels, p)
-    index = R.select(s_qk.repeat(1, 2, 1), s_kq, n, levels, p, 8, 4)  # 4 query heads over 2 kv heads
+    index = R.cascade(s_qk.repeat(1, 2, 1), s_kq, n, levels, p, 8, 4)  # 4 query heads over 2 kv heads
     pooled = pooled.detach().requires_grad_()
-    rows = R.gather(x, pooled, index)
+    rows = R.take(x, pooled, index)
     g = torch.randn_like(rows)
     auto = torch.autograd.grad(rows, (x, pooled), g)
-    for mine, want in zip(R.gather_backward(g, index, n, pooled.shape[2], 2), auto):
+    for mine, want in zip(R.take_backward(g, index, n, pooled.shape[2], 2), auto):
         torch.testing.assert_close(mine, want)
 
     o = torch.randn(2, 4, index.shape[-1], 4, dtype=torch.float64, requires_grad=True)
-    out = R.scatter(o, index, n, levels, p)
+    out = R.scatter(o, index, None, n, levels, p)
     g = torch.randn_like(out)
     (auto,) = torch.autograd.grad(out, o, g)
-    torch.testing.assert_close(R.scatter_backward(g, index, levels, p), auto)
+    torch.testing.assert_close(R.scatter_backward(g, index, None, levels, p), auto)

@@ -1,0 +1,215 @@
+"""The Lighthouse pass over one captured graph: decide every SDPA site, report it, rewrite the chosen ones.
+
+Sites inside the bodies of higher-order ops (activation checkpointing, invoke_subgraph) are found, decided and
+rewritten like the others; a mask that enters such a body from outside is proven causal in the enclosing graph.
+Whatever the pass declines, it says why: in the report, and as a warning when it leaves a model dense.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+
+from .blocks import Block
+from .debug import dump_graph
+from .options import Options
+from .passes import SdpaSite, attention_like_calls, find_sdpa_sites, rewrite_sdpa, subgraph_calls
+from .report import LighthouseWarning, Report, SiteReport
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a captured graph stands for."""
+
+    training: bool
+    """The mode it was captured for: eval graphs keep every site dense."""
+    eval_reason: str = "module is in eval mode (Lighthouse is for training; dense SDPA is used)"
+    root: torch.nn.Module | None = None
+    """The module compiled with it; a site path that does not resolve in it means a graph of a submodule."""
+    blocks: tuple[Block, ...] = ()
+    """The modules of the layer stack it serves (one graph per kind of layer), or () for the root's own graph."""
+
+
+@dataclass
+class _Graph:
+    """A graph the pass works on: the captured one, or a body nested in it, with how its inputs resolve."""
+
+    module: fx.GraphModule
+    label: str
+    sites: list[SdpaSite]
+    calls: int = 1
+
+
+def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node]) -> Iterator[_Graph]:
+    """gm, then every body nested in it (depth first, in call order), each body once."""
+    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get))
+    calls = subgraph_calls(gm)
+    seen: dict[str, int] = {}
+    for call in calls:
+        seen[call.name] = seen.get(call.name, 0) + 1
+    for call in calls:
+        if seen.get(call.name) is None:
+            continue
+        count = seen.pop(call.name)
+        if call.inputs:
+            resolve.update(call.inputs)
+        for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve):
+            nested.calls *= count
+            yield nested
+
+
+def _join(prefix: str, path: str) -> str:
+    return ".".join(p for p in (prefix, path) if p)
+
+
+def _module_class(site: SdpaSite) -> type | None:
+    stack = site.node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][1] if stack else None
+
+
+def _advice(site: SdpaSite) -> str:
+    """What to do about a site that can never be rewritten, where we know."""
+    cls = _module_class(site)
+    if site.problem.startswith("explicit attn_mask depends on graph inputs") and cls is not None \
+            and getattr(cls, "__module__", "").startswith("transformers."):
+        return ("; if it is plainly causal (no padding, no sliding window shorter than the sequence), "
+                "attn_implementation='causal_sdpa' (import lhcompile.hf) calls SDPA with is_causal=True instead, "
+                "and keeps the model's own sdpa path where the mask is not plainly causal")
+    return ""
+
+
+def _reasons(site: SdpaSite, position: int, total: int, options: Options, scope: Scope, block: Block | None,
+             path: str) -> list[str]:
+    """Every reason this site stays dense (empty: rewrite it)."""
+    config, reasons = options.config, []
+    if site.problem:
+        reasons.append(site.problem + _advice(site))
+    if not scope.training:
+        reasons.append(scope.eval_reason)
+    if block is not None:
+        if block.dense_reason:
+            reasons.append(block.dense_reason)
+    elif position in config.dense_indices(total):
+        reasons.append(f"dense layer (site {position} is in dense_layers={config.dense_layers})")
+    if options.filter_fn is not None and not options.filter_fn(path):
+        reasons.append("excluded by filter_fn")
+    n = site.q_shape[2] if site.q_shape and len(site.q_shape) == 4 else None
+    if n is not None and not isinstance(n, int):
+        reasons.append(f"sequence length is dynamic ({n}); Lighthouse needs a static length")
+    elif n is not None and (problem := options.target.problem(config, n)):
+        reasons.append(problem)
+    return reasons
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return f"F.{target.__name__}"
+
+
+def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope) -> None:
+    """Rewrite the eligible SDPA sites of gm (and of the bodies nested in it) in place and add every site, with
+    its fate, to report; ``dense_layers`` counts the sites in execution order (or, for blocks, the layers)."""
+    graph_id = report.graphs
+    report.graphs += 1
+    graphs = list(_graphs(gm, f"graph {graph_id}", {}))
+    sites = [(g, site) for g in graphs for site in g.sites]
+    missing = [s for _, s in sites if s.problem is None and s.q_shape is None]
+    if missing:
+        raise ValueError(
+            f"lhcompile: the graph has no shape metadata for the SDPA call {missing[0].node.name!r} "
+            f"(module {missing[0].module_path or '<top>'!r}); pass example_inputs= to lhcompile.apply, or capture "
+            "the graph with torch.export / torch.compile, which record shapes"
+        )
+    if scope.root is not None and not scope.blocks:
+        _warn_if_captured_below(scope.root, [s for _, s in sites], report)
+    before = gm.print_readable(print_output=False) if options.debug else ""
+    scopes: tuple[Block | None, ...] = scope.blocks or (None,)  # None: the graph is the compiled module's own
+    lighthouse: set[int] = set()
+    for position, (g, site) in enumerate(sites):
+        options.target.check(site)
+        decided = [(path := _join(block.path if block else "", site.module_path),
+                    _reasons(site, position, len(sites), options, scope, block, path)) for block in scopes]
+        if not decided[0][1]:  # the first block decides for the graph that serves them all
+            lighthouse.add(id(site))
+        kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
+        for path, reasons in decided:
+            reason = "; ".join(reasons) + options.target.dense_note if reasons else "lighthouse"
+            report.sites.append(SiteReport(graph_id, position, path, _op_name(site.node.target), site.q_shape,
+                                           kv_heads, not reasons, reason, scope.training))
+    for g in graphs:
+        chosen = [s for s in g.sites if id(s) in lighthouse or options.target.rewrites_dense]
+
+        def build(site: SdpaSite, args: dict[str, Any]) -> fx.Proxy:
+            if id(site) in lighthouse:
+                return options.target.lighthouse(site, args, options.config)
+            return options.target.dense(site, args)
+
+        if chosen:
+            rewrite_sdpa(g.module, chosen, build)
+    _warn_about(graphs, graph_id, len(sites), lighthouse, options, scope, report)
+    if options.debug:
+        dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
+
+
+def _warn_once(report: Report, kind: str, message: str) -> None:
+    if kind not in report.warned:
+        report.warned.add(kind)
+        warnings.warn(message, LighthouseWarning, stacklevel=3)
+
+
+def _warn_about(graphs: list[_Graph], graph_id: int, total: int, lighthouse: set[int], options: Options,
+                scope: Scope, report: Report) -> None:
+    """Say what this graph left undone that a user would not see otherwise."""
+    if not scope.training:
+        return  # eval graphs are dense by design
+    if total == 0:
+        seen = [name for g in graphs for name in attention_like_calls(g.module.graph)]
+        if seen:
+            counts = {name: seen.count(name) for name in seen}
+            note = (f"lhcompile: graph {graph_id} has no SDPA call to rewrite, but calls that look like attention: "
+                    f"{', '.join(f'{name} x{c}' for name, c in counts.items())}. lhcompile rewrites "
+                    "torch.nn.functional.scaled_dot_product_attention only: switch the model to SDPA attention "
+                    "(e.g. torchtitan: lhcompile.integrations.torchtitan; Hugging Face: attn_implementation='sdpa')")
+            report.notes.append(note)
+            _warn_once(report, f"no sdpa {graph_id}", note)
+        return
+    shared = [g for g in graphs if g.calls > 1 and g.sites]
+    for g in shared:
+        _warn_once(report, f"shared {g.label}",
+                   f"lhcompile: {g.label} is the body of {g.calls} calls: its SDPA sites are decided and rewritten "
+                   "once for all of them, so dense_layers and filter_fn cannot tell those calls apart")
+    if not scope.blocks:
+        outside = [i for i in options.config.dense_layers if not -total <= i < total]
+        if outside:
+            _warn_once(report, "dense_layers range",
+                       f"lhcompile: dense_layers entries {outside} are outside the {total} SDPA sites of graph "
+                       f"{graph_id}; they keep nothing dense")
+    rows = [s for s in report.sites if s.graph == graph_id]
+    # a graph that serves dense layers only rewrites nothing by design; the root's own graph should rewrite some
+    expected = any(b.dense_reason is None for b in scope.blocks) if scope.blocks else not report.rewritten
+    if expected and not any(s.rewritten for s in rows):
+        _warn_once(report, "nothing rewritten",
+                   f"lhcompile: no SDPA site was rewritten, so this model trains with dense attention. Every reason, "
+                   f"per site:\n{report.table(rows)}")
+
+
+def _warn_if_captured_below(root: torch.nn.Module, sites: list[SdpaSite], report: Report) -> None:
+    for site in sites:
+        try:
+            root.get_submodule(site.module_path)
+        except AttributeError:
+            _warn_once(
+                report, "captured below",
+                f"lhcompile: the SDPA call of {site.module_path!r} was captured in a graph of one submodule, not of "
+                f"{type(root).__name__}: Dynamo compiles that submodule on its own (its hooks are not traced, e.g. "
+                "fully_shard on a module that is not inside an item of a ModuleList/ModuleDict of layers) and may "
+                "reuse the graph for every submodule of the same class, so dense_layers and filter_fn see one site "
+                "per graph and cannot tell them apart. fully_shard the layers of the layer stack (lhcompile then "
+                "compiles each kind of layer itself), or only the root",
+            )
+            return

@@ -1,0 +1,65 @@
+"""Everything ``apply`` and ``backend`` are told, validated once into one frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from .config import LighthouseConfig
+from .debug import debug_enabled
+from .targets import ContextParallel, SingleDevice, Target
+
+FilterFn = Callable[[str], bool]
+"""Called with an SDPA site's module path (e.g. 'model.layers.3.self_attn'); False keeps the site dense."""
+Compiler = Literal["inductor", "eager"] | str | Callable[[fx.GraphModule, Sequence[Any]], Callable]
+"""What compiles a graph after the rewrite: 'inductor', 'eager' (run it op by op), the name of any other
+registered torch.compile backend, or a backend callable."""
+
+
+@dataclass(frozen=True)
+class Options:
+    config: LighthouseConfig
+    filter_fn: FilterFn | None
+    compiler: Compiler
+    debug: bool
+    target: Target
+
+    @classmethod
+    def make(cls, config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
+             compiler: Compiler = "inductor", debug: bool | None = None,
+             context_parallel: dist.ProcessGroup | None = None, caller: str = "lhcompile.apply") -> Options:
+        """Check every argument now, naming it and what is accepted, rather than at the first forward call."""
+        config = LighthouseConfig() if config is None else config
+        if not isinstance(config, LighthouseConfig):
+            raise TypeError(
+                f"{caller}: config must be a lhcompile.LighthouseConfig, got {type(config).__name__} {config!r}; "
+                "build one with LighthouseConfig(**fields)"
+            )
+        if filter_fn is not None and not callable(filter_fn):
+            raise TypeError(f"{caller}: filter_fn must be a callable (module path -> bool) or None, got {filter_fn!r}")
+        if isinstance(compiler, str):
+            backends = sorted({"inductor", "eager", *torch._dynamo.list_backends(exclude_tags=())})
+            if compiler not in backends:
+                raise ValueError(f"{caller}: compiler={compiler!r} is not a torch.compile backend; use one of "
+                                 f"{', '.join(backends)}, or a backend callable")
+        elif not callable(compiler):
+            raise TypeError(f"{caller}: compiler must be a backend name or a callable (gm, example_inputs) -> "
+                            f"callable, got {type(compiler).__name__}")
+        target = SingleDevice() if context_parallel is None else ContextParallel.make(context_parallel, config)
+        return cls(config, filter_fn, compiler, debug_enabled(debug), target)
+
+    def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Hand a rewritten graph to the compiler."""
+        if self.compiler == "eager":
+            return gm.forward
+        if self.compiler == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        if isinstance(self.compiler, str):
+            return torch._dynamo.lookup_backend(self.compiler)(gm, example_inputs)
+        return self.compiler(gm, example_inputs)

@@ -1,0 +1,94 @@
+"""Where the rewritten attention runs: one device, or a sequence sharded across a context-parallel group.
+
+A target is chosen once, by ``apply``'s arguments, and answers the three questions the pass asks of every SDPA
+site: can a sequence of this length run Lighthouse here, what replaces a Lighthouse site, and what replaces a
+site kept dense. The two targets' replacements stand side by side, as Inductor's pattern/replacement pairs do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch.distributed as dist
+import torch.fx as fx
+
+from . import context_parallel, ops
+from .config import LighthouseConfig
+from .passes import SdpaSite
+
+
+class Target(Protocol):
+    dense_note: str
+    """Added to the reason of every site kept dense."""
+    rewrites_dense: bool
+    """Whether sites kept dense are rewritten too (into ``dense``)."""
+
+    def check(self, site: SdpaSite) -> None:
+        """Raise if this target cannot run the graph because of this site."""
+
+    def problem(self, config: LighthouseConfig, n: int) -> str | None:
+        """Why a sequence of n tokens cannot run Lighthouse on this target, or None."""
+
+    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig) -> fx.Proxy:
+        """The replacement of a site chosen for Lighthouse (args: the call's arguments as proxies)."""
+
+    def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
+        """The replacement of a site kept dense, or None to leave the SDPA call as it is."""
+
+
+@dataclass(frozen=True)
+class SingleDevice:
+    dense_note = ""
+    rewrites_dense = False
+
+    def check(self, site: SdpaSite) -> None:
+        pass
+
+    def problem(self, config: LighthouseConfig, n: int) -> str | None:
+        if n < config.min_lighthouse_len:
+            return f"sequence too short: N={n} < min_lighthouse_len={config.min_lighthouse_len}"
+        return None
+
+    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig) -> fx.Proxy:
+        return ops.lighthouse_stages(args["query"], args["key"], args["value"], n=site.q_shape[2],
+                                     scale=args.get("scale"), config=config)
+
+    def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
+        return None
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """Each rank holds chunks r and 2W-1-r of every sequence (see ``lhcompile.context_parallel``): a Lighthouse
+    site selects per chunk and joins PyTorch's ring attention with its gathered tokens; every other site becomes
+    ring attention too, since a shard's attention must see the whole sequence either way."""
+
+    group: dist.ProcessGroup
+    dense_note = "; dense ring attention across the context-parallel group"
+    rewrites_dense = True
+
+    @classmethod
+    def make(cls, group: dist.ProcessGroup, config: LighthouseConfig) -> ContextParallel:
+        context_parallel.chunk_config(config)  # fail at apply, not at the first forward call
+        return cls(group)
+
+    def check(self, site: SdpaSite) -> None:
+        if site.problem:
+            raise ValueError(
+                f"lhcompile: under context parallelism every SDPA site must become ring attention, but site "
+                f"{site.index} (module {site.module_path or '<top>'!r}) cannot: {site.problem}"
+            )
+
+    def problem(self, config: LighthouseConfig, n: int) -> str | None:
+        return context_parallel.chunk_problem(config, n)
+
+    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig) -> fx.Proxy:
+        return context_parallel.lighthouse_stages_cp(args["query"], args["key"], args["value"], n=site.q_shape[2],
+                                                     group_name=self.group.group_name, scale=args.get("scale"),
+                                                     config=config)
+
+    def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
+        return context_parallel.dense_stages_cp(args["query"], args["key"], args["value"],
+                                                gqa_groups=site.q_shape[1] // site.k_shape[1],
+                                                group_name=self.group.group_name, scale=args.get("scale"))
