@@ -114,6 +114,10 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
                       LighthouseWarning, stacklevel=3)
         return model
     _warn_if_never_long_enough(model, options)
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "causal_sdpa":
+        from .hf import COMPILED_NOTE
+
+        warnings.warn(f"lhcompile.apply: {COMPILED_NOTE}", LighthouseWarning, stacklevel=3)
     report = Report()
     taken: dict[torch.nn.Module, Callable | None] = {}
     for members in group_blocks(find_blocks(model, options.config), options.filter_fn):

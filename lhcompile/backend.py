@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from .lighthouse_pass import Scope, rewrite_graph
 from .options import Options
-from .passes import prune_unused_inputs
+from .passes import erase_unused, prune_unused_inputs
 from .report import Report
 
 
@@ -32,11 +32,9 @@ class LighthouseBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         scope = self.scope or Scope(training=torch.is_grad_enabled(), eval_reason=_GRAD_OFF)
-        rewrite_graph(gm, self.options, self.report, scope)
+        read = rewrite_graph(gm, self.options, self.report, scope)
         # a causal mask that Lighthouse sites no longer read is N x N: drop it, also where it fed an activation-
         # checkpointed layer. A module's restore recaptures its graph; only a GraphModule rewritten in place (apply
         # on a GraphModule, not this backend) keeps its mask nodes, for restore_sdpa
-        prune_unused_inputs(gm)
-        if gm.graph.eliminate_dead_code():
-            gm.recompile()
+        erase_unused(read + prune_unused_inputs(gm))
         return self.options.compile(gm, example_inputs)

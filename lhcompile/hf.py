@@ -1,28 +1,89 @@
 """Hugging Face transformers integration: attn_implementation="causal_sdpa" (import this module to register it).
 
-It calls SDPA with is_causal=True and no mask. transformers 5.x under torch.compile with torch < 2.14 builds an
-explicit N x N causal mask (its masking_utils says so), and builds it from ``position_ids`` when they are
-passed. lhcompile proves an in-graph causal mask causal and drops it at Lighthouse sites, but:
-- dense layers and the dense stage keep the mask: N^2 memory, and SDPA off the cuDNN and flash kernels;
-- under context parallelism each rank passes global ``position_ids`` of its two chunks, from which
-  transformers would build a wrong (packed-sequence) mask that depends on inputs, so it cannot be dropped;
-- with per-layer FSDP2 each layer is compiled on its own and the mask, made outside the layer, is an input of
-  the layer's graph, which no pass can prove causal.
-``LlamaConfig(..., attn_implementation="causal_sdpa")`` avoids both; the weights and checkpoints are the
-same as with "sdpa" (the choice is not saved in config.json).
+It computes what "sdpa" computes, without the N x N mask where a call is plainly causal: no padding mask, no
+sliding (or chunked) window shorter than the keys, as many queries as keys. Those calls get SDPA with
+is_causal=True and no mask; every other call goes to transformers' own sdpa path with the mask transformers
+builds for it. Why a mask-free causal call matters: transformers 5.x under torch.compile with torch < 2.14
+builds an explicit N x N causal mask otherwise. lhcompile proves an in-graph causal mask causal and drops it at
+Lighthouse sites, but:
+- dense layers and the dense stage would keep the mask: N^2 memory, and SDPA off the cuDNN and flash kernels;
+- under context parallelism each rank passes global ``position_ids`` of its two chunks, from which transformers
+  would build a (packed-sequence) mask that depends on inputs;
+- with per-layer FSDP2 or per-layer compilation each layer is compiled on its own and the mask, made outside
+  the layer, is an input of the layer's graph, which no pass can prove causal.
+
+One difference from "sdpa", under torch.compile only (``COMPILED_NOTE``): transformers cannot look at the
+values of ``position_ids`` while compiling, so it wraps every mask in a packed-sequence check; causal_sdpa then
+takes ``position_ids`` as the positions of one sequence (plain causal attention, as the Lighthouse paper
+trained), so documents packed with restarting position_ids attend across their boundaries. Run eagerly, it sees
+real packing and hands those calls to the sdpa path. The weights and checkpoints are the same as with "sdpa"
+(the choice is not saved in config.json). Call the model without ``attention_mask`` when every token is real: a
+mask of ones is data, and under torch.compile transformers builds the full mask from it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+
+def _query_length(kwargs: dict[str, Any]) -> int | None:
+    if "q_length" in kwargs:
+        return kwargs["q_length"]
+    cache_position = kwargs.get("cache_position")  # transformers versions that pass positions instead
+    return None if cache_position is None else cache_position.shape[0]
+
+
+COMPILED_NOTE = (
+    "attn_implementation='causal_sdpa' under torch.compile takes position_ids as the positions of one sequence: "
+    "documents packed with restarting position_ids attend across their boundaries (plain causal attention, as the "
+    "Lighthouse paper trained), where 'sdpa' would mask them apart; padding masks and sliding windows are kept "
+    "exactly. Use attn_implementation='sdpa' if you pack documents and need them apart"
+)
+
+
+def _plainly_causal(kwargs: dict[str, Any]) -> bool:
+    """Whether a mask request is the lower triangle over as many queries as keys, and nothing else (under
+    torch.compile, whatever packed-sequence wrapper transformers had to add without seeing position_ids)."""
+    kv_length, window = kwargs.get("kv_length"), kwargs.get("local_size")
+    return (
+        kwargs.get("attention_mask") is None
+        and (kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+             or torch.compiler.is_compiling())
+        and kv_length is not None and _query_length(kwargs) == kv_length and not kwargs.get("kv_offset")
+        and (window is None or window >= kv_length)
+    )
+
+
+def causal_sdpa_mask(*args: Any, **kwargs: Any):
+    """No mask where the request is plainly causal; transformers' sdpa mask otherwise."""
+    if not args and _plainly_causal(kwargs):
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        # a real mask (padding, window, packing) or decoding with a cache: transformers' own sdpa path
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        # only reachable when a model passes a window without asking the mask interface for its mask
+        raise ValueError(
+            f"attn_implementation='causal_sdpa': {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) "
+            f"has sliding_window={window} < {key.shape[2]} keys but no mask was built for it; plain causal attention "
+            "would ignore the window. Use attn_implementation='sdpa' for this model"
+        )
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("causal_sdpa", causal_sdpa)
-AttentionMaskInterface.register("causal_sdpa", lambda *args, **kwargs: None)
+AttentionMaskInterface.register("causal_sdpa", causal_sdpa_mask)

@@ -111,9 +111,10 @@ def _op_name(target: Any) -> str:
     return f"F.{target.__name__}"
 
 
-def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope) -> None:
+def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope) -> list[fx.Node]:
     """Rewrite the eligible SDPA sites of gm (and of the bodies nested in it) in place and add every site, with
-    its fate, to report; ``dense_layers`` counts the sites in execution order (or, for blocks, the layers)."""
+    its fate, to report; ``dense_layers`` counts the sites in execution order (or, for blocks, the layers).
+    Returns the nodes the rewritten calls read (see ``passes.erase_unused``)."""
     graph_id = report.graphs
     report.graphs += 1
     graphs = list(_graphs(gm, f"graph {graph_id}", {}))
@@ -141,6 +142,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
             reason = "; ".join(reasons) + options.target.dense_note if reasons else "lighthouse"
             report.sites.append(SiteReport(graph_id, position, path, _op_name(site.node.target), site.q_shape,
                                            kv_heads, not reasons, reason, scope.training))
+    read: list[fx.Node] = []
     for g in graphs:
         chosen = [s for s in g.sites if id(s) in lighthouse or options.target.rewrites_dense]
 
@@ -150,10 +152,11 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
             return options.target.dense(site, args)
 
         if chosen:
-            rewrite_sdpa(g.module, chosen, build)
+            read += rewrite_sdpa(g.module, chosen, build)
     _warn_about(graphs, graph_id, len(sites), lighthouse, options, scope, report)
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
+    return read
 
 
 def _warn_once(report: Report, kind: str, message: str) -> None:

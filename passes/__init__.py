@@ -7,7 +7,7 @@ Nothing here knows about kernels: the rewrite takes the replacement as a callabl
 from .causal_mask import Resolve
 from .match import SdpaSite, attention_like_calls, find_sdpa_sites, module_path
 from .restore import restore_sdpa
-from .rewrite import METADATA_TO_PORT, REWRITE_TAG, rewrite_sdpa
+from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sdpa
 from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "SdpaSite",
     "Subgraph",
     "attention_like_calls",
+    "erase_unused",
     "find_sdpa_sites",
     "module_path",
     "prune_unused_inputs",

@@ -39,13 +39,15 @@ Build = Callable[[SdpaSite, dict[str, Any]], fx.Proxy]
 """Called with a site and its bound arguments (graph values as fx.Proxy); returns the replacement's output."""
 
 
-def rewrite_sdpa(gm: fx.GraphModule, sites: list[SdpaSite], build: Build) -> None:
-    """Rewrite each of ``sites`` (found in gm.graph) into ``build(site, arguments)``, traced in place.
+def rewrite_sdpa(gm: fx.GraphModule, sites: list[SdpaSite], build: Build) -> list[fx.Node]:
+    """Rewrite each of ``sites`` (found in gm.graph) into ``build(site, arguments)``, traced in place; returns the
+    nodes the erased calls read (a causal mask among them may now be unused: see ``erase_unused``).
 
     The new nodes carry ``meta[REWRITE_TAG]``; the subgraph's output node also records the erased
     nodes (the SDPA call and its getitems), so that ``restore_sdpa`` can put them back unchanged.
     """
     graph = gm.graph
+    read: list[fx.Node] = []
     for site in sites:
         before = set(graph.nodes)
         tracer = fx.proxy.GraphAppendingTracer(graph)
@@ -60,7 +62,28 @@ def rewrite_sdpa(gm: fx.GraphModule, sites: list[SdpaSite], build: Build) -> Non
         out.meta[REWRITE_TAG]["original"] = [_record(n) for n in erased]
         out.meta[REWRITE_TAG]["result"] = site.output
         site.output.replace_all_uses_with(out)
+        read.extend(site.node.all_input_nodes)
         for node in reversed(erased):
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+    return read
+
+
+def erase_unused(nodes: list[fx.Node]) -> int:
+    """Erase those of ``nodes`` that nothing reads any more, then whatever only they read, and so on; never a
+    placeholder or an impure node (graph-wide dead-code elimination would drop e.g. functorch's vmap nesting
+    calls, whose results nobody reads). Returns how many nodes went."""
+    erased, stack, touched = 0, list(nodes), set()
+    while stack:
+        node = stack.pop()
+        if node.graph is None or node.users or node.op in ("placeholder", "output") or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        touched.add(node.graph.owning_module)
+        node.graph.erase_node(node)
+        erased += 1
+        stack.extend(inputs)
+    for module in touched:
+        module.recompile()
+    return erased

@@ -51,11 +51,11 @@ def subgraph_calls(gm: fx.GraphModule) -> list[Subgraph]:
     return found
 
 
-def prune_unused_inputs(gm: fx.GraphModule) -> int:
+def prune_unused_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     """Drop the body inputs that nothing reads any more (e.g. a causal mask that only rewritten sites read) from
     every body called once, and from its call, so that the enclosing graph can drop what computed them; returns
-    how many inputs went."""
-    dropped = 0
+    the nodes that fed them (see ``erase_unused``)."""
+    dropped: list[fx.Node] = []
     calls = subgraph_calls(gm)
     uses: dict[str, int] = {}
     for call in calls:
@@ -79,9 +79,8 @@ def prune_unused_inputs(gm: fx.GraphModule) -> int:
             kept.append(arg)
         call.call.args = tuple(kept)
         for i in sorted(unused):
+            dropped.append(call.inputs[placeholders[i]])
             call.module.graph.erase_node(placeholders[i])
         call.module.recompile()
-        dropped += len(unused)
-    if dropped:
         gm.recompile()
     return dropped

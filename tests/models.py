@@ -14,8 +14,8 @@ from lhcompile.passes.match import bind_arguments
 VOCAB = 97
 
 
-def hf_model(kind: str, layers: int = 4, attention: str = "sdpa") -> nn.Module:
-    """Hugging Face Llama / Qwen2 / Mistral causal LMs with GQA, SDPA attention, no KV cache."""
+def hf_model(kind: str, layers: int = 4, attention: str = "sdpa", **extra) -> nn.Module:
+    """Hugging Face causal LMs with GQA, SDPA attention, no KV cache: Llama, Qwen2, Qwen3, Mistral, Gemma 3."""
     import transformers
 
     import lhcompile.hf  # noqa: F401  (registers attention="causal_sdpa")
@@ -23,7 +23,9 @@ def hf_model(kind: str, layers: int = 4, attention: str = "sdpa") -> nn.Module:
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[kind]
     cfg = config_cls(
         vocab_size=VOCAB,
@@ -32,9 +34,11 @@ def hf_model(kind: str, layers: int = 4, attention: str = "sdpa") -> nn.Module:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         max_position_embeddings=512,
         attn_implementation=attention,
         use_cache=False,
+        **extra,
     )
     return model_cls(cfg)
 
