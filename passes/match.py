@@ -86,10 +86,11 @@ def bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 # what Dynamo and wrappers put between a user's module names: a bound method's closure cell
-# (layers.0.attention.forward.__closure__.0.cell_contents.__self__.inner_attention), torch.compile's and
-# checkpoint_wrapper's wrapped modules
+# (layers.0.attention.forward.__closure__.0.cell_contents.__self__.inner_attention), a module's __dict__ and
+# _modules, torch.compile's, checkpoint_wrapper's and FSDP1's wrapped modules
 _NOT_MODULE_NAMES = re.compile(
-    r"\.(forward\.__closure__\.\d+\.cell_contents(\.__self__)?|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)"
+    r"\.(forward\.__closure__\.\d+\.cell_contents(\.__self__)?|__dict__|_modules|_orig_mod|_checkpoint_wrapped_module"
+    r"|_fsdp_wrapped_module)"
     r"(?=\.|$)"
 )
 

@@ -1,4 +1,4 @@
-"""Loop-by-loop restatements of LIGHTHOUSE.md, written independently of lhcompile.reference.
+"""Loop-by-loop restatements of docs/algorithm.md, written independently of lhcompile.reference.
 
 They are slow on purpose: every loop is one sentence of the spec, so they serve as a second oracle.
 """

@@ -4,56 +4,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import lhcompile
 from lhcompile import LighthouseConfig, lighthouse_attention
 from lhcompile.context_parallel import cp_reference, lighthouse_attention_cp, shard
+from tests.distributed import WORLD, close, shard_with_fsdp2, spawn
 from tests.models import VOCAB, EmbeddingAttentionLM, SdpaAt, hf_model, logits
 
-WORLD = 2
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=16, tile_budget=4, dense_layers=(0, -1))
 GPU_CFG = dataclasses.replace(CFG, dense_layers=(-1,))
 N = 128  # 4 chunks of 32 tokens
-
-
-def spawn(worker, tmp_path, *args, backend="gloo"):
-    mp.spawn(_run, args=(worker, str(tmp_path / "store"), backend, args), nprocs=WORLD, join=True)
-
-
-def _run(rank, worker, store, backend, args):
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    else:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        worker(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def shard_with_fsdp2(model, parts):
-    """fully_shard each of parts, then the root, over all ranks (parts=[]: the root only)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(next(model.parameters()).device.type, (WORLD,))
-    for part in parts:
-        fully_shard(part, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def close(mine, want, what, tol=1e-5):
-    err = ((mine.double() - want.double()).norm() / want.double().norm()).item()
-    assert err < tol, f"{what}: relative error {err:.2e}"
 
 
 def _operator(rank, dtype, device="cpu", tol=1e-5):

@@ -317,6 +317,8 @@ def test_site_paths_are_the_module_paths_a_user_knows():
         "L['self'].layers['0'].attention.forward.__closure__[0].cell_contents.__self__._checkpoint_wrapped_module"
         ".inner_attention", object)}
     assert module_path(node) == "layers.0.attention.inner_attention"
+    node.meta["nn_module_stack"] = {"a": ("L['self'].__dict__['_modules']['_checkpoint_wrapped_module'].attention", object)}
+    assert module_path(node) == "attention"
 
 
 def test_replacement_nodes_keep_the_user_module_of_the_sdpa_call_they_replace():

@@ -183,7 +183,7 @@ def test_config_is_frozen_and_hashable():
     with pytest.raises(AttributeError):
         cfg.topk = 1  # type: ignore[misc]
     assert hash(cfg) == hash(LighthouseConfig())
-    assert cfg.gathered_len(131072) == 24576  # the example of LIGHTHOUSE.md
+    assert cfg.gathered_len(131072) == 24576  # the example of docs/algorithm.md
 
 
 def test_custom_ops_pass_opcheck():

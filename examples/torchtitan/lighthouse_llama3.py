@@ -1,0 +1,71 @@
+"""A torchtitan config registry for the two-stage Lighthouse recipe on llama3 (torchtitan 0.3.0).
+
+Stage 1 trains with Lighthouse attention, stage 2 resumes stage 1's checkpoint (same folder, optimizer state
+included) with dense SDPA; the baseline is dense SDPA from scratch. Launch with torchtitan's own entry point,
+this folder on PYTHONPATH:
+
+    PYTHONPATH=examples/torchtitan torchrun --nproc-per-node 8 -m torchtitan.train \\
+        --module lighthouse_llama3 --config llama3_8b_lighthouse          # stage 1: steps 0 .. 70%
+    PYTHONPATH=examples/torchtitan torchrun --nproc-per-node 8 -m torchtitan.train \\
+        --module lighthouse_llama3 --config llama3_8b_recovery            # stage 2: resumes, dense to 100%
+    PYTHONPATH=examples/torchtitan torchrun --nproc-per-node 8 -m torchtitan.train \\
+        --module lighthouse_llama3 --config llama3_8b_dense               # baseline: dense from scratch
+
+Each config starts from torchtitan's own llama3 config and changes the model spec (see
+``lhcompile.integrations.torchtitan``), the context length, the step budget and the dump folder only; data,
+tokenizer, optimizer, activation checkpointing and parallelism stay torchtitan's (override them on the command
+line as usual, e.g. ``--dataloader.dataset``, ``--hf_assets_path``).
+"""
+
+from __future__ import annotations
+
+from torchtitan.models.llama3 import config_registry, model_registry
+from torchtitan.trainer import Trainer
+
+from lhcompile import LighthouseConfig
+from lhcompile.integrations.torchtitan import dense, lighthouse
+
+SEQ_LEN = 32768
+STEPS = 10000
+RECOVERY = 0.3
+LIGHTHOUSE = LighthouseConfig(levels=3, pooling_factor=4, topk=1536, dense_layers=(0, 1, -2, -1))
+
+
+def _configured(base: Trainer.Config, spec, *, steps: int, folder: str) -> Trainer.Config:
+    base.model_spec = spec
+    base.training.seq_len = SEQ_LEN
+    base.training.steps = steps
+    base.compile.enable = True  # the pass captures the model with Dynamo; Inductor then compiles it
+    base.checkpoint.enable = True  # stage 2 resumes stage 1's last checkpoint from the same folder
+    base.checkpoint.last_save_model_only = False  # with the optimizer state
+    base.dump_folder = folder
+    return base
+
+
+def _stage1_steps() -> int:
+    return round(STEPS * (1 - RECOVERY))
+
+
+def llama3_8b_lighthouse() -> Trainer.Config:
+    return _configured(config_registry.llama3_8b(), lighthouse(model_registry("8B"), LIGHTHOUSE),
+                       steps=_stage1_steps(), folder="./outputs/lighthouse")
+
+
+def llama3_8b_recovery() -> Trainer.Config:
+    # the same dump folder: torchtitan resumes from stage 1's last checkpoint and trains on, dense
+    return _configured(config_registry.llama3_8b(), dense(model_registry("8B")), steps=STEPS,
+                       folder="./outputs/lighthouse")
+
+
+def llama3_8b_dense() -> Trainer.Config:
+    return _configured(config_registry.llama3_8b(), dense(model_registry("8B")), steps=STEPS,
+                       folder="./outputs/dense")
+
+
+def llama3_debugmodel_lighthouse() -> Trainer.Config:
+    """A small check of the wiring on one GPU (debug model, 8K context, L2 p4 k512, 10 steps)."""
+    config = _configured(config_registry.llama3_debugmodel(),
+                         lighthouse(model_registry("debugmodel"), LighthouseConfig(levels=2, pooling_factor=4, topk=512)),
+                         steps=10, folder="./outputs/debug_lighthouse")
+    config.training.seq_len = 8192
+    return config

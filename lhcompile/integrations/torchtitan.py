@@ -1,0 +1,90 @@
+"""lhcompile in torchtitan (0.3.0): SDPA attention for its language models, the pass on the parallelized model,
+and the dense recovery stage.
+
+torchtitan's language models attend with FlexAttention (causal and packed-document masks); lhcompile rewrites
+SDPA calls only. So a Lighthouse run takes two changes to a ``ModelSpec``, both from a user's config registry
+(``--module my_pkg --config NAME``):
+
+- ``SdpaAttention``: a ``ModelConfigConverter`` that gives every attention layer torchtitan's own
+  ``ScaledDotProductAttention`` (``is_causal=True``). That is plain causal attention, as the Lighthouse paper
+  trained: documents packed into one sequence attend across their boundaries (RoPE still sees per-document
+  positions), where FlexAttention's document mask keeps them apart.
+- ``lighthouse(spec, config)``: that converter, plus ``lhcompile.apply`` on the model that ``parallelize_fn``
+  returns, i.e. after torchtitan's activation checkpointing, per-block compile and per-layer FSDP2, so
+  ``dense_layers`` counts layers (the paper's ``(0, 1, -2, -1)``).
+
+``dense(spec)`` is the recovery stage: the same SDPA model without the pass. The state_dict keys are those of the
+stock model (inner attention has no parameters), so the recovery run resumes stage 1's checkpoint, optimizer
+state included, from the same checkpoint folder. ``examples/torchtitan/`` has a registry module and commands.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.protocols.model import ModelConfigConverter
+from torchtitan.protocols.model_spec import ModelSpec
+
+import lhcompile
+
+from ..config import LighthouseConfig
+
+
+class SdpaAttention(ModelConfigConverter):
+    """Every attention layer of a decoder's config gets ``ScaledDotProductAttention`` as its inner attention."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(ModelConfigConverter.Config):
+        pass
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def convert(self, model_config):
+        converted = 0
+        for layer in getattr(model_config, "layers", []):
+            attention = getattr(layer, "attention", None)
+            if attention is not None and hasattr(attention, "inner_attention"):
+                attention.inner_attention = ScaledDotProductAttention.Config()
+                converted += 1
+        if not converted:
+            raise ValueError(
+                f"lhcompile.integrations.torchtitan.SdpaAttention: {type(model_config).__qualname__} has no layer "
+                "with an attention.inner_attention to make SDPA; only decoder configs with attention layers work"
+            )
+        return model_config
+
+
+def _sdpa_model(spec: ModelSpec):
+    return SdpaAttention(SdpaAttention.Config()).convert(copy.deepcopy(spec.model))
+
+
+def dense(spec: ModelSpec) -> ModelSpec:
+    """The recovery stage: ``spec`` with SDPA attention and no pass."""
+    return dataclasses.replace(spec, model=_sdpa_model(spec))
+
+
+def lighthouse(spec: ModelSpec, config: LighthouseConfig | None = None, *, compiler: str | None = None,
+               filter_fn: Callable[[str], bool] | None = None) -> ModelSpec:
+    """``spec`` with SDPA attention and its ``parallelize_fn`` followed by ``lhcompile.apply``.
+
+    ``compiler`` defaults to the job's ``--compile.backend`` when the model is compiled, else "inductor" (the
+    pass captures the model with Dynamo either way).
+    """
+    config = config or LighthouseConfig()
+    parallelize = spec.parallelize_fn
+
+    def parallelize_then_lighthouse(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = parallelize(model, *args, **kwargs)
+        compile_config = kwargs.get("compile_config")
+        compiled = compile_config is not None and compile_config.enable and "model" in compile_config.components
+        lhcompile.apply(model, config, compiler=compiler or (compile_config.backend if compiled else "inductor"),
+                        filter_fn=filter_fn)
+        return model
+
+    return dataclasses.replace(spec, model=_sdpa_model(spec), parallelize_fn=parallelize_then_lighthouse)

@@ -1,0 +1,131 @@
+"""torchtitan's llama3 debug model through its own parallelize_llama (SelectiveAC, per-block compile, FSDP2 per
+layer) on 2 CPU processes, with lhcompile.integrations.torchtitan: the pass after parallelization, and back."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchtitan", reason="torchtitan is an optional extra (pip install -e '.[torchtitan]')")
+
+import lhcompile  # noqa: E402
+from lhcompile import LighthouseConfig, lighthouse_attention  # noqa: E402
+from tests.distributed import WORLD, close, spawn  # noqa: E402
+from tests.models import SdpaAt  # noqa: E402
+
+CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4)  # dense_layers: the paper's (0, 1, -2, -1)
+N = 64
+VOCAB = 2048  # the debug model's
+
+
+def _parallelize(spec, model, world):
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC
+
+    from torch.distributed.fsdp import FSDPModule
+
+    parallel_dims.device_type = "cpu"  # torchtitan picks "cuda" when it sees no accelerator
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, world_size=world,
+                        spmd_backend="partial_dtensor")
+    dims.build_mesh()
+    model = spec.parallelize_fn(
+        model, parallel_dims=dims, training=TrainingConfig(mixed_precision_param="float32"),
+        parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+        compile_config=CompileConfig(enable=True, backend="eager"), ac_config=SelectiveAC.Config(),
+        dump_folder=tempfile.mkdtemp(),
+    )
+    for module in model.modules():  # torchtitan sums gradients over ranks (factor 1), which gloo can only do so
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _built(spec):
+    torch.manual_seed(0)  # the same weights on every rank and for the reference
+    model = spec.model.build()
+    model.init_weights(buffer_device=torch.device("cpu"))
+    return model
+
+
+def _debug_model(rank):
+    from torchtitan.models.llama3 import model_registry
+
+    from lhcompile.integrations import torchtitan as titan
+
+    stock = model_registry("debugmodel")
+    spec = titan.lighthouse(stock, CFG)
+    model = _built(spec)
+    twin = copy.deepcopy(model)  # SDPA, never parallelized: the reference
+    model = _parallelize(spec, model, WORLD)
+    tokens = torch.randint(0, VOCAB, (2, N))  # the same batch on both ranks
+    positions = torch.arange(N).expand(2, -1)
+
+    # the model's own code with the Lighthouse layers' SDPA calls sent to the operator
+    with SdpaAt({2, 3}, lambda q, k, v, scale: lighthouse_attention(q, k, v, CFG, scale=scale)):
+        want = twin(tokens, positions)
+    F.cross_entropy(want.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    out = model(tokens, positions)
+    F.cross_entropy(out.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    close(out, want, "logits")
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), twin.named_parameters()):
+        close(p.grad.full_tensor() / WORLD, p_ref.grad, f"grad of {name}")  # the same batch on both ranks
+
+    fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites if s.training}
+    assert fates == {
+        **{f"layers.{i}.attention.inner_attention": f"dense layer (layer {i} of 6 is in dense_layers=(0, 1, -2, -1))"
+           for i in (0, 1, 4, 5)},
+        "layers.2.attention.inner_attention": "lighthouse",
+        "layers.3.attention.inner_attention": "lighthouse",
+    }, str(lhcompile.inspect(model))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # a train step moves the sharded weights
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p.detach().full_tensor()) for a, p in zip(before, model.parameters()))
+
+    # recovery: dense again, and its checkpoint keys are the stock Flex model's
+    lhcompile.restore(model)
+    twin.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        close(model(tokens, positions), twin(tokens, positions), "logits after restore")
+    assert list(_built(titan.dense(stock)).state_dict()) == list(_built(stock).state_dict()) \
+        == list(model.state_dict())
+
+
+def test_llama3_debug_model_through_parallelize_llama_equals_the_operator_and_restores(tmp_path):
+    spawn(_debug_model, tmp_path)
+
+
+def test_sdpa_converter_refuses_a_config_without_attention_layers():
+    from torchtitan.models.llama3 import model_registry
+
+    from lhcompile.integrations.torchtitan import SdpaAttention
+
+    config = model_registry("debugmodel").model
+    config.layers = []
+    with pytest.raises(ValueError, match="no layer with an attention.inner_attention"):
+        SdpaAttention(SdpaAttention.Config()).convert(config)
+
+
+def test_the_example_registry_loads_through_torchtitans_own_config_manager(monkeypatch):
+    from pathlib import Path
+
+    from torchtitan.config import ConfigManager
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples" / "torchtitan"))
+    stage = {name: ConfigManager().parse_args(["--module", "lighthouse_llama3", "--config", name])
+             for name in ("llama3_8b_lighthouse", "llama3_8b_recovery", "llama3_8b_dense")}
+    assert stage["llama3_8b_lighthouse"].model_spec.parallelize_fn.__name__ == "parallelize_then_lighthouse"
+    assert stage["llama3_8b_recovery"].model_spec.parallelize_fn.__name__ == "parallelize_llama"
+    assert stage["llama3_8b_lighthouse"].dump_folder == stage["llama3_8b_recovery"].dump_folder  # it resumes there
+    assert stage["llama3_8b_lighthouse"].training.steps == 7000 and stage["llama3_8b_recovery"].training.steps == 10000
+    for config in stage.values():
+        inner = {type(layer.attention.inner_attention).__qualname__ for layer in config.model_spec.model.layers}
+        assert inner == {"ScaledDotProductAttention.Config"}
+        assert config.checkpoint.enable and config.training.seq_len == 32768
