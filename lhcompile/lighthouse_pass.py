@@ -41,23 +41,31 @@ class _Graph:
     module: fx.GraphModule
     label: str
     sites: list[SdpaSite]
+    at: tuple[int, ...]
+    """Where it runs: the positions of the calls that lead to it, from the captured graph down."""
     calls: int = 1
 
+    def order(self, site: SdpaSite) -> tuple[int, ...]:
+        """A key that sorts sites of all graphs into execution order."""
+        return (*self.at, list(self.module.graph.nodes).index(site.node))
 
-def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node]) -> Iterator[_Graph]:
-    """gm, then every body nested in it (depth first, in call order), each body once."""
-    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get))
+
+def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], at: tuple[int, ...] = ()
+            ) -> Iterator[_Graph]:
+    """gm, then every body nested in it (depth first, in call order), each body once (at its first call)."""
+    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get), at)
     calls = subgraph_calls(gm)
     seen: dict[str, int] = {}
     for call in calls:
         seen[call.name] = seen.get(call.name, 0) + 1
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
     for call in calls:
         if seen.get(call.name) is None:
             continue
         count = seen.pop(call.name)
         if call.inputs:
             resolve.update(call.inputs)
-        for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve):
+        for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve, (*at, position[call.call])):
             nested.calls *= count
             yield nested
 
@@ -118,7 +126,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     graph_id = report.graphs
     report.graphs += 1
     graphs = list(_graphs(gm, f"graph {graph_id}", {}))
-    sites = [(g, site) for g in graphs for site in g.sites]
+    sites = sorted(((g, site) for g in graphs for site in g.sites), key=lambda gs: gs[0].order(gs[1]))
     missing = [s for _, s in sites if s.problem is None and s.q_shape is None]
     if missing:
         raise ValueError(

@@ -82,8 +82,10 @@ def _model(rank, compiler, per_layer, gpu=False):
         close(p.grad.full_tensor(), p_ref.grad, f"grad of {name}", tol)
 
 
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-@pytest.mark.parametrize("per_layer", [False, True], ids=["fsdp-root", "fsdp-per-layer"])
+# Inductor with per-layer FSDP2 only (torchtitan's wrapping): root wrapping under Inductor adds a minute of CPU
+# compilation and nothing the other three cases do not check
+@pytest.mark.parametrize("compiler,per_layer", [("eager", False), ("eager", True), ("inductor", True)],
+                         ids=["fsdp-root-eager", "fsdp-per-layer-eager", "fsdp-per-layer-inductor"])
 def test_hf_llama_with_fsdp2_and_context_parallel_equals_single_device_reference(tmp_path, compiler, per_layer):
     spawn(_model, tmp_path, compiler, per_layer)
 

@@ -61,7 +61,7 @@ def test_apply_trains_eagerly_and_matches_lighthouse_semantics(name):
     assert list(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("name", ["llama", "titan", "gpt"])
+@pytest.mark.parametrize("name", ["llama", "titan"])  # Inductor is the subject: HF masks, and enable_gqa
 def test_training_step_under_inductor(name):
     model, twin = _pair(name)
     ids = torch.randint(0, VOCAB, (2, N))

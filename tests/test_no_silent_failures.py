@@ -75,22 +75,30 @@ def test_hf_gradient_checkpointing_with_sdpa_is_rewritten_and_recomputes_the_sam
 
 
 class CheckpointedGPT(GPT):
-    """nanoGPT style: torch.utils.checkpoint around every block."""
+    """nanoGPT style: torch.utils.checkpoint around the blocks ``checkpointed`` picks."""
+
+    def __init__(self, checkpointed=lambda i: True):
+        super().__init__()
+        self.checkpointed = checkpointed
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        for i, block in enumerate(self.blocks):
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed(i) else block(x)
         return self.head(self.ln_f(x))
 
 
-def test_torch_utils_checkpoint_per_block_is_rewritten_with_the_same_gradients():
+@pytest.mark.parametrize("which", ["every", "odd"])
+def test_torch_utils_checkpoint_per_block_is_rewritten_with_the_same_gradients(which):
+    # with only some blocks checkpointed, dense_layers must still count the sites in execution order
     torch.manual_seed(0)
-    model = CheckpointedGPT()
+    model = CheckpointedGPT((lambda i: True) if which == "every" else (lambda i: i % 2 == 1))
     twin = GPT()
     twin.load_state_dict(model.state_dict())
     lhcompile.apply(model, CFG, compiler="eager")
     assert_same_training_step(model, twin, torch.randint(0, VOCAB, (2, N)), {1, 2})
+    report = lhcompile.inspect(model)
+    assert [s.module_path for s in report.rewritten] == ["blocks.1", "blocks.2"], str(report)
 
 
 def test_causal_mask_that_fed_checkpointed_layers_is_not_built_once_all_are_lighthouse():
