@@ -28,7 +28,7 @@ class Block:
     """Why its layer stays dense (the layer is in ``dense_layers``), or None."""
 
 
-def _join(prefix: str, path: str) -> str:
+def join_path(prefix: str, path: str) -> str:
     return ".".join(p for p in (prefix, path) if p)
 
 
@@ -47,7 +47,7 @@ def find_blocks(model: torch.nn.Module, config: LighthouseConfig) -> list[tuple[
         if any(path.startswith(f"{outer}.") for outer, _ in layers):
             continue
         for name, item in container.named_children():
-            item_path = _join(path, name)
+            item_path = join_path(path, name)
             alone: list[tuple[str, torch.nn.Module]] = []
             for inner, module in item.named_modules(prefix=item_path):
                 if _compiled_alone(module) and not any(inner.startswith(f"{p}.") for p, _ in alone):

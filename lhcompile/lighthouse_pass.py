@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from .blocks import Block
+from .blocks import Block, join_path
 from .debug import dump_graph
 from .options import Options
 from .passes import SdpaSite, attention_like_calls, find_sdpa_sites, rewrite_sdpa, subgraph_calls
@@ -68,10 +68,6 @@ def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], at:
         for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve, (*at, position[call.call])):
             nested.calls *= count
             yield nested
-
-
-def _join(prefix: str, path: str) -> str:
-    return ".".join(p for p in (prefix, path) if p)
 
 
 def _module_class(site: SdpaSite) -> type | None:
@@ -141,7 +137,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     lighthouse: set[int] = set()
     for position, (g, site) in enumerate(sites):
         options.target.check(site)
-        decided = [(path := _join(block.path if block else "", site.module_path),
+        decided = [(path := join_path(block.path if block else "", site.module_path),
                     _reasons(site, position, len(sites), options, scope, block, path)) for block in scopes]
         if not decided[0][1]:  # the first block decides for the graph that serves them all
             lighthouse.add(id(site))
@@ -161,7 +157,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
 
         if chosen:
             read += rewrite_sdpa(g.module, chosen, build)
-    _warn_about(graphs, graph_id, len(sites), lighthouse, options, scope, report)
+    _warn_about(graphs, graph_id, len(sites), options, scope, report)
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
     return read
@@ -173,8 +169,8 @@ def _warn_once(report: Report, kind: str, message: str) -> None:
         warnings.warn(message, LighthouseWarning, stacklevel=3)
 
 
-def _warn_about(graphs: list[_Graph], graph_id: int, total: int, lighthouse: set[int], options: Options,
-                scope: Scope, report: Report) -> None:
+def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Options, scope: Scope,
+                report: Report) -> None:
     """Say what this graph left undone that a user would not see otherwise."""
     if not scope.training:
         return  # eval graphs are dense by design
