@@ -74,16 +74,15 @@ def erase_unused(nodes: list[fx.Node]) -> int:
     """Erase those of ``nodes`` that nothing reads any more, then whatever only they read, and so on; never a
     placeholder or an impure node (graph-wide dead-code elimination would drop e.g. functorch's vmap nesting
     calls, whose results nobody reads). Returns how many nodes went."""
-    erased, stack, touched = 0, list(nodes), set()
+    erased: set[fx.Node] = set()  # a mask read by several calls comes more than once
+    stack = list(nodes)
     while stack:
         node = stack.pop()
-        if node.graph is None or node.users or node.op in ("placeholder", "output") or node.is_impure():
+        if node in erased or node.users or node.op in ("placeholder", "output") or node.is_impure():
             continue
-        inputs = node.all_input_nodes
-        touched.add(node.graph.owning_module)
+        stack.extend(node.all_input_nodes)
         node.graph.erase_node(node)
-        erased += 1
-        stack.extend(inputs)
-    for module in touched:
+        erased.add(node)
+    for module in {node.graph.owning_module for node in erased}:
         module.recompile()
-    return erased
+    return len(erased)

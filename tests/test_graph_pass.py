@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -162,9 +163,12 @@ def test_compiled_graph_keeps_no_causal_mask_that_only_rewritten_sites_read():
         return gm.forward
 
     n = 3 * N  # no weight or activation dimension is n
-    model = MODELS["llama"]()  # attn_implementation="sdpa": explicit mask
+    model = MODELS["llama"]()  # attn_implementation="sdpa": explicit mask, read by all four sites
     lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler=keep)
-    logits(model, torch.randint(0, VOCAB, (1, n)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits(model, torch.randint(0, VOCAB, (1, n)))
+    assert not [w for w in caught if "erase" in str(w.message)], "the mask was erased more than once"
     assert len(lhcompile.inspect(model).rewritten) == 4
     shapes = [v.shape for gm in graphs for node in gm.graph.nodes
               if isinstance(v := node.meta.get("example_value"), torch.Tensor)]
