@@ -42,7 +42,7 @@ class Options:
         if filter_fn is not None and not callable(filter_fn):
             raise TypeError(f"{caller}: filter_fn must be a callable (module path -> bool) or None, got {filter_fn!r}")
         if isinstance(compiler, str):
-            backends = sorted({"inductor", "eager", *torch._dynamo.list_backends(exclude_tags=())})
+            backends = sorted(torch._dynamo.list_backends(exclude_tags=()))
             if compiler not in backends:
                 raise ValueError(f"{caller}: compiler={compiler!r} is not a torch.compile backend; use one of "
                                  f"{', '.join(backends)}, or a backend callable")
@@ -54,12 +54,6 @@ class Options:
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """Hand a rewritten graph to the compiler."""
-        if self.compiler == "eager":
-            return gm.forward
-        if self.compiler == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, example_inputs)
         if isinstance(self.compiler, str):
             return torch._dynamo.lookup_backend(self.compiler)(gm, example_inputs)
         return self.compiler(gm, example_inputs)
