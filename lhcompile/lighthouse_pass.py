@@ -8,6 +8,7 @@ Whatever the pass declines, it says why: in the report, and as a warning when it
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -55,14 +56,12 @@ def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], at:
     """gm, then every body nested in it (depth first, in call order), each body once (at its first call)."""
     yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get), at)
     calls = subgraph_calls(gm)
-    seen: dict[str, int] = {}
-    for call in calls:
-        seen[call.name] = seen.get(call.name, 0) + 1
+    uses = Counter(call.name for call in calls)
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     for call in calls:
-        if seen.get(call.name) is None:
+        count = uses.pop(call.name, None)
+        if count is None:  # a later call of a body already walked
             continue
-        count = seen.pop(call.name)
         if call.inputs:
             resolve.update(call.inputs)
         for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve, (*at, position[call.call])):
@@ -177,7 +176,7 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
     if total == 0:
         seen = [name for g in graphs for name in attention_like_calls(g.module.graph)]
         if seen:
-            counts = {name: seen.count(name) for name in seen}
+            counts = Counter(seen)
             note = (f"lhcompile: graph {graph_id} has no SDPA call to rewrite, but calls that look like attention: "
                     f"{', '.join(f'{name} x{c}' for name, c in counts.items())}. lhcompile rewrites "
                     "torch.nn.functional.scaled_dot_product_attention only: switch the model to SDPA attention "

@@ -9,6 +9,7 @@ string identifier before the inputs in invoke_subgraph's case.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,7 @@ def prune_unused_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     the nodes that fed them (see ``erase_unused``)."""
     dropped: list[fx.Node] = []
     calls = subgraph_calls(gm)
-    uses: dict[str, int] = {}
-    for call in calls:
-        uses[call.name] = uses.get(call.name, 0) + 1
+    uses = Counter(call.name for call in calls)
     for call in calls:
         if call.inputs is None or uses[call.name] != 1:
             continue
