@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,16 @@ def _run(rank, worker, store, backend, args):
     try:
         torch.manual_seed(0)
         worker(rank, *args)
+        torch._dynamo.reset()  # compiled code's guards hold the model, its DTensors and their pending work
+        dist.barrier()  # neither rank tears its group down while the other still has messages in flight
     finally:
         dist.destroy_process_group()
+    # The body passed. Leave without interpreter finalization: gloo's C++ threads can still hold tensors then,
+    # and freeing them in a half torn-down interpreter aborts the process (SIGABRT, "terminate called without an
+    # active exception"; pytorch/pytorch#179291), which once failed a passing test in CI
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shard_with_fsdp2(model, parts):
