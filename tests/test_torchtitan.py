@@ -4,7 +4,14 @@ layer) on 2 CPU processes, with lhcompile.integrations.torchtitan: the pass afte
 from __future__ import annotations
 
 import copy
+import importlib
+import os
+import re
+import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +27,16 @@ from tests.models import SdpaAt  # noqa: E402
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4)  # dense_layers: the paper's (0, 1, -2, -1)
 N = 64
 VOCAB = 2048  # the debug model's
+ROOT = Path(__file__).parents[1]
+EXAMPLE = ROOT / "examples" / "torchtitan"
+
+
+def _example_module(name):
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def _parallelize(spec, model, world):
@@ -114,11 +131,9 @@ def test_sdpa_converter_refuses_a_config_without_attention_layers():
 
 
 def test_the_example_registry_loads_through_torchtitans_own_config_manager(monkeypatch):
-    from pathlib import Path
-
     from torchtitan.config import ConfigManager
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples" / "torchtitan"))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
     stage = {name: ConfigManager().parse_args(["--module", "lighthouse_llama3", "--config", name])
              for name in ("llama3_8b_lighthouse", "llama3_8b_recovery", "llama3_8b_dense")}
     assert stage["llama3_8b_lighthouse"].model_spec.parallelize_fn.__name__ == "parallelize_then_lighthouse"
@@ -129,3 +144,61 @@ def test_the_example_registry_loads_through_torchtitans_own_config_manager(monke
         inner = {type(layer.attention.inner_attention).__qualname__ for layer in config.model_spec.model.layers}
         assert inner == {"ScaledDotProductAttention.Config"}
         assert config.checkpoint.enable and config.training.seq_len == 32768
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchtitans_trainer_runs_the_lighthouse_config_offline_and_logs_which_layers_run_lighthouse(tmp_path):
+    # the example's own offline config through torchtitan's own entry point, config manager, local dataset and
+    # byte-level tokenizer; only the length (the pass needs N >= 8192), the batch and the backend are cut for CPU
+    throughput = _example_module("throughput")
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHONPATH=str(EXAMPLE))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "torchtitan_trainer_on_cpu.py"), "--module", "lighthouse_llama3",
+         "--config", "llama3_debugmodel_32k_lighthouse", "--training.steps=2", "--training.seq_len=8192",
+         "--training.local_batch_size=1", "--compile.backend=eager"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    steps = throughput.parse(log)
+    assert sorted(steps) == [1, 2], log[-3000:]
+    assert steps[2][0] < steps[1][0], f"the loss did not move down: {steps}"
+    report = throughput.site_report(log)
+    assert "lhcompile: 4 of 6 SDPA sites rewritten" in report, log[-3000:]
+    rows = [re.split(r"\s{2,}", line) for line in report.splitlines() if "inner_attention" in line]
+    assert {row[2]: row[-1] for row in rows} == {
+        f"layers.{i}.attention.inner_attention":
+            "lighthouse" if i in (1, 2, 3, 4) else f"dense layer (layer {i} of 6 is in dense_layers=(0, -1))"
+        for i in range(6)}, report
+
+
+def test_offline_byte_tokenizer_and_local_files_dataset_through_torchtitans_own_classes(tmp_path):
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+
+    offline_data = _example_module("offline_data")
+
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=offline_data.byte_tokenizer(tmp_path / "tok"))
+    text = "def f(x):\n    return 'héllo ✓'\t\x00\n"
+    ids = tokenizer.encode(text, add_bos=True, add_eos=True)
+    assert ids == [256, *text.encode(), 257]  # token id = UTF-8 byte, then the two specials
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.get_vocab_size()) == (256, 257, 258)
+    assert tokenizer.decode(ids[1:-1]) == text
+
+    files = tmp_path / "corpus"
+    (files / "pkg").mkdir(parents=True)
+    (files / "pkg" / "b.py").write_bytes(b"print('b')\n")
+    (files / "a.py").write_bytes(b"x = 1\n\xff\n")  # a stray non-UTF-8 byte: kept as U+FFFD, not dropped
+    (files / "notes.txt").write_text("not python")
+    offline_data.register_local_files()
+    dataset = HuggingFaceTextDataset(offline_data.LOCAL_FILES, str(files), tokenizer, seq_len=8)
+    got = [int(t) for sample, _ in dataset for t in sample["input"]]
+    want = [256, *"x = 1\n\ufffd\n".encode(), 256, *b"print('b')\n"]  # a.py then pkg/b.py, each after <bos>
+    assert got == want[:len(got)] and len(got) == 8 * (len(want) // 8)
+
+    with pytest.raises(FileNotFoundError, match="no \\*.py file under"):
+        next(iter(HuggingFaceTextDataset(offline_data.LOCAL_FILES, str(files / "pkg" / "none"), tokenizer)))

@@ -11,19 +11,27 @@ this folder on PYTHONPATH:
     PYTHONPATH=examples/torchtitan torchrun --nproc-per-node 8 -m torchtitan.train \\
         --module lighthouse_llama3 --config llama3_8b_dense               # baseline: dense from scratch
 
-Each config starts from torchtitan's own llama3 config and changes the model spec (see
+Each 8B config starts from torchtitan's own llama3 config and changes the model spec (see
 ``lhcompile.integrations.torchtitan``), the context length, the step budget and the dump folder only; data,
 tokenizer, optimizer, activation checkpointing and parallelism stay torchtitan's (override them on the command
 line as usual, e.g. ``--dataloader.dataset``, ``--hf_assets_path``).
+
+``llama3_debugmodel_32k_lighthouse`` / ``llama3_debugmodel_32k_dense`` need no hub: torchtitan's debug model
+(6 layers, d_model 256, 16 heads of 16) at 32K context on one GPU, fed the byte-level tokenizer and the
+``local_files`` dataset of ``offline_data``. ``throughput.py``
+runs the pair and prints tokens/s and peak memory.
 """
 
 from __future__ import annotations
 
+from offline_data import LOCAL_FILES, byte_tokenizer, register_local_files
 from torchtitan.models.llama3 import config_registry, model_registry
 from torchtitan.trainer import Trainer
 
 from lhcompile import LighthouseConfig
 from lhcompile.integrations.torchtitan import dense, lighthouse
+
+register_local_files()
 
 SEQ_LEN = 32768
 STEPS = 10000
@@ -62,10 +70,24 @@ def llama3_8b_dense() -> Trainer.Config:
                        folder="./outputs/dense")
 
 
-def llama3_debugmodel_lighthouse() -> Trainer.Config:
-    """A small check of the wiring on one GPU (debug model, 8K context, L2 p4 k512, 10 steps)."""
-    config = _configured(config_registry.llama3_debugmodel(),
-                         lighthouse(model_registry("debugmodel"), LighthouseConfig(levels=2, pooling_factor=4, topk=512)),
-                         steps=10, folder="./outputs/debug_lighthouse")
-    config.training.seq_len = 8192
+# 4 of the debug model's 6 layers Lighthouse (the paper's (0, 1, -2, -1) would leave 2 of 6); issue 11's 32K
+# geometry: L3 p4, k=512 in tiles of 128
+DEBUG_LIGHTHOUSE = LighthouseConfig(levels=3, pooling_factor=4, topk=512, tile_budget=128, dense_layers=(0, -1))
+
+
+def _debug_32k(spec, folder: str) -> Trainer.Config:
+    config = _configured(config_registry.llama3_debugmodel(), spec, steps=20, folder=folder)
+    config.training.local_batch_size = 2
+    config.checkpoint.enable = False  # a throughput run: nothing to resume
+    config.validator.enable = False
+    config.dataloader.dataset = LOCAL_FILES
+    config.hf_assets_path = byte_tokenizer(f"{folder}/byte_tokenizer")
     return config
+
+
+def llama3_debugmodel_32k_lighthouse() -> Trainer.Config:
+    return _debug_32k(lighthouse(model_registry("debugmodel"), DEBUG_LIGHTHOUSE), "./outputs/debug_32k_lighthouse")
+
+
+def llama3_debugmodel_32k_dense() -> Trainer.Config:
+    return _debug_32k(dense(model_registry("debugmodel")), "./outputs/debug_32k_dense")

@@ -11,7 +11,8 @@ SDPA calls only. So a Lighthouse run takes two changes to a ``ModelSpec``, both 
   positions), where FlexAttention's document mask keeps them apart.
 - ``lighthouse(spec, config)``: that converter, plus ``lhcompile.apply`` on the model that ``parallelize_fn``
   returns, i.e. after torchtitan's activation checkpointing, per-block compile and per-layer FSDP2, so
-  ``dense_layers`` counts layers (the paper's ``(0, 1, -2, -1)``).
+  ``dense_layers`` counts layers (the paper's ``(0, 1, -2, -1)``). After the first training step the site
+  report (which layers run Lighthouse, which stay dense and why) goes to torchtitan's log.
 
 ``dense(spec)`` is the recovery stage: the same SDPA model without the pass. The state_dict keys are those of the
 stock model (inner attention has no parameters), so the recovery run resumes stage 1's checkpoint, optimizer
@@ -29,6 +30,7 @@ import torch
 from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools.logging import logger
 
 import lhcompile
 
@@ -85,6 +87,17 @@ def lighthouse(spec: ModelSpec, config: LighthouseConfig | None = None, *, compi
         compiled = compile_config is not None and compile_config.enable and "model" in compile_config.components
         lhcompile.apply(model, config, compiler=compiler or (compile_config.backend if compiled else "inductor"),
                         filter_fn=filter_fn)
+        _log_report_after_first_training_step(model)
         return model
 
     return dataclasses.replace(spec, model=_sdpa_model(spec), parallelize_fn=parallelize_then_lighthouse)
+
+
+def _log_report_after_first_training_step(model: torch.nn.Module) -> None:
+    # sites are decided as Dynamo captures them, on the first forward: only then can the log say what ran where
+    def log_once(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if module.training:
+            handle.remove()
+            logger.info(str(lhcompile.inspect(module)))
+
+    handle = model.register_forward_hook(log_once)
