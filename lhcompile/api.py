@@ -43,7 +43,8 @@ def backend(config: LighthouseConfig | None = None, *, filter_fn: FilterFn | Non
             compiler: Compiler = "inductor", debug: bool | None = None) -> LighthouseBackend:
     """A backend for ``torch.compile(model, backend=lhcompile.backend(config))``: works across graph breaks.
 
-    It never sees the module, so it takes a graph captured with gradients disabled for evaluation (dense)."""
+    It never sees the module, so it takes the mode from grad mode at capture (gradients disabled: evaluation,
+    dense), and says so with a LighthouseWarning; ``apply`` follows the module's train/eval mode instead."""
     return LighthouseBackend(Options.make(config, filter_fn=filter_fn, compiler=compiler, debug=debug,
                                           caller="lhcompile.backend"))
 
@@ -114,10 +115,6 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
                       LighthouseWarning, stacklevel=3)
         return model
     _warn_if_never_long_enough(model, options)
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "causal_sdpa":
-        from .hf import COMPILED_NOTE
-
-        warnings.warn(f"lhcompile.apply: {COMPILED_NOTE}", LighthouseWarning, stacklevel=3)
     report = Report()
     taken: dict[torch.nn.Module, Callable | None] = {}
     for members in group_blocks(find_blocks(model, options.config), options.filter_fn):

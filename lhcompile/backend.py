@@ -22,7 +22,8 @@ class LighthouseBackend:
 
     ``scope`` says what the graphs stand for (the mode and module they are captured for); None, as with
     ``lhcompile.backend``, which never sees the module, takes the mode from grad mode at capture: a graph
-    captured with gradients disabled is evaluation, and stays dense. ``report`` may be shared between backends.
+    captured with gradients disabled is evaluation, and stays dense; that guess is warned about once per mode.
+    ``report`` may be shared between backends.
     """
 
     def __init__(self, options: Options, scope: Scope | None = None, report: Report | None = None) -> None:
@@ -31,7 +32,7 @@ class LighthouseBackend:
         self.report = report if report is not None else Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        scope = self.scope or Scope(training=torch.is_grad_enabled(), eval_reason=_GRAD_OFF)
+        scope = self.scope or Scope(training=torch.is_grad_enabled(), eval_reason=_GRAD_OFF, mode_from_grad=True)
         read = rewrite_graph(gm, self.options, self.report, scope)
         # a causal mask that Lighthouse sites no longer read is N x N: drop it, also where it fed an activation-
         # checkpointed layer. A module's restore recaptures its graph; only a GraphModule rewritten in place (apply

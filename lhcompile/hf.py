@@ -15,8 +15,10 @@ Lighthouse sites, but:
 One difference from "sdpa", under torch.compile only (``COMPILED_NOTE``): transformers cannot look at the
 values of ``position_ids`` while compiling, so it wraps every mask in a packed-sequence check; causal_sdpa then
 takes ``position_ids`` as the positions of one sequence (plain causal attention, as the Lighthouse paper
-trained), so documents packed with restarting position_ids attend across their boundaries. Run eagerly, it sees
-real packing and hands those calls to the sdpa path. The weights and checkpoints are the same as with "sdpa"
+trained), so documents packed with restarting position_ids attend across their boundaries. That is a guess, so
+it is said: a LighthouseWarning, once per process, the first time a compiled model runs such a call (with
+``lhcompile.apply`` or plain ``torch.compile`` alike). Run eagerly, it sees real packing and hands those calls
+to the sdpa path. The weights and checkpoints are the same as with "sdpa"
 (the choice is not saved in config.json). Call the model without ``attention_mask`` when every token is real: a
 mask of ones is data, and under torch.compile transformers builds the full mask from it.
 """
@@ -25,11 +27,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+from .report import LighthouseWarning
 
 
 def _query_length(kwargs: dict[str, Any]) -> int | None:
@@ -47,17 +53,32 @@ COMPILED_NOTE = (
 )
 
 
+_noted = False
+
+
+@torch._dynamo.assume_constant_result  # Dynamo runs it while tracing instead of breaking the graph on the warning
+def _note_packing_assumed() -> bool:
+    global _noted
+    if not _noted:
+        _noted = True
+        warnings.warn(f"lhcompile: {COMPILED_NOTE}", LighthouseWarning, stacklevel=2)
+    return True
+
+
 def _plainly_causal(kwargs: dict[str, Any]) -> bool:
     """Whether a mask request is the lower triangle over as many queries as keys, and nothing else (under
     torch.compile, whatever packed-sequence wrapper transformers had to add without seeing position_ids)."""
     kv_length, window = kwargs.get("kv_length"), kwargs.get("local_size")
-    return (
+    plain = kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+    causal = (
         kwargs.get("attention_mask") is None
-        and (kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-             or torch.compiler.is_compiling())
+        and (plain or torch.compiler.is_compiling())
         and kv_length is not None and _query_length(kwargs) == kv_length and not kwargs.get("kv_offset")
         and (window is None or window >= kv_length)
     )
+    if causal and not plain:
+        _note_packing_assumed()
+    return causal
 
 
 def causal_sdpa_mask(*args: Any, **kwargs: Any):

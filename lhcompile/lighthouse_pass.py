@@ -29,6 +29,8 @@ class Scope:
     training: bool
     """The mode it was captured for: eval graphs keep every site dense."""
     eval_reason: str = "module is in eval mode (Lighthouse is for training; dense SDPA is used)"
+    mode_from_grad: bool = False
+    """``training`` was taken from grad mode at capture (lhcompile.backend never sees the module): a guess."""
     root: torch.nn.Module | None = None
     """The module compiled with it; a site path that does not resolve in it means a graph of a submodule."""
     blocks: tuple[Block, ...] = ()
@@ -170,7 +172,9 @@ def _warn_once(report: Report, kind: str, message: str) -> None:
 
 def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Options, scope: Scope,
                 report: Report) -> None:
-    """Say what this graph left undone that a user would not see otherwise."""
+    """Say what this graph left undone, or took on a guess, that a user would not see otherwise."""
+    if scope.mode_from_grad and total:
+        _warn_once(report, f"mode from grad {scope.training}", _mode_guess(graph_id, total, scope.training))
     if not scope.training:
         return  # eval graphs are dense by design
     if total == 0:
@@ -202,6 +206,16 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
         _warn_once(report, "nothing rewritten",
                    f"lhcompile: no SDPA site was rewritten, so this model trains with dense attention. Every reason, "
                    f"per site:\n{report.table(rows)}")
+
+
+def _mode_guess(graph_id: int, total: int, training: bool) -> str:
+    taken = ("with gradients enabled, so it is taken for training: its eligible SDPA sites run Lighthouse, also "
+             "when it serves an evaluation pass run without torch.no_grad()") if training else (
+             f"with gradients disabled, so it is taken for evaluation: its {total} SDPA sites stay dense, also if "
+             "it is a training forward")
+    return (f"lhcompile.backend: graph {graph_id} was captured {taken}. The backend never sees the module's "
+            "train/eval mode; run evaluation under torch.no_grad() or torch.inference_mode(), or use "
+            "lhcompile.apply(model), which follows model.train() / model.eval() at every call")
 
 
 def _warn_if_captured_below(root: torch.nn.Module, sites: list[SdpaSite], report: Report) -> None:

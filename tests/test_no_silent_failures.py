@@ -228,7 +228,8 @@ def test_causal_sdpa_builds_no_mask_where_the_mask_is_plainly_causal():
     assert all(mask is not None for _, mask in padded.calls) and len(padded.calls) == 4
 
 
-def test_causal_sdpa_keeps_packed_documents_apart_eagerly_and_says_what_it_assumes_under_compile():
+@pytest.mark.parametrize("how", ["torch.compile", "lhcompile.apply"])
+def test_causal_sdpa_keeps_packed_documents_apart_eagerly_and_says_what_it_assumes_under_compile(how, monkeypatch):
     positions = torch.cat([torch.arange(40), torch.arange(N - 40)])[None].expand(2, -1)  # two packed documents
     ids = torch.randint(0, VOCAB, (2, N))
     out = {}
@@ -237,8 +238,20 @@ def test_causal_sdpa_keeps_packed_documents_apart_eagerly_and_says_what_it_assum
         with torch.no_grad():
             out[attention] = hf_model("llama", attention=attention).eval()(input_ids=ids, position_ids=positions).logits
     assert torch.equal(out["sdpa"], out["causal_sdpa"])
-    with pytest.warns(LighthouseWarning, match="positions of one sequence"):
-        lhcompile.apply(hf_model("llama", attention="causal_sdpa"), CFG, compiler="eager")
+
+    # compiled, packing cannot be seen: the guess is said at the first call, with or without the pass
+    monkeypatch.setattr(lhcompile.hf, "_noted", False)  # once per process: earlier tests may have been told
+    model = hf_model("llama", attention="causal_sdpa")
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="eager")
+    else:
+        lhcompile.apply(model, CFG, compiler="eager")
+    with pytest.warns(LighthouseWarning, match="positions of one sequence: documents packed with restarting"):
+        model(input_ids=ids, position_ids=positions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        model(input_ids=ids, position_ids=positions)  # said once
 
 
 def test_sliding_window_sites_of_causal_sdpa_stay_dense_under_the_pass():
@@ -270,6 +283,20 @@ def test_a_model_that_gets_nothing_rewritten_is_warned_with_every_reason_per_sit
     assert text.count("dense layer (site") == 4
     assert "dense layer" in lhcompile.inspect(model).sites[1].reason
     assert "sequence too short" in lhcompile.inspect(model).sites[1].reason
+
+
+def test_backend_says_it_takes_the_mode_from_grad_mode():
+    lighthouse = lhcompile.backend(dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    torch._dynamo.reset()
+    model = torch.compile(GPT(), backend=lighthouse)
+    ids = torch.randint(0, VOCAB, (1, N))
+    with pytest.warns(LighthouseWarning, match="gradients disabled, so it is taken for evaluation: its 4 SDPA"):
+        with torch.no_grad():
+            model(ids)
+    assert lighthouse.report.sites and not lighthouse.report.rewritten
+    with pytest.warns(LighthouseWarning, match="gradients enabled, so it is taken for training"):
+        model(ids)  # grad mode is part of Dynamo's guards: a second graph, for training
+    assert len(lighthouse.report.rewritten) == 4
 
 
 def test_a_graph_with_attention_but_no_sdpa_call_is_warned_about():
