@@ -6,7 +6,8 @@ through torchtitan's own extension point.
   text, 256 = ``<|begin_of_text|>``, 257 = ``<|end_of_text|>``. It fits any model whose vocabulary holds 258 ids.
 - ``register_local_files()`` adds ``"local_files"`` to torchtitan's ``DATASETS`` registry (what its
   ``docs/datasets.md`` asks a user to do): every ``*.py`` file under ``--dataloader.dataset_path``, in sorted
-  order, one document each; by default the running interpreter's standard library.
+  order, one document each (datasets' own ``text`` builder: memory-mapped, cached, offline); by default the
+  running interpreter's standard library.
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ def byte_tokenizer(folder: str | Path) -> str:
 
 
 def _read_files(path: str):
-    from datasets import Dataset
+    from datasets import load_dataset
 
-    files = sorted(Path(path).rglob("*.py"))
+    files = sorted(str(f) for f in Path(path).rglob("*.py"))
     if not files:
         raise FileNotFoundError(f"dataset {LOCAL_FILES!r}: no *.py file under {path!r} (--dataloader.dataset_path)")
-    # undecodable bytes become U+FFFD rather than dropping the file: a source file with a stray Latin-1 byte is
-    # still training data
-    return Dataset.from_dict({"text": [f.read_bytes().decode("utf-8", errors="replace") for f in files]})
+    # datasets' own local text builder: one sample per file, memory-mapped and cached, so a corpus larger than
+    # memory works too; undecodable bytes become U+FFFD rather than dropping the file (a source file with a
+    # stray Latin-1 byte is still training data)
+    return load_dataset("text", data_files=files, sample_by="document", encoding_errors="replace", split="train")
 
 
 def register_local_files() -> None:
