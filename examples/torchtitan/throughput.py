@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["llama3_debugmodel_32k_dense",
                                                          "llama3_debugmodel_32k_lighthouse"],
                         help="config names of lighthouse_llama3; the first is the baseline")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="training steps of each run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s (compilation)")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--out", default="runs/torchtitan_throughput", help="folder for the logs and results.json")
