@@ -18,7 +18,7 @@ import torch.fx as fx
 from .blocks import Block, join_path
 from .debug import dump_graph
 from .options import Options
-from .passes import SdpaSite, attention_like_calls, find_sdpa_sites, rewrite_sdpa, subgraph_calls
+from .passes import Proofs, SdpaSite, attention_like_calls, find_sdpa_sites, rewrite_sdpa, subgraph_calls
 from .report import LighthouseWarning, Report, SiteReport
 
 
@@ -53,10 +53,10 @@ class _Graph:
         return (*self.at, list(self.module.graph.nodes).index(site.node))
 
 
-def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], at: tuple[int, ...] = ()
-            ) -> Iterator[_Graph]:
+def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], proofs: Proofs,
+            at: tuple[int, ...] = ()) -> Iterator[_Graph]:
     """gm, then every body nested in it (depth first, in call order), each body once (at its first call)."""
-    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get), at)
+    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get, proofs), at)
     calls = subgraph_calls(gm)
     uses = Counter(call.name for call in calls)
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -66,7 +66,8 @@ def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], at:
             continue
         if call.inputs:
             resolve.update(call.inputs)
-        for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve, (*at, position[call.call])):
+        for nested in _graphs(call.module, f"{label}.{call.name} ({call.op})", resolve, proofs,
+                              (*at, position[call.call])):
             nested.calls *= count
             yield nested
 
@@ -122,7 +123,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     Returns the nodes the rewritten calls read (see ``passes.erase_unused``)."""
     graph_id = report.graphs
     report.graphs += 1
-    graphs = list(_graphs(gm, f"graph {graph_id}", {}))
+    graphs = list(_graphs(gm, f"graph {graph_id}", {}, {}))
     sites = sorted(((g, site) for g in graphs for site in g.sites), key=lambda gs: gs[0].order(gs[1]))
     missing = [s for _, s in sites if s.problem is None and s.q_shape is None]
     if missing:

@@ -4,7 +4,7 @@ Nothing here knows about kernels: the rewrite takes the replacement as a callabl
 ``lhcompile.passes``.
 """
 
-from .causal_mask import Resolve
+from .causal_mask import Proofs, Resolve
 from .match import SdpaSite, attention_like_calls, find_sdpa_sites, module_path
 from .restore import restore_sdpa
 from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sdpa
@@ -12,6 +12,7 @@ from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
 
 __all__ = [
     "METADATA_TO_PORT",
+    "Proofs",
     "REWRITE_TAG",
     "Resolve",
     "SdpaSite",

@@ -21,6 +21,9 @@ MAX_MASK_ENTRIES = 2**34
 Resolve = Callable[[fx.Node], "fx.Node | None"]
 """Maps a placeholder of a subgraph to the node of the enclosing graph that feeds it, or None."""
 
+Proofs = dict[fx.Node, "str | None"]
+"""Verdicts of ``why_mask_not_causal`` by the node that makes the mask: one model's layers share one mask."""
+
 _STATEFUL = {
     torch._C._set_grad_enabled,
     torch._C._functorch._vmap_increment_nesting,
@@ -83,8 +86,27 @@ def _evaluate(node: fx.Node, resolve: Resolve | None) -> Any:
     return env[node]
 
 
-def why_mask_not_causal(mask: fx.Node, resolve: Resolve | None = None) -> str | None:
-    """None if ``mask`` always equals the causal (lower-triangular) mask, else the reason it cannot be shown."""
+def _source(node: fx.Node, resolve: Resolve | None) -> fx.Node:
+    """The node that makes the value of ``node``, followed out of the bodies it is passed into."""
+    while node.op == "placeholder" and resolve is not None and (outer := resolve(node)) is not None:
+        node = outer
+    return node
+
+
+def why_mask_not_causal(mask: fx.Node, resolve: Resolve | None = None, proofs: Proofs | None = None) -> str | None:
+    """None if ``mask`` always equals the causal (lower-triangular) mask, else the reason it cannot be shown.
+
+    ``proofs`` keeps the verdict per mask source, so that a mask read by every layer (in one graph, or passed
+    into each checkpointed layer's body) is evaluated once, not once per layer."""
+    if proofs is None:
+        return _why_not_causal(mask, resolve)
+    source = _source(mask, resolve)
+    if source not in proofs:
+        proofs[source] = _why_not_causal(mask, resolve)
+    return proofs[source]
+
+
+def _why_not_causal(mask: fx.Node, resolve: Resolve | None) -> str | None:
     nodes, inputs = _ancestors(mask, resolve)
     if inputs:
         return (f"explicit attn_mask depends on graph inputs ({', '.join(inputs[:3])}): a padding mask, or a causal "

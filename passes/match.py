@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .causal_mask import Resolve, why_mask_not_causal
+from .causal_mask import Proofs, Resolve, why_mask_not_causal
 from .meta import node_shape
 
 aten = torch.ops.aten
@@ -109,12 +109,12 @@ def module_path(node: fx.Node) -> str:
     return path.lstrip(".")
 
 
-def _problem(site: SdpaSite, returns_tuple: bool, resolve: Resolve | None) -> str | None:
+def _problem(site: SdpaSite, returns_tuple: bool, resolve: Resolve | None, proofs: Proofs) -> str | None:
     a = site.args
     if site.mask is not None:
         if not isinstance(site.mask, fx.Node):
             return "attn_mask is a constant outside the graph; cannot prove it causal"
-        reason = why_mask_not_causal(site.mask, resolve)
+        reason = why_mask_not_causal(site.mask, resolve, proofs)
         if reason:
             return reason
     elif not a.get("is_causal", False):
@@ -134,12 +134,15 @@ def _problem(site: SdpaSite, returns_tuple: bool, resolve: Resolve | None) -> st
     return None
 
 
-def find_sdpa_sites(graph: fx.Graph, resolve: Resolve | None = None) -> list[SdpaSite]:
+def find_sdpa_sites(graph: fx.Graph, resolve: Resolve | None = None, proofs: Proofs | None = None
+                    ) -> list[SdpaSite]:
     """Every SDPA call of the graph, in graph order, with the reason it can never be rewritten (if any).
 
     ``resolve`` maps a placeholder of ``graph`` to the node of an enclosing graph that feeds it (when the graph
-    is the body of a higher-order op), so that a mask made outside can still be proven causal.
+    is the body of a higher-order op), so that a mask made outside can still be proven causal; ``proofs`` shares
+    the masks already proven (or not) with the other graphs of one capture.
     """
+    proofs = {} if proofs is None else proofs
     sites = []
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
@@ -162,7 +165,7 @@ def find_sdpa_sites(graph: fx.Graph, resolve: Resolve | None = None) -> list[Sdp
             site.output = outputs[0] if len(outputs) == 1 else None
         else:
             site.output = node
-        site.problem = _problem(site, returns_tuple, resolve)
+        site.problem = _problem(site, returns_tuple, resolve, proofs)
         if site.problem is None and site.output is None:  # only a tuple op's getitems can leave it unset
             site.problem = "attention output is unused" if not outputs else "attention output is read by several getitems"
         sites.append(site)

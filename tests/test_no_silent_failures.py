@@ -74,6 +74,24 @@ def test_hf_gradient_checkpointing_with_sdpa_is_rewritten_and_recomputes_the_sam
     assert [s.module_path for s in report.rewritten] == ["model.layers.1.self_attn", "model.layers.2.self_attn"]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_a_causal_mask_shared_by_every_layer_is_evaluated_once(checkpointing, monkeypatch):
+    # proving a mask causal evaluates it (N x N); the layers read one mask, in one graph or passed into each
+    # checkpointed layer's body, and the proof holds for all of them
+    from lhcompile.passes import causal_mask
+
+    evaluated = []
+    evaluate = causal_mask._evaluate
+    monkeypatch.setattr(causal_mask, "_evaluate", lambda *a: evaluated.append(a) or evaluate(*a))
+    model = hf_model("qwen3")
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    lhcompile.apply(model, CFG, compiler="eager")
+    logits(model, torch.randint(0, VOCAB, (2, N)))
+    assert len(lhcompile.inspect(model).rewritten) == 2
+    assert len(evaluated) == 1
+
+
 class CheckpointedGPT(GPT):
     """nanoGPT style: torch.utils.checkpoint around the blocks ``checkpointed`` picks."""
 
