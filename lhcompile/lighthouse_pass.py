@@ -46,20 +46,22 @@ class _Graph:
     sites: list[SdpaSite]
     at: tuple[int, ...]
     """Where it runs: the positions of the calls that lead to it, from the captured graph down."""
+    position: dict[fx.Node, int]
+    """Each node's position in the graph."""
     calls: int = 1
 
     def order(self, site: SdpaSite) -> tuple[int, ...]:
         """A key that sorts sites of all graphs into execution order."""
-        return (*self.at, list(self.module.graph.nodes).index(site.node))
+        return (*self.at, self.position[site.node])
 
 
 def _graphs(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node], proofs: Proofs,
             at: tuple[int, ...] = ()) -> Iterator[_Graph]:
     """gm, then every body nested in it (depth first, in call order), each body once (at its first call)."""
-    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get, proofs), at)
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    yield _Graph(gm, label, find_sdpa_sites(gm.graph, resolve.get, proofs), at, position)
     calls = subgraph_calls(gm)
     uses = Counter(call.name for call in calls)
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
     for call in calls:
         count = uses.pop(call.name, None)
         if count is None:  # a later call of a body already walked

@@ -23,6 +23,8 @@ class Subgraph:
     call: fx.Node
     name: str
     """Attribute of the enclosing GraphModule that holds the body."""
+    body_at: int
+    """Position of the body's get_attr among the call's arguments; the body's inputs follow it."""
     module: fx.GraphModule
     inputs: dict[fx.Node, fx.Node] | None
     """Body placeholder -> node of the enclosing graph that feeds it (None when the call's arguments do not line
@@ -48,7 +50,7 @@ def subgraph_calls(gm: fx.GraphModule) -> list[Subgraph]:
             placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
             operands = [a for a in node.args[i + 1 :] if isinstance(a, fx.Node)]
             inputs = dict(zip(placeholders, operands)) if len(operands) == len(placeholders) else None
-            found.append(Subgraph(node, arg.target, body, inputs))
+            found.append(Subgraph(node, arg.target, i, body, inputs))
     return found
 
 
@@ -67,10 +69,8 @@ def prune_unused_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         unused = {i for i, p in enumerate(placeholders) if not p.users}
         if not unused:
             continue
-        body_at = next(i for i, a in enumerate(call.call.args)
-                       if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == call.name)
-        kept, operand = list(call.call.args[: body_at + 1]), 0
-        for arg in call.call.args[body_at + 1 :]:
+        kept, operand = list(call.call.args[: call.body_at + 1]), 0
+        for arg in call.call.args[call.body_at + 1 :]:
             if isinstance(arg, fx.Node):
                 operand += 1
                 if operand - 1 in unused:
