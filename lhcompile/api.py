@@ -2,14 +2,13 @@
 
 This module only sequences the work: options are validated once (``options``), graphs are rewritten by the
 pass (``lighthouse_pass``) as Dynamo captures them (``backend``), layers compiled on their own are found by
-``blocks``, and what was seen is kept in a ``Report``.
+``blocks``, modules are compiled in place by ``compiled_module``, and what was seen is kept in a ``Report``.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .backend import LighthouseBackend
 from .blocks import find_blocks, group_blocks
+from .compiled_module import STATE, Applied, Kind, applied
 from .config import LighthouseConfig
 from .lighthouse_pass import Scope, rewrite_graph
 from .options import Compiler, FilterFn, Options
@@ -26,17 +26,6 @@ from .passes import restore_sdpa
 from .report import LighthouseWarning, Report
 from .targets import SingleDevice
 
-_STATE = "_lhcompile"  # attribute (nn.Module: an _Applied) or gm.meta key (GraphModule: its Report)
-
-
-@dataclass
-class _Applied:
-    """What ``apply`` did to a module: with which options, what it found, and whose compiled calls it took over
-    (module -> the compiled call it had before, given back by ``restore``)."""
-
-    options: Options
-    report: Report
-    taken: dict[torch.nn.Module, Callable | None]
 
 
 def backend(config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
@@ -93,7 +82,7 @@ def apply(
 
 
 def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequence[Any] | None) -> fx.GraphModule:
-    if gm.meta.get(_STATE) is not None:
+    if gm.meta.get(STATE) is not None:
         warnings.warn("lhcompile.apply: this GraphModule is already rewritten; nothing new to do", LighthouseWarning,
                       stacklevel=3)
         return gm
@@ -101,12 +90,12 @@ def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequen
         ShapeProp(gm).propagate(*example_inputs)
     report = Report()
     rewrite_graph(gm, options, report, Scope(training=gm.training))
-    gm.meta[_STATE] = report
+    gm.meta[STATE] = report
     return gm
 
 
 def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Module:
-    current = getattr(model, _STATE, None)
+    current = applied(model)
     if current is not None:
         if current.options != options:
             raise ValueError("lhcompile.apply: the model is already rewritten with other settings; call "
@@ -115,38 +104,11 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
                       LighthouseWarning, stacklevel=3)
         return model
     _warn_if_never_long_enough(model, options)
-    report = Report()
-    taken: dict[torch.nn.Module, Callable | None] = {}
-    for members in group_blocks(find_blocks(model, options.config), options.filter_fn):
-        # one backend per kind and mode, shared by its members: Dynamo then reuses one graph for all of them
-        backends = _backends(options, report, root=members[0][1], blocks=tuple(block for block, _ in members))
-        for _, module in members:
-            taken[module] = module._compiled_call_impl
-            _compile_per_mode(module, backends)
-    taken[model] = model._compiled_call_impl
-    _compile_per_mode(model, _backends(options, report, root=model, blocks=()))
-    object.__setattr__(model, _STATE, _Applied(options, report, taken))
+    groups = group_blocks(find_blocks(model, options.config), options.filter_fn)
+    kinds = tuple(Kind(tuple(block for block, _ in members), tuple(module for _, module in members))
+                  for members in groups)
+    Applied.install(model, options, (*kinds, Kind((), (model,))))
     return model
-
-
-def _backends(options: Options, report: Report, *, root: torch.nn.Module, blocks: tuple
-              ) -> dict[bool, LighthouseBackend]:
-    return {training: LighthouseBackend(options, Scope(training=training, root=root, blocks=blocks), report)
-            for training in (True, False)}
-
-
-def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, LighthouseBackend]) -> None:
-    """Compile the module in place twice, for training (rewritten) and for eval (dense), and let its ``training``
-    flag choose at every call: Dynamo guards on the flag only where the model's code reads it."""
-    # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly
-    compiled = {training: torch.compile(module._call_impl, dynamic=False, backend=backend)
-                for training, backend in backends.items()}
-
-    @torch.compiler.disable  # a later torch.compile(model) must call this, not trace through it and lose the rewrite
-    def call(*args, **kwargs):
-        return compiled[module.training](*args, **kwargs)
-
-    module._compiled_call_impl = call
 
 
 def _warn_if_never_long_enough(model: torch.nn.Module, options: Options) -> None:
@@ -171,19 +133,17 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         return model
     if isinstance(model, fx.GraphModule):
         restored = restore_sdpa(model)
-        model.meta.pop(_STATE, None)
+        model.meta.pop(STATE, None)
         if not restored:
             warnings.warn("lhcompile.restore: this GraphModule has no Lighthouse subgraph; nothing to restore",
                           LighthouseWarning, stacklevel=2)
         return model
-    state = getattr(model, _STATE, None)
+    state = applied(model)
     if state is None:
         warnings.warn(f"lhcompile.restore: {type(model).__name__} was not rewritten by lhcompile; nothing to restore",
                       LighthouseWarning, stacklevel=2)
         return model
-    for module, previous in state.taken.items():
-        module._compiled_call_impl = previous
-    object.__delattr__(model, _STATE)
+    state.uninstall()
     return model
 
 
@@ -192,6 +152,6 @@ def inspect(model: torch.nn.Module) -> Report:
     if isinstance(model, OptimizedModule):
         return inspect(model._orig_mod)
     if isinstance(model, fx.GraphModule):
-        return model.meta.get(_STATE) or Report()
-    state = getattr(model, _STATE, None)
+        return model.meta.get(STATE) or Report()
+    state = applied(model)
     return state.report if state is not None else Report()

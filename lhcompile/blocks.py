@@ -32,7 +32,7 @@ def join_path(prefix: str, path: str) -> str:
     return ".".join(p for p in (prefix, path) if p)
 
 
-def _compiled_alone(module: torch.nn.Module) -> bool:
+def compiled_alone(module: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule) or module._compiled_call_impl is not None
@@ -50,7 +50,7 @@ def find_blocks(model: torch.nn.Module, config: LighthouseConfig) -> list[tuple[
             item_path = join_path(path, name)
             alone: list[tuple[str, torch.nn.Module]] = []
             for inner, module in item.named_modules(prefix=item_path):
-                if _compiled_alone(module) and not any(inner.startswith(f"{p}.") for p, _ in alone):
+                if compiled_alone(module) and not any(inner.startswith(f"{p}.") for p, _ in alone):
                     alone.append((inner, module))
             if alone:
                 layers.append((item_path, alone))

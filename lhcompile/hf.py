@@ -1,7 +1,8 @@
 """Hugging Face transformers integration: attn_implementation="causal_sdpa" (import this module to register it).
 
-It computes what "sdpa" computes, without the N x N mask where a call is plainly causal: no padding mask, no
-sliding (or chunked) window shorter than the keys, as many queries as keys. Those calls get SDPA with
+It computes what "sdpa" computes, without the N x N mask where a call is plainly causal self-attention: the
+module is causal (its ``is_causal``; encoders and cross-attention are not), no padding mask, no sliding (or
+chunked) window shorter than the keys, as many queries as keys, no position bias. Those calls get SDPA with
 is_causal=True and no mask; every other call goes to transformers' own sdpa path with the mask transformers
 builds for it. Why a mask-free causal call matters: transformers 5.x under torch.compile with torch < 2.14
 builds an explicit N x N causal mask otherwise. lhcompile proves an in-graph causal mask causal and drops it at
@@ -25,15 +26,15 @@ mask of ones is data, and under torch.compile transformers builds the full mask 
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import causal_mask_function, sdpa_mask
+from transformers.masking_utils import (and_masks, causal_mask_function, remap_positions_for_packed_sequence,
+                                        sdpa_mask)
 
 from .report import LighthouseWarning
 
@@ -65,14 +66,33 @@ def _note_packing_assumed() -> bool:
     return True
 
 
+def _inner_code(factory: Any, name: str) -> Any:
+    return next(c for c in factory.__code__.co_consts if getattr(c, "co_name", None) == name)
+
+
+_PACKING_CODES = {causal_mask_function.__code__, _inner_code(and_masks, "and_mask"),
+                  _inner_code(remap_positions_for_packed_sequence, "inner_mask")}
+
+
+def _causal_up_to_packing(fn: Any, request: dict[str, Any]) -> bool:
+    """Under torch.compile: whether a mask request is the causal one, possibly wrapped in the packed-sequence
+    functions that transformers adds where it cannot look at position_ids. Dynamo shows a mask function's code
+    but not what its closure holds, so a causal request (never a bidirectional one, which carries
+    allow_is_bidirectional_skip) without custom overlays (they set use_vmap) made of and_masks and position
+    remapping is taken as such; windows are checked on local_size by the caller."""
+    return (getattr(fn, "__code__", None) in _PACKING_CODES and not request.get("use_vmap")
+            and "allow_is_bidirectional_skip" not in request)
+
+
 def _plainly_causal(kwargs: dict[str, Any]) -> bool:
     """Whether a mask request is the lower triangle over as many queries as keys, and nothing else (under
     torch.compile, whatever packed-sequence wrapper transformers had to add without seeing position_ids)."""
     kv_length, window = kwargs.get("kv_length"), kwargs.get("local_size")
-    plain = kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+    function = kwargs.get("mask_function", causal_mask_function)
+    plain = function is causal_mask_function
     causal = (
         kwargs.get("attention_mask") is None
-        and (plain or torch.compiler.is_compiling())
+        and (plain or (torch.compiler.is_compiling() and _causal_up_to_packing(function, kwargs)))
         and kv_length is not None and _query_length(kwargs) == kv_length and not kwargs.get("kv_offset")
         and (window is None or window >= kv_length)
     )
@@ -89,8 +109,12 @@ def causal_sdpa_mask(*args: Any, **kwargs: Any):
 
 
 def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    if attention_mask is not None or query.shape[2] != key.shape[2]:
-        # a real mask (padding, window, packing) or decoding with a cache: transformers' own sdpa path
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is not None or query.shape[2] != key.shape[2] or not is_causal \
+            or kwargs.get("position_bias") is not None:
+        # a real mask (padding, window, packing), decoding with a cache, an encoder's or a cross-attention's
+        # module (is_causal False), a position bias: transformers' own sdpa path, exactly as "sdpa"
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     window = kwargs.get("sliding_window")

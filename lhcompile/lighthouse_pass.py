@@ -15,10 +15,12 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from .blocks import Block, join_path
+from .blocks import Block, compiled_alone, join_path
+from .ddp_buckets import Numbering
 from .debug import dump_graph
 from .options import Options
 from .passes import Proofs, SdpaSite, attention_like_calls, find_sdpa_sites, rewrite_sdpa, subgraph_calls
+from .passes.meta import lifted_tensor, source_name, user_path
 from .report import LighthouseWarning, Report, SiteReport
 
 
@@ -79,11 +81,26 @@ def _module_class(site: SdpaSite) -> type | None:
     return list(stack.values())[-1][1] if stack else None
 
 
-def _advice(site: SdpaSite) -> str:
+def _module(root: torch.nn.Module | None, site: SdpaSite) -> torch.nn.Module | None:
+    """The module that made the call, where the graph's root is known and the path resolves in it."""
+    if root is None:
+        return None
+    try:
+        module = root.get_submodule(site.module_path)
+    except AttributeError:
+        return None
+    cls = _module_class(site)
+    # a graph traced from a submodule's own frame (after a graph break) names paths from that submodule
+    return module if cls is None or isinstance(module, cls) else None
+
+
+def _advice(site: SdpaSite, scope: Scope) -> str:
     """What to do about a site that can never be rewritten, where we know."""
     cls = _module_class(site)
-    if site.problem.startswith("explicit attn_mask depends on graph inputs") and cls is not None \
-            and getattr(cls, "__module__", "").startswith("transformers."):
+    module = _module(scope.root, site)
+    if site.problem.startswith("explicit attn_mask is computed from the graph's inputs") and cls is not None \
+            and getattr(cls, "__module__", "").startswith("transformers.") \
+            and getattr(module, "is_causal", True):
         return ("; if it is plainly causal (no padding, no sliding window shorter than the sequence), "
                 "attn_implementation='causal_sdpa' (import lhcompile.hf) calls SDPA with is_causal=True instead, "
                 "and keeps the model's own sdpa path where the mask is not plainly causal")
@@ -95,7 +112,7 @@ def _reasons(site: SdpaSite, position: int, total: int, options: Options, scope:
     """Every reason this site stays dense (empty: rewrite it)."""
     config, reasons = options.config, []
     if site.problem:
-        reasons.append(site.problem + _advice(site))
+        reasons.append(site.problem + _advice(site, scope))
     if not scope.training:
         reasons.append(scope.eval_reason)
     if block is not None:
@@ -119,14 +136,17 @@ def _op_name(target: Any) -> str:
     return f"F.{target.__name__}"
 
 
-def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope) -> list[fx.Node]:
+def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope,
+                  numbering: Numbering | None = None) -> list[fx.Node]:
     """Rewrite the eligible SDPA sites of gm (and of the bodies nested in it) in place and add every site, with
-    its fate, to report; ``dense_layers`` counts the sites in execution order (or, for blocks, the layers).
+    its fate, to report; ``dense_layers`` counts the sites in execution order (or, for blocks, the layers), among
+    the sites of the whole graph that gm was split from when ``numbering`` says where gm's stand (DDP buckets).
     Returns the nodes the rewritten calls read (see ``passes.erase_unused``)."""
     graph_id = report.graphs
     report.graphs += 1
     graphs = list(_graphs(gm, f"graph {graph_id}", {}, {}))
     sites = sorted(((g, site) for g in graphs for site in g.sites), key=lambda gs: gs[0].order(gs[1]))
+    first, total = (numbering.first, numbering.total) if numbering else (0, len(sites))
     missing = [s for _, s in sites if s.problem is None and s.q_shape is None]
     if missing:
         raise ValueError(
@@ -135,24 +155,26 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
             "the graph with torch.export / torch.compile, which record shapes"
         )
     if scope.root is not None and not scope.blocks:
-        _warn_if_captured_below(scope.root, [s for _, s in sites], report)
+        _warn_if_captured_below(gm, scope.root, [s for _, s in sites], report)
     before = gm.print_readable(print_output=False) if options.debug else ""
     scopes: tuple[Block | None, ...] = scope.blocks or (None,)  # None: the graph is the compiled module's own
     lighthouse: set[int] = set()
-    for position, (g, site) in enumerate(sites):
+    for position, (g, site) in enumerate(sites, start=first):
         options.target.check(site)
         decided = [(path := join_path(block.path if block else "", site.module_path),
-                    _reasons(site, position, len(sites), options, scope, block, path)) for block in scopes]
+                    _reasons(site, position, total, options, scope, block, path)) for block in scopes]
         if not decided[0][1]:  # the first block decides for the graph that serves them all
             lighthouse.add(id(site))
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
         for path, reasons in decided:
             reason = "; ".join(reasons) + options.target.dense_note if reasons else "lighthouse"
+            if reasons and site.causal_mask and not options.target.rewrites_dense:
+                reason += "; its mask is the causal mask, so it runs as SDPA with is_causal=True"
             report.sites.append(SiteReport(graph_id, position, path, _op_name(site.node.target), site.q_shape,
                                            kv_heads, not reasons, reason, scope.training))
     read: list[fx.Node] = []
     for g in graphs:
-        chosen = [s for s in g.sites if id(s) in lighthouse or options.target.rewrites_dense]
+        chosen = [s for s in g.sites if id(s) in lighthouse or options.target.rewrites_dense or s.causal_mask]
 
         def build(site: SdpaSite, args: dict[str, Any]) -> fx.Proxy:
             if id(site) in lighthouse:
@@ -161,7 +183,8 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
 
         if chosen:
             read += rewrite_sdpa(g.module, chosen, build)
-    _warn_about(graphs, graph_id, len(sites), options, scope, report)
+    if first + len(sites) == total:  # the whole graph is decided (a DDP split: at its last bucket with sites)
+        _warn_about(graphs, graph_id, total, options, scope, report)
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
     return read
@@ -178,6 +201,13 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
     """Say what this graph left undone, or took on a guess, that a user would not see otherwise."""
     if scope.mode_from_grad and total:
         _warn_once(report, f"mode from grad {scope.training}", _mode_guess(graph_id, total, scope.training))
+    buffers = sorted({b for g in graphs for site in g.sites if site.mask_proof for b in site.mask_proof.buffers})
+    if buffers:
+        _warn_once(report, "mask buffers",
+                   f"lhcompile: the attention mask read from the module buffer(s) {', '.join(buffers)} was proven "
+                   "causal from its values at capture, so its sites run as causal attention (Lighthouse, or SDPA "
+                   "with is_causal=True) without reading it; if you change the buffer, call lhcompile.restore and "
+                   "apply again")
     if not scope.training:
         return  # eval graphs are dense by design
     if total == 0:
@@ -186,8 +216,7 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
             counts = Counter(seen)
             note = (f"lhcompile: graph {graph_id} has no SDPA call to rewrite, but calls that look like attention: "
                     f"{', '.join(f'{name} x{c}' for name, c in counts.items())}. lhcompile rewrites "
-                    "torch.nn.functional.scaled_dot_product_attention only: switch the model to SDPA attention "
-                    "(e.g. torchtitan: lhcompile.integrations.torchtitan; Hugging Face: attn_implementation='sdpa')")
+                    f"torch.nn.functional.scaled_dot_product_attention only: {_switch_to_sdpa(scope.root)}")
             report.notes.append(note)
             _warn_once(report, f"no sdpa {graph_id}", note)
         return
@@ -211,6 +240,15 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
                    f"per site:\n{report.table(rows)}")
 
 
+def _switch_to_sdpa(root: torch.nn.Module | None) -> str:
+    if getattr(root, "_supports_sdpa", None) is False:  # a transformers model that refuses "sdpa"
+        return (f"transformers runs {type(root).__name__} with eager (or flex) attention only, since SDPA cannot "
+                "compute what its attention adds (e.g. attention sinks, logit softcapping, ALiBi), so this model "
+                "cannot be rewritten")
+    return ("switch the model to SDPA attention (e.g. torchtitan: lhcompile.integrations.torchtitan; Hugging "
+            "Face: attn_implementation='sdpa' or 'causal_sdpa')")
+
+
 def _mode_guess(graph_id: int, total: int, training: bool) -> str:
     taken = ("with gradients enabled, so it is taken for training: its eligible SDPA sites run Lighthouse, also "
              "when it serves an evaluation pass run without torch.no_grad()") if training else (
@@ -221,18 +259,40 @@ def _mode_guess(graph_id: int, total: int, training: bool) -> str:
             "lhcompile.apply(model), which follows model.train() / model.eval() at every call")
 
 
-def _warn_if_captured_below(root: torch.nn.Module, sites: list[SdpaSite], report: Report) -> None:
-    for site in sites:
-        try:
-            root.get_submodule(site.module_path)
-        except AttributeError:
-            _warn_once(
-                report, "captured below",
-                f"lhcompile: the SDPA call of {site.module_path!r} was captured in a graph of one submodule, not of "
-                f"{type(root).__name__}: Dynamo compiles that submodule on its own (its hooks are not traced, e.g. "
-                "fully_shard on a module that is not inside an item of a ModuleList/ModuleDict of layers) and may "
-                "reuse the graph for every submodule of the same class, so dense_layers and filter_fn see one site "
-                "per graph and cannot tell them apart. fully_shard the layers of the layer stack (lhcompile then "
-                "compiles each kind of layer itself), or only the root",
-            )
-            return
+def _traced_from_submodule(gm: fx.GraphModule, root: torch.nn.Module) -> bool:
+    """Whether Dynamo traced gm from a submodule's own frame: its parameters, lifted from that frame's self, have
+    other paths there than in root (after a graph break inside a layer, or a layer compiled on its own)."""
+    paths = {id(t): name for name, t in (*root.named_parameters(), *root.named_buffers())}
+    for node in gm.graph.nodes:
+        name = source_name(node) if node.op == "placeholder" else None
+        tensor = lifted_tensor(node) if name and name.startswith("L['self']") else None
+        if tensor is not None and id(tensor) in paths:
+            return paths[id(tensor)] != user_path(name)
+    return False
+
+
+def _warn_if_captured_below(gm: fx.GraphModule, root: torch.nn.Module, sites: list[SdpaSite], report: Report) -> None:
+    site = next((site for site in sites if _module(root, site) is None), None)
+    if site is None and sites and _traced_from_submodule(gm, root):
+        site = sites[0]
+    if site is None:
+        return
+    alone = [path for path, module in root.named_modules() if path and compiled_alone(module)]
+    if alone:
+        cause = (f"{', '.join(alone[:3])} {'is' if len(alone) == 1 else 'are'} compiled on its own (its own compile, or "
+                 "fully_shard outside the items of a ModuleList/ModuleDict of layers: Dynamo does not trace its hooks) "
+                 "and Dynamo may reuse one graph for every module of its class. fully_shard the layers of the layer "
+                 "stack (lhcompile then compiles each kind of layer itself), or only the root")
+    else:
+        breaks = list(torch._dynamo.utils.counters["graph_break"])
+        seen = f" (Dynamo's last reason: {breaks[-1].splitlines()[0]})" if breaks else ""
+        cause = (f"Dynamo broke the graph in {type(root).__name__}'s forward on code it cannot trace{seen}, then traced "
+                 "the rest from inside a submodule's own frame; TORCH_LOGS=graph_breaks shows where. Make that code "
+                 "traceable (e.g. a RoPE that recomputes its tables from the sequence length at run time), or "
+                 "compile with fullgraph=True to see the first break as an error")
+    _warn_once(
+        report, "captured below",
+        f"lhcompile: the SDPA call of {site.module_path!r} was captured in a graph of one submodule, not of "
+        f"{type(root).__name__}: {cause}. Such a graph may serve several layers, so dense_layers and filter_fn see "
+        "one site per graph, with paths relative to that submodule, and cannot tell the layers apart",
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -11,6 +14,7 @@ import torch.fx as fx
 
 from .config import LighthouseConfig
 from .debug import debug_enabled
+from .report import LighthouseWarning
 from .targets import ContextParallel, SingleDevice, Target
 
 FilterFn = Callable[[str], bool]
@@ -49,6 +53,19 @@ class Options:
         elif not callable(compiler):
             raise TypeError(f"{caller}: compiler must be a backend name or a callable (gm, example_inputs) -> "
                             f"callable, got {type(compiler).__name__}")
+        if config.inner_backend == "flash_attn":
+            try:
+                importlib.import_module("flash_attn")
+            except ImportError as err:
+                raise ValueError(f"{caller}: LighthouseConfig(inner_backend='flash_attn') but the flash_attn package "
+                                 "cannot be imported here; install flash-attn, or use inner_backend='sdpa' (PyTorch "
+                                 "SDPA)") from err
+        if context_parallel is None and dist.is_available() and not dist.is_initialized() \
+                and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            warnings.warn(f"{caller}: context_parallel is None in a process of a {os.environ['WORLD_SIZE']}-process "
+                          "launch before torch.distributed is initialized (dist.group.WORLD is None until then), so "
+                          "the model runs single-device Lighthouse; call dist.init_process_group first if you meant "
+                          "context parallelism", LighthouseWarning, stacklevel=3)
         target = SingleDevice() if context_parallel is None else ContextParallel.make(context_parallel, config)
         return cls(config, filter_fn, compiler, debug_enabled(debug), target)
 

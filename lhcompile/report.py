@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 
 class LighthouseWarning(UserWarning):
@@ -27,7 +28,9 @@ class SiteReport:
 
 @dataclass
 class Report:
-    """Every SDPA site lhcompile has seen in a model, graph by graph, and what it could not do elsewhere."""
+    """Every SDPA site lhcompile has seen in a model, graph by graph, and what it could not do elsewhere.
+
+    It is a sequence of its ``SiteReport`` rows: ``for site in report``, ``len(report)``, ``report[0]``."""
 
     sites: list[SiteReport] = field(default_factory=list)
     graphs: int = 0
@@ -35,6 +38,15 @@ class Report:
     """Graphs in which the pass found nothing to rewrite, and why (also warned about)."""
     warned: set[str] = field(default_factory=set)
     """Kinds of warning already given for this model (each is given once)."""
+
+    def __iter__(self) -> Iterator[SiteReport]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __getitem__(self, i: int) -> SiteReport:
+        return self.sites[i]
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -59,6 +71,9 @@ class Report:
 
     def __str__(self) -> str:
         if not self.sites and not self.notes:
+            if self.graphs:
+                return (f"lhcompile: the {self.graphs} graph(s) captured from this model call no SDPA: nothing to "
+                        "rewrite (its attention, if any, is not torch.nn.functional.scaled_dot_product_attention)")
             return "lhcompile: no SDPA site seen yet (a module is captured on its first forward call)"
         summary = f"lhcompile: {len(self.rewritten)} of {len(self.sites)} SDPA sites rewritten in {self.graphs} graph(s)"
         return "\n".join([summary, *(self.table().splitlines() if self.sites else []), *self.notes])

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import context_parallel, ops
 from .config import LighthouseConfig
@@ -22,7 +23,7 @@ class Target(Protocol):
     dense_note: str
     """Added to the reason of every site kept dense."""
     rewrites_dense: bool
-    """Whether sites kept dense are rewritten too (into ``dense``)."""
+    """Whether every site kept dense is rewritten too (into ``dense``); else only those with a causal mask."""
 
     def check(self, site: SdpaSite) -> None:
         """Raise if this target cannot run the graph because of this site."""
@@ -34,11 +35,15 @@ class Target(Protocol):
         """The replacement of a site chosen for Lighthouse (args: the call's arguments as proxies)."""
 
     def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
-        """The replacement of a site kept dense, or None to leave the SDPA call as it is."""
+        """The replacement of a site kept dense, or None to leave the SDPA call as it is (always called for sites
+        whose explicit mask is proven causal)."""
 
 
 @dataclass(frozen=True)
 class SingleDevice:
+    """One device: a Lighthouse site becomes the staged operator; a dense site is left as it is, except that an
+    explicit mask proven causal gives way to is_causal=True (the same result without the N x N mask)."""
+
     dense_note = ""
     rewrites_dense = False
 
@@ -55,7 +60,12 @@ class SingleDevice:
                                      scale=args.get("scale"), config=config)
 
     def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
-        return None
+        if not site.causal_mask:
+            return None
+        # the mask is the causal mask: is_causal=True computes the same without it, on SDPA's flash and cuDNN paths
+        return F.scaled_dot_product_attention(args["query"], args["key"], args["value"],
+                                              dropout_p=args.get("dropout_p") or 0.0, is_causal=True,
+                                              scale=args.get("scale"), enable_gqa=site.q_shape[1] != site.k_shape[1])
 
 
 @dataclass(frozen=True)

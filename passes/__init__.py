@@ -4,20 +4,22 @@ Nothing here knows about kernels: the rewrite takes the replacement as a callabl
 ``lhcompile.passes``.
 """
 
-from .causal_mask import Proofs, Resolve
-from .match import SdpaSite, attention_like_calls, find_sdpa_sites, module_path
+from .causal_mask import MaskProof, Proofs, Resolve
+from .match import SdpaSite, attention_like_calls, count_sdpa_calls, find_sdpa_sites, module_path
 from .restore import restore_sdpa
 from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sdpa
 from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
 
 __all__ = [
     "METADATA_TO_PORT",
+    "MaskProof",
     "Proofs",
     "REWRITE_TAG",
     "Resolve",
     "SdpaSite",
     "Subgraph",
     "attention_like_calls",
+    "count_sdpa_calls",
     "erase_unused",
     "find_sdpa_sites",
     "module_path",

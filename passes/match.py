@@ -10,8 +10,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .causal_mask import Proofs, Resolve, why_mask_not_causal
-from .meta import node_shape
+from .causal_mask import MaskProof, Proofs, Resolve, prove_causal
+from .meta import node_shape, user_path
+from .subgraphs import subgraph_calls
 
 aten = torch.ops.aten
 
@@ -58,6 +59,9 @@ class SdpaSite:
     """The node whose value is the attention output (the call itself, or its getitem 0)."""
     problem: str | None = None
     """Why this call cannot be rewritten whatever the configuration, or None."""
+    mask_proof: MaskProof | None = None
+    """For a call with an explicit attn_mask: whether it is the causal mask (then SDPA's is_causal=True computes
+    the same), and which module buffers the proof took as constants."""
 
     @property
     def q(self) -> fx.Node:
@@ -70,6 +74,11 @@ class SdpaSite:
     @property
     def mask(self) -> Any:
         return self.args.get("attn_mask", self.args.get("attn_bias"))
+
+    @property
+    def causal_mask(self) -> bool:
+        """The call has an explicit mask, proven causal, and nothing else keeps it from is_causal=True."""
+        return self.problem is None and self.mask_proof is not None and self.mask_proof.reason is None
 
 
 def bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -85,28 +94,10 @@ def bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-# what Dynamo and wrappers put between a user's module names: a bound method's closure cell
-# (layers.0.attention.forward.__closure__.0.cell_contents.__self__.inner_attention), a module's __dict__ and
-# _modules, torch.compile's, checkpoint_wrapper's and FSDP1's wrapped modules
-_NOT_MODULE_NAMES = re.compile(
-    r"\.(forward\.__closure__\.\d+\.cell_contents(\.__self__)?|__dict__|_modules|_orig_mod|_checkpoint_wrapped_module"
-    r"|_fsdp_wrapped_module)"
-    r"(?=\.|$)"
-)
-
-
 def module_path(node: fx.Node) -> str:
     """Dotted path of the innermost module that made this call, as the user names it ('' at top level)."""
     stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    # Dynamo writes paths like L['self'].model.layers[0].self_attn or L['self']._modules['model']
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[['\"]?([^]'\"]+)['\"]?\]", r".\1", path)
-    path = _NOT_MODULE_NAMES.sub("", "." + path)
-    return path.lstrip(".")
+    return user_path(str(list(stack.values())[-1][0])) if stack else ""
 
 
 def _problem(site: SdpaSite, returns_tuple: bool, resolve: Resolve | None, proofs: Proofs) -> str | None:
@@ -114,9 +105,9 @@ def _problem(site: SdpaSite, returns_tuple: bool, resolve: Resolve | None, proof
     if site.mask is not None:
         if not isinstance(site.mask, fx.Node):
             return "attn_mask is a constant outside the graph; cannot prove it causal"
-        reason = why_mask_not_causal(site.mask, resolve, proofs)
-        if reason:
-            return reason
+        site.mask_proof = prove_causal(site.mask, resolve, proofs)
+        if site.mask_proof.reason:
+            return site.mask_proof.reason
     elif not a.get("is_causal", False):
         return "not causal (is_causal=False)"
     if a.get("dropout_p", 0.0) not in (0, 0.0):
@@ -170,6 +161,13 @@ def find_sdpa_sites(graph: fx.Graph, resolve: Resolve | None = None, proofs: Pro
             site.problem = "attention output is unused" if not outputs else "attention output is read by several getitems"
         sites.append(site)
     return sites
+
+
+def count_sdpa_calls(gm: fx.GraphModule) -> int:
+    """SDPA calls in gm and in the bodies nested in it (each body once, as the pass numbers them)."""
+    bodies = {call.name: call.module for call in subgraph_calls(gm)}
+    return (sum(node.op == "call_function" and node.target in SDPA_TARGETS for node in gm.graph.nodes)
+            + sum(count_sdpa_calls(body) for body in bodies.values()))
 
 
 _ATTENTION_WORDS = re.compile(r"attention|attn|softmax", re.IGNORECASE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -18,3 +19,52 @@ def node_shape(node: Any) -> tuple[Any, ...] | None:
             return tuple(val.shape)
     tm = node.meta.get("tensor_meta")
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+# the traced frame's local that holds the root module: L['self'], L['args'][0] when forward is wrapped by a
+# decorator taking *args, L['this'] for forward(this, x), G['model'] for a global
+_ROOT = re.compile(r"^(L\['(args|kwargs)'\]\[[^]]*\]|[LG]\[[^]]*\])\.?")
+# what Dynamo and wrappers put between a user's module names: a bound method's closure cell
+# (layers.0.attention.forward.__closure__.0.cell_contents.__self__.inner_attention), a module's __dict__ and
+# _modules, torch.compile's, checkpoint_wrapper's and FSDP1's wrapped modules
+_NOT_MODULE_NAMES = re.compile(
+    r"\.(forward\.__closure__\.\d+\.cell_contents(\.__self__)?|__dict__|_modules|_orig_mod|_checkpoint_wrapped_module"
+    r"|_fsdp_wrapped_module)"
+    r"(?=\.|$)"
+)
+
+
+def user_path(path: str) -> str:
+    """A module, parameter or buffer as the user names it ('model.layers.0.self_attn'), from the path Dynamo
+    writes for it (L['self']._modules['model'].layers[0].self_attn, ..._buffers['mask'])."""
+    path = "." + _ROOT.sub("", path)
+    path = re.sub(r"\._(modules|parameters|buffers)\['([^']+)'\]", r".\2", path)
+    path = re.sub(r"\[['\"]?([^]'\"]+)['\"]?\]", r".\1", path)
+    return _NOT_MODULE_NAMES.sub("", path).lstrip(".")
+
+
+def input_name(source: str) -> str:
+    """A graph input as the user names it: the model's argument 'attention_mask' for L['attention_mask'] or
+    L['kwargs']['attention_mask'], 'argument 1' for L['args'][1]; other sources as Dynamo writes them."""
+    if m := re.fullmatch(r"L\['kwargs'\]\['([^']+)'\]|L\['([^']+)'\]", source):
+        return m.group(1) or m.group(2)
+    if m := re.fullmatch(r"L\['args'\]\[(\d+)\]", source):
+        return f"argument {m.group(1)}"
+    return source
+
+
+def source_name(node: fx.Node) -> str | None:
+    """Where Dynamo took a graph input from (L['self']._modules['h']._buffers['mask'], L['attention_mask']), or
+    None for graphs not captured by Dynamo."""
+    name = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
+    name = name() if callable(name) else name  # a method before torch 2.12
+    return name if isinstance(name, str) else None
+
+
+def lifted_tensor(node: fx.Node) -> torch.Tensor | None:
+    """The real tensor behind a graph input that Dynamo lifted (a parameter, a buffer), if it is still alive."""
+    try:
+        value = node.meta["grapharg"].example
+    except (KeyError, AttributeError, AssertionError, TypeError):
+        return None
+    return value if isinstance(value, torch.Tensor) else None

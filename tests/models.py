@@ -203,3 +203,39 @@ class SdpaAt(TorchFunctionMode):
                 a = bind_arguments(func, args, kwargs)
                 return self.attention(a["query"], a["key"], a["value"], a["scale"])
         return func(*args, **kwargs)
+
+
+class NanoGPTBlock(nn.Module):
+    """nanoGPT's attention with its causal mask kept as a lower-triangular buffer and sliced to the sequence, or a
+    learned additive bias per head (``mask="bias"``); optionally a graph break before the attention."""
+
+    def __init__(self, dim: int, heads: int, mask: str = "buffer", graph_break: bool = False, max_len: int = 512
+                 ) -> None:
+        super().__init__()
+        self.heads, self.mask, self.graph_break = heads, mask, graph_break
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)).view(1, 1, max_len, max_len))
+        self.learned = nn.Parameter(torch.randn(heads, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        mask = self.bias[:, :, :n, :n] if self.mask == "buffer" else self.learned.expand(self.heads, n, n)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, **block) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, dim)
+        self.h = nn.ModuleList([NanoGPTBlock(dim, heads, **block) for _ in range(layers)])
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        for block in self.h:
+            x = block(x)
+        return self.head(x)

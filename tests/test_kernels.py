@@ -19,6 +19,8 @@ from lhcompile.ops import use_stages
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="large shapes need a CUDA GPU")
+races_need_cuda = pytest.mark.skipif(
+    not CUDA, reason="Triton's interpreter runs a kernel's programs one after another: only a GPU can show a race")
 
 # (B, H, H_kv, N, d, config); odd batch and head counts on purpose
 SMALL = [
@@ -140,6 +142,7 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(before)
 
 
+@races_need_cuda
 @pytest.mark.parametrize("b,h,hkv,n,d,cfg", SHAPES)
 def test_operator_on_kernels_is_bit_identical_run_to_run(b, h, hkv, n, d, cfg):
     q, k, v = (t.requires_grad_() for t in inputs(b, h, hkv, n, d, torch.bfloat16))
@@ -157,6 +160,7 @@ def test_operator_on_kernels_is_bit_identical_run_to_run(b, h, hkv, n, d, cfg):
         assert torch.equal(a, c), f"{name} differs between two runs on the same inputs"
 
 
+@races_need_cuda
 @pytest.mark.parametrize("b,h,hkv,n,d,cfg", SHAPES)
 def test_stage_kernels_are_bit_identical_run_to_run(b, h, hkv, n, d, cfg):
     levels, p = cfg.levels, cfg.pooling_factor

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import subprocess
 import sys
 import warnings
@@ -13,13 +14,12 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 import lhcompile
 from lhcompile import LighthouseConfig, LighthouseWarning, lighthouse_attention
 from lhcompile.passes import METADATA_TO_PORT, REWRITE_TAG, module_path
 
-from .models import GPT, VOCAB, SdpaAt, TitanLlama3, hf_model, logits
+from .models import GPT, VOCAB, NanoGPT, SdpaAt, TitanLlama3, hf_model, logits
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=(0, -1))
 N = 64
@@ -119,12 +119,13 @@ def test_torch_utils_checkpoint_per_block_is_rewritten_with_the_same_gradients(w
     assert [s.module_path for s in report.rewritten] == ["blocks.1", "blocks.2"], str(report)
 
 
-def test_causal_mask_that_fed_checkpointed_layers_is_not_built_once_all_are_lighthouse():
+def test_causal_mask_that_fed_checkpointed_layers_is_not_built_dense_layers_included():
     n = 3 * N  # no weight or activation dimension is n
     model = hf_model("qwen3")
     model.gradient_checkpointing_enable()
-    graphs = _captured(model, dataclasses.replace(CFG, dense_layers=()), torch.randint(0, VOCAB, (1, n)))
-    assert len(lhcompile.inspect(model).rewritten) == 4
+    graphs = _captured(model, CFG, torch.randint(0, VOCAB, (1, n)))
+    report = lhcompile.inspect(model)
+    assert len(report.rewritten) == 2 and all("is_causal=True" in s.reason for s in report.dense), str(report)
     shapes = [v.shape for gm in graphs for module in gm.modules() if isinstance(module, fx.GraphModule)
               for node in module.graph.nodes if isinstance(v := node.meta.get("example_value"), torch.Tensor)]
     assert shapes and not [s for s in shapes if s[-2:] == (n, n)]
@@ -196,91 +197,6 @@ def test_the_module_mode_decides_every_call_even_when_forward_never_reads_it(fir
         got = logits(model, ids)
         torch.testing.assert_close(got, lighthouse if mode else dense, rtol=1e-6, atol=1e-6,
                                    msg=f"{'train' if mode else 'eval'} mode")
-
-
-# -- causal_sdpa -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind,config,padded", [
-    ("mistral", {"sliding_window": 16}, False),
-    ("gemma3", {"sliding_window": 16}, False),
-    ("qwen3", {}, True),
-])
-def test_causal_sdpa_computes_what_sdpa_computes_on_windows_and_padding(kind, config, padded):
-    ids = torch.randint(0, VOCAB, (2, N))
-    mask = None
-    if padded:
-        mask = torch.ones(2, N, dtype=torch.long)
-        mask[1, :10] = 0  # left padding
-    out = {}
-    for attention in ("sdpa", "causal_sdpa"):
-        torch.manual_seed(0)
-        model = hf_model(kind, attention=attention, **config).eval()
-        with torch.no_grad():
-            out[attention] = model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool() if padded else torch.ones(2, N, dtype=torch.bool)
-    assert torch.equal(out["sdpa"][real], out["causal_sdpa"][real])
-
-
-class SdpaCalls(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.calls.append((kwargs.get("is_causal"), kwargs.get("attn_mask", args[3] if len(args) > 3 else None)))
-        return func(*args, **kwargs)
-
-
-def test_causal_sdpa_builds_no_mask_where_the_mask_is_plainly_causal():
-    model = hf_model("llama", attention="causal_sdpa").eval()
-    with SdpaCalls() as plain, torch.no_grad():
-        model(input_ids=torch.randint(0, VOCAB, (2, N)))
-    assert plain.calls == [(True, None)] * 4
-    with SdpaCalls() as padded, torch.no_grad():
-        mask = torch.ones(2, N, dtype=torch.long)
-        mask[0, :3] = 0
-        model(input_ids=torch.randint(0, VOCAB, (2, N)), attention_mask=mask)
-    assert all(mask is not None for _, mask in padded.calls) and len(padded.calls) == 4
-
-
-@pytest.mark.parametrize("how", ["torch.compile", "lhcompile.apply"])
-def test_causal_sdpa_keeps_packed_documents_apart_eagerly_and_says_what_it_assumes_under_compile(how, monkeypatch):
-    positions = torch.cat([torch.arange(40), torch.arange(N - 40)])[None].expand(2, -1)  # two packed documents
-    ids = torch.randint(0, VOCAB, (2, N))
-    out = {}
-    for attention in ("sdpa", "causal_sdpa"):
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out[attention] = hf_model("llama", attention=attention).eval()(input_ids=ids, position_ids=positions).logits
-    assert torch.equal(out["sdpa"], out["causal_sdpa"])
-
-    # compiled, packing cannot be seen: the guess is said at the first call, with or without the pass
-    monkeypatch.setattr(lhcompile.hf, "_noted", False)  # once per process: earlier tests may have been told
-    model = hf_model("llama", attention="causal_sdpa")
-    torch._dynamo.reset()
-    if how == "torch.compile":
-        model = torch.compile(model, backend="eager")
-    else:
-        lhcompile.apply(model, CFG, compiler="eager")
-    with pytest.warns(LighthouseWarning, match="positions of one sequence: documents packed with restarting"):
-        model(input_ids=ids, position_ids=positions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LighthouseWarning)
-        model(input_ids=ids, position_ids=positions)  # said once
-
-
-def test_sliding_window_sites_of_causal_sdpa_stay_dense_under_the_pass():
-    torch.manual_seed(0)
-    model = hf_model("mistral", attention="causal_sdpa", sliding_window=16)
-    twin = copy.deepcopy(model)
-    ids = torch.randint(0, VOCAB, (2, N))
-    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
-    torch.testing.assert_close(logits(model, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)
-    report = lhcompile.inspect(model)
-    assert not report.rewritten and all("not the causal mask" in s.reason for s in report.sites), str(report)
 
 
 # -- what the pass cannot do is said --------------------------------------------------------------
@@ -363,6 +279,35 @@ def test_bad_arguments_fail_at_apply_naming_the_argument(kwargs, error, words):
     assert model._compiled_call_impl is None  # nothing was done
 
 
+class Decorated(GPT):
+    """forward behind a decorator that takes *args (as transformers' can_return_tuple does), first argument named
+    ``this``: Dynamo names the module L['args'][0] and L['this'] then."""
+
+    @staticmethod
+    def _passthrough(forward):
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    @_passthrough
+    def forward(this, idx: torch.Tensor) -> torch.Tensor:  # noqa: N805
+        return GPT.forward(this, idx)
+
+
+def test_filter_fn_sees_the_models_own_module_names_whatever_the_forward_signature():
+    model = Decorated()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)  # no false "captured in a graph of one submodule"
+        lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager",
+                        filter_fn=lambda path: path != "blocks.0")
+        logits(model, torch.randint(0, VOCAB, (1, N)))
+    report = lhcompile.inspect(model)
+    assert [s.module_path for s in report] == [f"blocks.{i}" for i in range(4)]
+    assert [s.rewritten for s in report] == [False, True, True, True]
+
+
 def test_site_paths_are_the_module_paths_a_user_knows():
     graph = fx.Graph()
     node = graph.placeholder("x")
@@ -372,6 +317,9 @@ def test_site_paths_are_the_module_paths_a_user_knows():
     assert module_path(node) == "layers.0.attention.inner_attention"
     node.meta["nn_module_stack"] = {"a": ("L['self'].__dict__['_modules']['_checkpoint_wrapped_module'].attention", object)}
     assert module_path(node) == "attention"
+    for root in ("L['args'][0]", "L['this']", "L['kwargs']['model']", "G['model']"):
+        node.meta["nn_module_stack"] = {"a": (f"{root}.model.layers[3].self_attn", object)}
+        assert module_path(node) == "model.layers.3.self_attn"
 
 
 def test_replacement_nodes_keep_the_user_module_of_the_sdpa_call_they_replace():
@@ -400,3 +348,100 @@ def test_the_quiet_path_stays_quiet():
         lhcompile.apply(model, CFG, compiler="eager")
         logits(model, torch.randint(0, VOCAB, (1, N)))
         lhcompile.restore(model)
+
+
+# -- masks: say what a mask is; prove the causal ones, wherever they come from ---------------------
+
+
+def test_a_sliced_lower_triangular_buffer_is_proven_causal_and_the_assumption_said():
+    torch.manual_seed(0)
+    model = NanoGPT()
+    twin = copy.deepcopy(model)
+    n = 5 * N  # no weight or activation dimension is n
+    ids = torch.randint(0, VOCAB, (2, n))
+    with pytest.warns(LighthouseWarning, match=r"module buffer\(s\) h.0.bias, h.1.bias, h.2.bias, h.3.bias was proven"):
+        graphs = _captured(model, CFG, ids)
+    report = lhcompile.inspect(model)
+    assert [s.rewritten for s in report] == [False, True, True, False], str(report)
+    assert all(s.reason.endswith("runs as SDPA with is_causal=True") for s in report.dense)
+    shapes = [v.shape for gm in graphs for node in gm.graph.nodes
+              if isinstance(v := node.meta.get("example_value"), torch.Tensor)]
+    assert shapes and not [s for s in shapes if s[-2:] == (n, n)]
+    lhcompile.restore(model)
+    model.load_state_dict(twin.state_dict())
+    lhcompile.apply(model, CFG, compiler="eager")
+    assert_same_training_step(model, twin, ids, {1, 2})
+
+
+def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are():
+    model = NanoGPT(mask="bias")
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    with pytest.warns(LighthouseWarning, match="no SDPA site was rewritten"):
+        logits(model, torch.randint(0, VOCAB, (1, N)))
+    assert [s.reason for s in lhcompile.inspect(model)] == [
+        f"explicit attn_mask is a learned bias, computed from parameters (h.{i}.learned), e.g. a relative position "
+        "bias as in T5: not a causal mask" for i in range(4)]
+
+    # an encoder's padding mask: computed from the model's input, and no advice to make it causal
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, attn_implementation="sdpa")
+    bert = transformers.BertModel(cfg)
+    lhcompile.apply(bert, CFG, compiler="eager")
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, 40:] = 0
+    with pytest.warns(LighthouseWarning, match="no SDPA site was rewritten"):
+        bert(input_ids=torch.randint(0, VOCAB, (2, N)), attention_mask=mask)
+    for site in lhcompile.inspect(bert):
+        assert "computed from the graph's inputs (attention_mask)" in site.reason, site.reason
+        assert "causal_sdpa" not in site.reason
+
+
+def test_a_graph_break_inside_a_layer_is_blamed_as_such():
+    model = NanoGPT(graph_break=True)
+    lhcompile.apply(model, CFG, compiler="eager")
+    with pytest.warns(LighthouseWarning, match="captured in a graph of one submodule") as record:
+        logits(model, torch.randint(0, VOCAB, (1, N)))
+    [text] = [str(w.message) for w in record if "one submodule" in str(w.message)]
+    assert "Dynamo broke the graph in NanoGPT's forward" in text and "TORCH_LOGS=graph_breaks" in text
+    assert "fully_shard" not in text
+
+
+def test_models_transformers_runs_with_eager_attention_only_are_not_told_to_use_sdpa():
+    import transformers
+
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    attn_implementation="eager", use_cache=False)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    lhcompile.apply(model, CFG, compiler="eager")
+    with pytest.warns(LighthouseWarning, match="calls that look like attention") as record:
+        logits(model, torch.randint(0, VOCAB, (1, N)))
+    [text] = [str(w.message) for w in record if "look like attention" in str(w.message)]
+    assert "transformers runs Gemma2ForCausalLM with eager (or flex) attention only" in text
+    assert "attn_implementation='sdpa'" not in text
+
+
+def test_the_report_is_a_sequence_of_its_sites_and_says_when_a_model_has_no_sdpa():
+    model = GPT()
+    lhcompile.apply(model, CFG, compiler="eager")
+    logits(model, torch.randint(0, VOCAB, (1, N)))
+    report = lhcompile.inspect(model)
+    assert len(report) == 4 and report[1] is report.sites[1]
+    assert [s.module_path for s in report] == [f"blocks.{i}" for i in range(4)]
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.down(self.up(x).relu())
+
+    mlp = MLP()
+    lhcompile.apply(mlp, CFG, compiler="eager")
+    assert "no SDPA site seen yet" in str(lhcompile.inspect(mlp))
+    mlp(torch.randn(4, 8)).sum().backward()
+    text = str(lhcompile.inspect(mlp))
+    assert "call no SDPA: nothing to rewrite" in text and "seen yet" not in text

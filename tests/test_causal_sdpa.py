@@ -1,0 +1,152 @@
+"""attn_implementation="causal_sdpa" computes what "sdpa" computes on every call, and calls SDPA with
+is_causal=True and no N x N mask only where a call is plainly causal self-attention."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lhcompile
+from lhcompile import LighthouseConfig, LighthouseWarning
+
+from .models import VOCAB, hf_model, logits
+
+CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=(0, -1))
+N = 64
+
+
+@pytest.mark.parametrize("kind,config,padded", [
+    ("mistral", {"sliding_window": 16}, False),
+    ("gemma3", {"sliding_window": 16}, False),
+    ("qwen3", {}, True),
+])
+def test_causal_sdpa_computes_what_sdpa_computes_on_windows_and_padding(kind, config, padded):
+    ids = torch.randint(0, VOCAB, (2, N))
+    mask = None
+    if padded:
+        mask = torch.ones(2, N, dtype=torch.long)
+        mask[1, :10] = 0  # left padding
+    out = {}
+    for attention in ("sdpa", "causal_sdpa"):
+        torch.manual_seed(0)
+        model = hf_model(kind, attention=attention, **config).eval()
+        with torch.no_grad():
+            out[attention] = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool() if padded else torch.ones(2, N, dtype=torch.bool)
+    assert torch.equal(out["sdpa"][real], out["causal_sdpa"][real])
+
+
+class SdpaCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((kwargs.get("is_causal"), kwargs.get("attn_mask", args[3] if len(args) > 3 else None)))
+        return func(*args, **kwargs)
+
+
+def test_causal_sdpa_builds_no_mask_where_the_mask_is_plainly_causal():
+    model = hf_model("llama", attention="causal_sdpa").eval()
+    with SdpaCalls() as plain, torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (2, N)))
+    assert plain.calls == [(True, None)] * 4
+    with SdpaCalls() as padded, torch.no_grad():
+        mask = torch.ones(2, N, dtype=torch.long)
+        mask[0, :3] = 0
+        model(input_ids=torch.randint(0, VOCAB, (2, N)), attention_mask=mask)
+    assert all(mask is not None for _, mask in padded.calls) and len(padded.calls) == 4
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "lhcompile.apply"])
+def test_causal_sdpa_keeps_packed_documents_apart_eagerly_and_says_what_it_assumes_under_compile(how, monkeypatch):
+    positions = torch.cat([torch.arange(40), torch.arange(N - 40)])[None].expand(2, -1)  # two packed documents
+    ids = torch.randint(0, VOCAB, (2, N))
+    out = {}
+    for attention in ("sdpa", "causal_sdpa"):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[attention] = hf_model("llama", attention=attention).eval()(input_ids=ids, position_ids=positions).logits
+    assert torch.equal(out["sdpa"], out["causal_sdpa"])
+
+    # compiled, packing cannot be seen: the guess is said at the first call, with or without the pass
+    monkeypatch.setattr(lhcompile.hf, "_noted", False)  # once per process: earlier tests may have been told
+    model = hf_model("llama", attention="causal_sdpa")
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="eager")
+    else:
+        lhcompile.apply(model, CFG, compiler="eager")
+    with pytest.warns(LighthouseWarning, match="positions of one sequence: documents packed with restarting"):
+        model(input_ids=ids, position_ids=positions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        model(input_ids=ids, position_ids=positions)  # said once
+
+
+def test_sliding_window_sites_of_causal_sdpa_stay_dense_under_the_pass():
+    torch.manual_seed(0)
+    model = hf_model("mistral", attention="causal_sdpa", sliding_window=16)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, N))
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    torch.testing.assert_close(logits(model, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)
+    report = lhcompile.inspect(model)
+    assert not report.rewritten and all("not the causal mask" in s.reason for s in report.sites), str(report)
+
+
+def _encoder(kind: str, attention: str) -> torch.nn.Module:
+    import transformers
+
+    import lhcompile.hf  # noqa: F401
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96, max_position_embeddings=128, attn_implementation=attention)
+        return transformers.BertModel(cfg)
+    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                  decoder_ffn_dim=96, max_position_embeddings=128, use_cache=False,
+                                  attn_implementation=attention)
+    return transformers.BartModel(cfg)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["bert", "bart"])
+def test_causal_sdpa_leaves_encoders_and_cross_attention_as_sdpa_does(kind, compiled):
+    # BERT is an encoder; BART's encoder and its decoder's cross-attention are not causal, its decoder's
+    # self-attention is. Equal query and key lengths, no mask: only the module says which is which
+    ids = torch.randint(0, VOCAB, (2, 32))
+    out, calls = {}, {}
+    for attention in ("sdpa", "causal_sdpa"):
+        model = _encoder(kind, attention).eval()
+        if compiled:
+            torch._dynamo.reset()
+            model = torch.compile(model, backend="eager")
+        extra = {"decoder_input_ids": ids} if kind == "bart" else {}
+        with SdpaCalls() as seen, torch.no_grad():
+            out[attention] = model(input_ids=ids, **extra).last_hidden_state
+        calls[attention] = [causal for causal, _ in seen.calls]
+    assert torch.equal(out["sdpa"], out["causal_sdpa"])
+    if not compiled:  # a TorchFunctionMode sees the calls eagerly only
+        assert calls["causal_sdpa"] == calls["sdpa"]
+        assert calls["sdpa"] == ([False] * 2 if kind == "bert" else [False] * 2 + [True, False] * 2)
+
+
+def test_causal_sdpa_encoder_sites_are_never_rewritten_into_lighthouse():
+    model = _encoder("bart", "causal_sdpa")
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    ids = torch.randint(0, VOCAB, (1, N))
+    model(input_ids=ids, decoder_input_ids=ids)
+    report = lhcompile.inspect(model)
+    rewritten = [s.module_path for s in report.rewritten]
+    assert rewritten == ["decoder.layers.0.self_attn", "decoder.layers.1.self_attn"], str(report)
+    assert all("not causal" in s.reason for s in report.dense), str(report)

@@ -1,0 +1,126 @@
+"""What users do to an applied model after ``apply``: copy it, pickle it, compile it again, feed it many lengths.
+Each either keeps Lighthouse or says plainly that it does not."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import lhcompile
+from lhcompile import LighthouseConfig, LighthouseWarning
+
+from .models import GPT, VOCAB, logits
+from .test_no_silent_failures import CFG, N, assert_same_training_step
+
+
+def _applied():
+    torch.manual_seed(0)
+    model = GPT()
+    twin = copy.deepcopy(model)
+    lhcompile.apply(model, CFG, compiler="eager")
+    return model, twin
+
+
+def test_a_deep_copy_runs_lighthouse_like_the_original_with_a_report_of_its_own():
+    model, twin = _applied()
+    ids = torch.randint(0, VOCAB, (2, N))
+    logits(model, ids)
+    ema = copy.deepcopy(model)  # taken after the original ran: its compiled graphs are the original's
+    assert "seen yet" in str(lhcompile.inspect(ema))
+    assert_same_training_step(ema, twin, ids, {1, 2})
+    assert [s.rewritten for s in lhcompile.inspect(ema)] == [False, True, True, False]
+    assert len(lhcompile.inspect(model)) == 4  # the original's report is its own
+    assert next(ema.parameters()).data_ptr() != next(model.parameters()).data_ptr()
+    ema.eval()
+    with torch.no_grad():  # and the copy follows its own train/eval flag
+        torch.testing.assert_close(logits(ema, ids), logits(twin.eval(), ids), rtol=1e-6, atol=1e-6)
+    lhcompile.restore(ema)  # the copy restores on its own
+    assert lhcompile.inspect(model) and ema._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_pickled_copy_is_plainly_not_applied_and_the_pickling_says_so(how):
+    model, twin = _applied()
+    model = copy.deepcopy(model)
+    with pytest.warns(LighthouseWarning, match="the loaded copy is not applied"):
+        if how == "pickle":
+            loaded = pickle.loads(pickle.dumps(model))
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            loaded = torch.load(buffer, weights_only=False)
+    assert not lhcompile.inspect(loaded) and "seen yet" in str(lhcompile.inspect(loaded))
+    ids = torch.randint(0, VOCAB, (2, N))
+    torch.testing.assert_close(logits(loaded, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)  # dense, uncompiled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)  # not "already rewritten"
+        lhcompile.apply(loaded, CFG, compiler="eager")
+    assert_same_training_step(loaded, twin, ids, {1, 2})
+
+
+def test_a_shallow_copy_is_plainly_not_applied():
+    model, twin = _applied()
+    ids = torch.randint(0, VOCAB, (2, N))
+    logits(model, ids)
+    shallow = copy.copy(model)
+    assert not lhcompile.inspect(shallow) and lhcompile.inspect(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        lhcompile.apply(shallow, CFG, compiler="eager")
+    lhcompile.restore(shallow)
+    assert len(lhcompile.inspect(model).rewritten) == 2
+
+
+def test_module_compile_after_apply_keeps_lighthouse_and_restore_gives_it_back():
+    model, twin = _applied()
+    ids = torch.randint(0, VOCAB, (2, N))
+    with pytest.warns(LighthouseWarning, match=r"GPT.compile\(\) after lhcompile.apply"):
+        model.compile(backend="eager")
+    assert_same_training_step(model, twin, ids, {1, 2})
+    assert len(lhcompile.inspect(model).rewritten) == 2
+    lhcompile.restore(model)
+    assert model._compiled_call_impl is not None  # the user's own compile, which now runs the dense model
+    torch.testing.assert_close(logits(model, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)
+    model.compile(backend="eager")  # plain Module.compile again, no word
+    assert "compile" not in model.__dict__
+
+
+def test_more_lengths_than_dynamos_recompile_limit_are_said_to_run_dense():
+    model, _ = _applied()
+    lengths = [N + 16 * i for i in range(5)]
+    with torch._dynamo.config.patch(recompile_limit=3), \
+            pytest.warns(LighthouseWarning, match="reached its recompile limit") as record:
+        for n in lengths:
+            logits(model, torch.randint(0, VOCAB, (1, n)))
+        for n in lengths:  # lengths seen before: not said again
+            logits(model, torch.randint(0, VOCAB, (1, n)))
+    [warning] = [w for w in record if "recompile limit" in str(w.message)]
+    assert f"(1, {lengths[3]})" in str(warning.message)
+    assert lhcompile.inspect(model).graphs == 3
+
+
+def test_lengths_within_the_limit_say_nothing():
+    model, _ = _applied()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        for n in (N, N + 16, N):
+            logits(model, torch.randint(0, VOCAB, (1, n)))
+        model.eval()
+        with torch.no_grad():
+            logits(model, torch.randint(0, VOCAB, (1, N)))
+
+
+def test_arguments_that_cannot_work_fail_or_warn_at_apply(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", None)  # `import flash_attn` fails
+    with pytest.raises(ValueError, match="inner_backend='flash_attn'.*cannot be imported"):
+        lhcompile.apply(GPT(), LighthouseConfig(inner_backend="flash_attn"))
+    # torchrun started 2 processes, and dist.group.WORLD is None until init_process_group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(LighthouseWarning, match="before torch.distributed is initialized"):
+        lhcompile.apply(GPT(), CFG, compiler="eager", context_parallel=None)
