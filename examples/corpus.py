@@ -1,35 +1,31 @@
-"""Training data for the examples: Python source as bytes, with a key-value retrieval probe mixed in.
+"""Training data for the examples: Python source as bytes, in batches that are a function of their index.
 
 The corpus is every ``*.py`` file under the running interpreter's standard library and site-packages, exact
 duplicates removed, every 20th file held out. Bytes are tokens (no tokenizer): 256 byte values plus a few
 specials.
 
-The probe gives a small model something long-range to learn and us something to measure: a few lines
-``abcde = 12345`` are inserted at random line boundaries before the last ``tail`` bytes of a sequence, and a
-few of them are asked for in those last bytes as ``assert abcde == 12345``. Training sees probes in every
-sequence (under 1% of its bytes at 32K); the held-out probe uses fresh keys and scores the five digits of each
-answer under teacher forcing.
+``Batches`` makes batch i from (seed, i) alone, so a run resumed at step i reads exactly the batches a run
+straight through would, and batches can be built ahead by DataLoader workers in any order.
+
+``copies`` finds what in-context retrieval means in source code: bytes that continue a span seen earlier in
+the same sequence (a 32-byte window that occurred before, followed there by the same byte), with the distance to
+the earlier copy. A model that has learned to copy from context predicts those bytes well, and how well
+depends on the distance it can reach back: the loss on them, by distance, is the retrieval measure.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import string
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import torch
 
 SPECIALS = 3  # byte-level vocabulary: 256 bytes + <bos>, <eos>, <pad>
 VOCAB = 256 + SPECIALS
-NAME_LEN, DIGITS = 5, 5
-KEY_LINE = NAME_LEN + len(" = ") + DIGITS + 1  # "abcde = 12345\n"
-QUERY_PREFIX = len("assert ") + NAME_LEN + len(" == ")
-QUERY_LINE = QUERY_PREFIX + DIGITS + 1  # "assert abcde == 12345\n"
-DIGIT_IDS = torch.arange(ord("0"), ord("9") + 1)
 
 
 @dataclass(frozen=True)
@@ -73,89 +69,63 @@ def python_corpus(holdout_every: int = 20) -> Corpus:
                   duplicates, tuple(map(str, roots)))
 
 
+class Batches(torch.utils.data.Dataset):
+    """Batch i: ``batch`` random crops of ``length`` bytes of ``data`` (int64, (batch, length)), drawn from a
+    generator seeded with (seed, i) alone."""
+
+    def __init__(self, data: torch.Tensor, batch: int, length: int, seed: int) -> None:
+        if data.numel() <= length:
+            raise ValueError(f"Batches: {data.numel()} bytes of data cannot give crops of {length}")
+        self.data, self.batch, self.length, self.seed = data, batch, length, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        starts = torch.randint(0, self.data.numel() - self.length, (self.batch,), generator=generator).tolist()
+        return torch.stack([self.data[s : s + self.length] for s in starts]).long()
+
+
+WINDOW = 32
+"""Bytes of context that must have occurred before for the next byte to count as a copy."""
+DISTINCT = 8
+"""Distinct byte values a window needs (runs of indentation repeat everywhere and say nothing about retrieval)."""
+
+
 @dataclass(frozen=True)
-class Probe:
-    """How many key lines and queries go into each sequence, and the tail of bytes the queries sit in."""
+class Copies:
+    """Where a sequence continues a span seen earlier: target positions (the byte at t + 1 follows the window
+    ending at t, as seen earlier) and the distance back to the earlier occurrence."""
 
-    keys: int
-    queries: int
-    tail: int
-
-    def __post_init__(self) -> None:
-        if not 0 < self.queries <= self.keys:
-            raise ValueError(f"Probe: queries={self.queries} must be between 1 and keys={self.keys}")
-        if self.tail < self.queries * QUERY_LINE:
-            raise ValueError(f"Probe: tail={self.tail} bytes cannot hold {self.queries} query lines of {QUERY_LINE}")
-
-    @property
-    def bytes(self) -> int:
-        return self.keys * KEY_LINE + self.queries * QUERY_LINE
+    positions: torch.Tensor
+    distances: torch.Tensor
 
 
-@dataclass(frozen=True)
-class Answers:
-    """Where the answers of a probed sequence are: the first digit's position and the key line's distance."""
-
-    digit_at: torch.Tensor  # (queries,) position of the first answer digit
-    distance: torch.Tensor  # (queries,) bytes from the key line to the query line
-
-
-def _line_starts(text: torch.Tensor) -> torch.Tensor:
-    starts = (text[:-1] == ord("\n")).nonzero().flatten() + 1
-    return torch.cat([torch.zeros(1, dtype=starts.dtype), starts])
-
-
-def _choose(candidates: torch.Tensor, count: int, lo: int, hi: int, generator: torch.Generator) -> list[int]:
-    """``count`` insertion points among the line starts in [lo, hi) (any position there when too few)."""
-    inside = candidates[(candidates >= lo) & (candidates < hi)]
-    if inside.numel() < count:
-        inside = torch.arange(lo, hi)
-    return sorted(inside[torch.randperm(inside.numel(), generator=generator)[:count]].tolist())
-
-
-def probed(text: torch.Tensor, probe: Probe, generator: torch.Generator) -> tuple[torch.Tensor, Answers]:
-    """``text`` with ``probe.bytes`` bytes of key lines and queries inserted, and where the answers are."""
-    letters = torch.randint(0, 26, (probe.keys, NAME_LEN), generator=generator)
-    names = ["".join(string.ascii_lowercase[i] for i in row) for row in letters.tolist()]
-    values = torch.randint(0, 10**DIGITS, (probe.keys,), generator=generator).tolist()
-    asked = sorted(torch.randperm(probe.keys, generator=generator)[: probe.queries].tolist())
-    starts = _line_starts(text)
-    tail_start = text.numel() - (probe.tail - probe.queries * QUERY_LINE)
-    key_at = _choose(starts, probe.keys, 0, tail_start, generator)
-    query_at = _choose(starts, probe.queries, tail_start, text.numel(), generator)
-    inserts = [(at, f"{names[i]} = {values[i]:0{DIGITS}d}\n", i) for i, at in enumerate(key_at)]
-    order = torch.randperm(probe.queries, generator=generator).tolist()  # which key each query asks, in order
-    inserts += [(at, f"assert {names[asked[j]]} == {values[asked[j]]:0{DIGITS}d}\n", -1 - asked[j])
-                for at, j in zip(query_at, order)]
-    inserts.sort(key=lambda ins: ins[0])
-    pieces, placed, digit_at, distance, last = [], {}, [], [], 0
-    length = 0
-    for at, line, tag in inserts:
-        pieces.append(text[last:at])
-        length += at - last
-        if tag >= 0:
-            placed[tag] = length
-        else:
-            digit_at.append(length + QUERY_PREFIX)
-            distance.append(length - placed[-1 - tag])
-        pieces.append(torch.tensor(list(line.encode()), dtype=torch.uint8))
-        length += len(line)
-        last = at
-    pieces.append(text[last:])
-    return torch.cat(pieces), Answers(torch.tensor(digit_at), torch.tensor(distance))
-
-
-def sequences(data: torch.Tensor, batch: int, length: int, generator: torch.Generator, probe: Probe | None = None
-              ) -> Iterator[tuple[torch.Tensor, list[Answers]]]:
-    """Endless batches (batch, length) int64 of random crops of ``data``, each probed when ``probe`` is given."""
-    crop = length - (probe.bytes if probe else 0)
-    while True:
-        starts = torch.randint(0, data.numel() - crop, (batch,), generator=generator).tolist()
-        rows, answers = [], []
-        for s in starts:
-            text = data[s : s + crop]
-            if probe is not None:
-                text, where = probed(text, probe, generator)
-                answers.append(where)
-            rows.append(text)
-        yield torch.stack(rows).long(), answers
+def copies(seq: torch.Tensor, window: int = WINDOW, distinct: int = DISTINCT) -> Copies:
+    """The copy positions of one sequence, in order (1-D int64 of byte values): prediction positions t (the model at t
+    predicts seq[t + 1]) where seq[t + 1 - window : t + 1] occurred before, ending at s < t, and seq[s + 1] equals
+    seq[t + 1]; the most recent such s counts, at distance t - s. Windows are compared by a 64-bit polynomial hash."""
+    x = seq.numpy().astype(np.uint64)
+    n = x.size
+    if n <= window + 1:
+        return Copies(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    # h[e] = hash of x[e - window + 1 : e + 1], from prefix sums of x[k] * P^-k (P is odd, so invertible mod 2^64)
+    with np.errstate(over="ignore"):
+        p = np.uint64(0x100000001B3)
+        p_inv = np.uint64(pow(int(p), -1, 2**64))
+        powers = np.cumprod(np.full(n, p, dtype=np.uint64))  # P^1 .. P^n
+        inverse = np.concatenate([[np.uint64(1)], np.cumprod(np.full(n - 1, p_inv, dtype=np.uint64))])  # P^-k
+        prefix = np.cumsum(x * inverse, dtype=np.uint64)  # sum_{k <= e} x[k] P^-k
+        ends = np.arange(window - 1, n - 1)  # windows that have a next byte
+        before = np.concatenate([[np.uint64(0)], prefix])[ends - window + 1]
+        hashes = (prefix[ends] - before) * powers[ends]
+    windows = np.lib.stride_tricks.sliding_window_view(x, window)[ends - window + 1]
+    varied = (np.diff(np.sort(windows, axis=1), axis=1) != 0).sum(axis=1) + 1 >= distinct
+    order = np.argsort(hashes, kind="stable")  # equal hashes stay in position order: the previous one is the latest
+    same = hashes[order[1:]] == hashes[order[:-1]]
+    later, earlier = ends[order[1:][same]], ends[order[:-1][same]]
+    keep = varied[later - window + 1] & (x[later + 1] == x[earlier + 1])
+    order = np.argsort(later[keep])
+    later, earlier = later[keep][order], earlier[keep][order]
+    return Copies(torch.from_numpy(later).long(), torch.from_numpy(later - earlier).long())

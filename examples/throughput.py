@@ -21,7 +21,7 @@ import lhcompile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train  # noqa: E402
-from corpus import python_corpus, sequences  # noqa: E402
+from corpus import Batches, python_corpus  # noqa: E402
 
 
 def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
@@ -35,10 +35,10 @@ def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float
         model.compile()
     else:
         lhcompile.apply(model, size.lighthouse)
-    stream = sequences(data, 1, seq_len + 1, torch.Generator().manual_seed(0))
+    batches = iter(Batches(data, 1, seq_len + 1, seed=0))
 
     def step():
-        loss = train.loss_of(model, next(stream)[0].cuda())
+        loss = train.loss_of(model, next(batches).cuda())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -65,14 +65,14 @@ def measure(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seq-len", type=int, nargs="+", default=[32768, 65536], help="context lengths to time")
-    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (batch 1)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[32768, 65536],
+                    help="context lengths to time (default: 32768 65536)")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps, batch 1 (default: 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation (default: 3)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (both models)")
     ap.add_argument("--size", choices=list(train.SIZES), default="paper",
-                    help="model dims and Lighthouse setting (examples/train.py's presets)")
+                    help="model dims and Lighthouse setting, examples/train.py's presets (default: paper)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("throughput.py measures CUDA training steps; no CUDA device is visible")

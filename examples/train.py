@@ -1,20 +1,29 @@
 """Two-stage long-context pre-training with lhcompile: a Lighthouse stage, then dense recovery.
 
 A Llama-3-style decoder (Hugging Face LlamaConfig, random init, byte vocabulary) learns Python source (every
-.py file of this interpreter, see corpus.py) with a key-value retrieval probe mixed in. Stage 1 runs with
-``lhcompile.apply``; stage 2 calls ``lhcompile.restore`` and goes on with dense SDPA from the same weights and
-optimizer state. The recipe is the paper's: linear warm-up, then a constant learning rate through the switch;
-fp32 master weights with bf16 autocast on a GPU; AdamW (0.9, 0.95), weight decay 0.1, gradient clipping 1.
+.py file of this interpreter, see corpus.py). Stage 1 runs with ``lhcompile.apply``; stage 2 calls
+``lhcompile.restore`` and goes on with dense SDPA from the same weights and optimizer state. The recipe is the
+paper's: linear warm-up over a fixed number of steps, then a constant learning rate through the switch; fp32
+master weights with bf16 autocast on a GPU; AdamW (0.9, 0.95), weight decay 0.1, gradient clipping 1.
 
     python examples/train.py                        # tiny model on CPU (a few minutes); the 'quality' size on a GPU
     python examples/train.py --dense                # the dense-from-scratch baseline: same seed, same batches
-    python examples/train.py --size paper --seq-len 65536 --steps 16000
+    python examples/train.py --steps 6000 --switch-at 6000 --stop-at 4200 --save-at 1400,2800,4200 --out runs/lh
+    python examples/train.py --resume runs/lh/state_2800 --steps 4000 --switch-at 2800 --out runs/two_stage_4000
 
-Held-out loss is measured with dense attention (eval mode) every --eval-every steps and at the switch, overall
-and by position bucket; at the switch also with Lighthouse attention (the spike the restore has to recover
-from). At the switch and at the end the retrieval probe is scored on held-out text with fresh keys. Wall clock
-counts training steps only: compilation (a warm-up step per stage) and evaluation are timed apart.
-Writes summary.json, loss.png and the checkpoint to --out.
+Since the learning rate is constant after warm-up and batch i depends on (seed, i) alone, a run of H steps is
+the first H steps of any longer run: ``--save-at`` keeps resumable states (weights, optimizer, scheduler, step,
+RNG, the switch done or not, every history) and ``--resume`` continues one bit for bit, also with another
+horizon or switch step (a two-stage run branched from a Lighthouse run). Batches are built by DataLoader workers
+off the training thread, with a bounded number of CPU threads per run, so that runs side by side on one
+machine (one per GPU) do not slow each other.
+
+Held-out loss is measured with dense attention (eval mode) every --eval-every steps, at the switch, at every
+saved state and at the end: overall, by position bucket, and on copy positions by distance to the earlier copy
+(corpus.copies: the in-context retrieval measure). A Lighthouse layer's loss is not measured: its selection
+reads the norms of later tokens of the same tile, so it is no causal language-model loss (docs/algorithm.md).
+Wall clock counts training steps only: compilation (a warm-up step per stage) and evaluation are timed apart.
+Writes summary.json and loss.png to --out (and the final weights as a Hugging Face checkpoint with --save).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lhcompile
 import lhcompile.hf  # noqa: F401  (registers attn_implementation="causal_sdpa")
-from corpus import DIGIT_IDS, DIGITS, VOCAB, Probe, python_corpus, sequences
+from corpus import VOCAB, Batches, copies, python_corpus
 
 
 @dataclass(frozen=True)
@@ -48,28 +58,28 @@ class Size:
     seq_len: int
     batch: int
     steps: int
+    warmup: int
     lr: float
     lighthouse: lhcompile.LighthouseConfig
-    probe: Probe
     eval_every: int
     eval_batches: int
-    probe_batches: int
 
 
 SIZES = {
     # CPU: a few minutes; L3 p2 k32 in tiles of 16, so that a 512-byte sequence is long enough for Lighthouse
-    "tiny": Size(4, 128, 4, 2, 256, 512, 4, 300, 3e-3,
+    "tiny": Size(4, 128, 4, 2, 256, 512, 4, 300, 30, 3e-3,
                  lhcompile.LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_budget=16, dense_layers=(0, -1)),
-                 Probe(keys=2, queries=1, tail=64), eval_every=30, eval_batches=2, probe_batches=4),
+                 eval_every=30, eval_batches=2),
     # the quality experiment (BENCHMARKS.md): 21.4M parameters, 32K bytes, the paper's k1536-at-98K sparsity
-    # scaled by a third (4 tiles of 8192 tokens, S/N = 18.75%); 2 of 12 layers dense
-    "quality": Size(12, 384, 3, 3, 1024, 32768, 2, 2000, 2e-3,
+    # scaled by a third (4 tiles of 8192 tokens, S/N = 18.75%); 2 of 12 layers dense. Warm-up: 200 steps at
+    # every horizon (the 2000-step runs' 10%), so that the horizon moves neither the schedule nor the transition
+    "quality": Size(12, 384, 3, 3, 1024, 32768, 2, 2000, 200, 2e-3,
                     lhcompile.LighthouseConfig(levels=3, pooling_factor=4, topk=512, dense_layers=(0, -1)),
-                    Probe(keys=8, queries=4, tail=1024), eval_every=100, eval_batches=8, probe_batches=32),
+                    eval_every=100, eval_batches=8),
     # the paper's 530M-class model (d_model 1024, 30 layers, 8 heads x 128, FFN 1536), L3 p4 k2048
-    "paper": Size(30, 1024, 8, 8, 1536, 65536, 1, 16000, 1e-3,
+    "paper": Size(30, 1024, 8, 8, 1536, 65536, 1, 16000, 1000, 1e-3,
                   lhcompile.LighthouseConfig(levels=3, pooling_factor=4, topk=2048, dense_layers=(0, 1, -2, -1)),
-                  Probe(keys=8, queries=4, tail=1024), eval_every=500, eval_batches=8, probe_batches=16),
+                  eval_every=500, eval_batches=8),
 }
 
 
@@ -82,7 +92,7 @@ def model_config(size: Size, seq_len: int, attention: str = "sdpa") -> LlamaConf
 
 
 def buckets(seq_len: int) -> list[tuple[int, int]]:
-    """Position buckets: 0-1K, 1-4K, 4-16K, 16-32K at 32K, the same fractions at other lengths."""
+    """Position (or distance) buckets: 0-1K, 1-4K, 4-16K, 16-32K at 32K, the same fractions at other lengths."""
     edges = [0, seq_len // 32, seq_len // 8, seq_len // 2, seq_len]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -98,199 +108,265 @@ def loss_of(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluator:
-    """Held-out loss by position bucket, and probe accuracy by distance, on fixed held-out batches."""
+    """Held-out loss with dense attention on fixed held-out batches: overall, by position bucket, and on copy
+    positions by distance to the earlier copy (the retrieval measure, corpus.copies)."""
 
-    def __init__(self, held: torch.Tensor, size: Size, args, device: torch.device, autocast) -> None:
+    def __init__(self, held: torch.Tensor, args, device: torch.device, autocast) -> None:
         self.device, self.autocast, self.seq_len = device, autocast, args.seq_len
-        stream = sequences(held, args.batch, args.seq_len + 1, torch.Generator().manual_seed(1234))
-        self.plain = [next(stream)[0] for _ in range(args.eval_batches)]
-        probes = sequences(held, args.batch, args.seq_len + 1, torch.Generator().manual_seed(4321), size.probe)
-        self.probed = [next(probes) for _ in range(args.probe_batches)]
+        data = Batches(held, args.batch, args.seq_len + 1, seed=1234)
+        self.batches = [data[i] for i in range(args.eval_batches)]
+        # per sequence: which predictions continue an earlier span, at which distance bucket (-1: none)
+        self.distance_bucket = torch.full((len(self.batches) * args.batch, args.seq_len), -1, dtype=torch.long)
+        for row, seq in enumerate(torch.cat(self.batches)):
+            found = copies(seq)
+            for i, (lo, hi) in enumerate(buckets(args.seq_len)):
+                inside = (found.distances >= lo) & (found.distances < hi)
+                self.distance_bucket[row, found.positions[inside]] = i
 
-    def _logits(self, model, batch: torch.Tensor) -> torch.Tensor:
-        with self.autocast():  # sliced on the device, as in training: the same strides reuse the compiled graph
-            return model(input_ids=batch.to(self.device)[:, :-1]).logits.float()
-
-    def loss(self, model, *, lighthouse: bool = False) -> dict:
-        """Mean held-out loss, overall and per bucket; dense attention unless ``lighthouse`` (train mode, whose
-        compiled graph is the training step's own: no new compilation)."""
-        model.train(lighthouse)
-        per_position = torch.zeros(self.seq_len, device=self.device)
-        with torch.enable_grad() if lighthouse else torch.no_grad():
-            for batch in self.plain:
-                logits = self._logits(model, batch)
-                target = batch[:, 1:].to(self.device)
-                per_position += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").detach().sum(0)
-        model.train()
-        per_position /= len(self.plain) * self.plain[0].shape[0]
-        result = {"loss": per_position.mean().item()}
-        result["buckets"] = {bucket_name(lo, hi): per_position[lo:hi].mean().item() for lo, hi in buckets(self.seq_len)}
-        return result
-
-    @torch.no_grad()
-    def probe(self, model) -> dict:
-        """Per-digit accuracy (argmax among the ten digits, teacher-forced; chance 10%) and exact match of the
-        five-digit answers, overall and by key-to-query distance bucket (dense attention)."""
+    def __call__(self, model) -> dict:
         model.eval()
-        hits, distances = [], []
-        for batch, answers in self.probed:
-            logits = self._logits(model, batch)
-            for row, where in enumerate(answers):
-                at = where.digit_at[:, None] + torch.arange(DIGITS)  # (queries, digits) positions of the digits
-                scores = logits[row, (at - 1).to(self.device)][..., DIGIT_IDS.to(self.device)].cpu()
-                hits.append(DIGIT_IDS[scores.argmax(-1)] == batch[row, at])
-                distances.append(where.distance)
+        losses, hits = [], []
+        with torch.no_grad():
+            for batch in self.batches:
+                with self.autocast():  # sliced on the device, as in training: the same strides reuse the graph
+                    logits = model(input_ids=batch.to(self.device)[:, :-1]).logits.float()
+                target = batch[:, 1:].to(self.device)
+                losses.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none").cpu())
+                hits.append((logits.argmax(-1) == target).cpu())
         model.train()
-        hits, distances = torch.cat(hits), torch.cat(distances)
-
-        def scores(mask: torch.Tensor) -> dict:
-            h = hits[mask]
-            if not len(h):
-                return {"per_digit": None, "exact": None, "queries": 0}
-            return {"per_digit": h.float().mean().item(), "exact": h.all(-1).float().mean().item(), "queries": len(h)}
-
-        result = scores(torch.ones_like(distances, dtype=torch.bool))
-        result["by_distance"] = {bucket_name(lo, hi): scores((distances >= lo) & (distances < hi))
-                                 for lo, hi in buckets(self.seq_len)}
+        loss, hit = torch.cat(losses), torch.cat(hits)
+        per_position = loss.mean(0)
+        result = {"loss": per_position.mean().item(),
+                  "buckets": {bucket_name(lo, hi): per_position[lo:hi].mean().item()
+                              for lo, hi in buckets(self.seq_len)}}
+        copied = {}
+        for i, (lo, hi) in enumerate(buckets(self.seq_len)):
+            at = self.distance_bucket == i
+            copied[bucket_name(lo, hi)] = {"loss": loss[at].mean().item() if at.any() else None,
+                                           "accuracy": hit[at].float().mean().item() if at.any() else None,
+                                           "positions": int(at.sum())}
+        result["copy"] = copied
         return result
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default=None,
                     help="model and budget preset (default: quality on a GPU, tiny on CPU)")
-    ap.add_argument("--steps", type=int, help="optimizer steps in all (default: the size's)")
-    ap.add_argument("--recovery", type=float, default=0.3, help="share of the steps run dense after the switch")
+    ap.add_argument("--steps", type=int, help="the horizon: optimizer steps in all (default: the size's)")
+    ap.add_argument("--recovery", type=float, default=0.3,
+                    help="share of the steps run dense after the switch (default: 0.3)")
+    ap.add_argument("--switch-at", type=int,
+                    help="step of the switch to dense (default: from --recovery; --steps: never)")
+    ap.add_argument("--stop-at", type=int, help="stop after this step, saving a state (default: --steps)")
+    ap.add_argument("--save-at", default="", help="comma-separated steps at which to save a resumable state")
+    ap.add_argument("--resume", help="a state folder (state_<step>) to continue from, bit for bit")
     ap.add_argument("--dense", action="store_true", help="baseline: dense SDPA for all steps (no lhcompile.apply)")
     ap.add_argument("--seq-len", type=int, help="bytes per sequence (default: the size's)")
     ap.add_argument("--batch", type=int, help="sequences per step (default: the size's)")
     ap.add_argument("--lr", type=float, help="peak learning rate, held constant after warm-up (default: the size's)")
-    ap.add_argument("--warmup", type=float, default=0.1, help="share of the steps of linear learning-rate warm-up")
+    ap.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up (default: the size's)")
     ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: the size's)")
     ap.add_argument("--eval-batches", type=int, help="held-out batches per evaluation (default: the size's)")
-    ap.add_argument("--probe-batches", type=int, help="held-out probe batches (default: the size's)")
     ap.add_argument("--compiler", choices=["inductor", "eager"], default=None,
                     help="inductor (default on a GPU) or eager (default on CPU)")
     ap.add_argument("--attention", choices=["sdpa", "causal_sdpa"], default=None,
                     help="HF attention: stock sdpa, or causal_sdpa (no N x N mask; default on a GPU, see lhcompile/hf.py)")
-    ap.add_argument("--seed", type=int, default=0, help="weights and batch order")
-    ap.add_argument("--out", default="runs/train", help="directory for summary.json, loss.png and the checkpoint")
-    ap.add_argument("--save", action=argparse.BooleanOptionalAction, default=True, help="write the checkpoint")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers building batches (default: 2 on a GPU, 1 on CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of the training process (default: 4 on a GPU, torch's own on CPU)")
+    ap.add_argument("--seed", type=int, default=0, help="weights and batch order (default: 0)")
+    ap.add_argument("--out", default="runs/train", help="folder for summary.json, loss.png, states (default: runs/train)")
+    ap.add_argument("--save", action=argparse.BooleanOptionalAction, default=False,
+                    help="write the final weights as a Hugging Face checkpoint (default: no)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.size = args.size or ("quality" if cuda else "tiny")
     size = SIZES[args.size]
-    for name in ("steps", "seq_len", "batch", "lr", "eval_every", "eval_batches", "probe_batches"):
+    for name in ("steps", "seq_len", "batch", "lr", "warmup", "eval_every", "eval_batches"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(size, name))
     args.compiler = args.compiler or ("inductor" if cuda else "eager")
     args.attention = args.attention or ("causal_sdpa" if cuda else "sdpa")
-    args.switch_at = round(args.steps * (1 - args.recovery))  # the two-stage run's switch: both runs evaluate there
+    args.workers = (2 if cuda else 1) if args.workers is None else args.workers
+    args.threads = args.threads or (4 if cuda else None)
+    if args.dense:
+        args.switch_at = 0
+    elif args.switch_at is None:
+        args.switch_at = round(args.steps * (1 - args.recovery))
+    args.stop_at = min(args.stop_at or args.steps, args.steps)
+    args.save_at = sorted({int(s) for s in args.save_at.split(",") if s})
     return args
+
+
+class Run:
+    """Everything a training run carries from step to step, saved whole by ``save`` and continued by ``load``."""
+
+    def __init__(self, args, device: torch.device) -> None:
+        size = SIZES[args.size]
+        torch.manual_seed(args.seed)
+        self.model = LlamaForCausalLM(model_config(size, args.seq_len, args.attention)).to(device)  # fp32 master
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                     fused=device.type == "cuda")
+        warmup = max(1, args.warmup)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup))
+        self.step = 0
+        self.lighthouse_steps = 0  # steps trained with Lighthouse attention
+        self.switched = False
+        self.train: list[tuple[int, float]] = []
+        self.heldout: list[dict] = []
+        self.timers = {"train_s": 0.0, "compile_s": 0.0, "eval_s": 0.0}
+        self.config = {k: getattr(args, k) for k in ("size", "seed", "seq_len", "batch", "lr", "warmup", "attention")}
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                    "step": self.step, "lighthouse_steps": self.lighthouse_steps, "switched": self.switched,
+                    "train": self.train, "heldout": self.heldout, "timers": self.timers, "rng": rng,
+                    "config": self.config}, folder / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        if state["config"] != self.config:
+            raise SystemExit(f"train.py --resume {folder}: it was trained with {state['config']}, not {self.config}")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.lighthouse_steps, self.switched = state["step"], state["lighthouse_steps"], state["switched"]
+        self.train, self.heldout, self.timers = state["train"], state["heldout"], state["timers"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def batches_from(step: int, args, data: torch.Tensor, device: torch.device):
+    """Batches step, step+1, ... built ahead by DataLoader workers (one CPU thread each), pinned on a GPU."""
+    dataset = Batches(data, args.batch, args.seq_len + 1, args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(step, args.stop_at), num_workers=args.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None,
+        worker_init_fn=_one_thread if args.workers else None)
+    return iter(loader)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     size = SIZES[args.size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else contextlib.nullcontext)
     corpus = python_corpus()
+    run = Run(args, device)
+    if args.resume:
+        run.load(Path(args.resume))
+    evaluator = Evaluator(corpus.heldout, args, device, autocast)
+    name = "dense" if args.dense else ("lighthouse" if args.switch_at >= args.steps else "two_stage")
+    params = sum(p.numel() for p in run.model.parameters())
     print(corpus.describe())
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(model_config(size, args.seq_len, args.attention)).to(device)  # fp32 master weights
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device.type == "cuda")
-    warmup = max(1, round(args.warmup * args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    stream = sequences(corpus.train, args.batch, args.seq_len + 1, torch.Generator().manual_seed(args.seed), size.probe)
-    evaluator = Evaluator(corpus.heldout, size, args, device, autocast)
-    name = "dense" if args.dense else "two_stage"
-    print(f"{name}: {params / 1e6:.1f}M parameters, {args.steps} steps x {args.batch} x {args.seq_len} bytes"
-          + ("" if args.dense else f", Lighthouse for {args.switch_at} then dense"))
+    print(f"{name}: {params / 1e6:.1f}M parameters, steps {run.step}..{args.stop_at} of {args.steps} x {args.batch} x "
+          f"{args.seq_len} bytes" + ("" if args.dense else f", switch to dense at step {args.switch_at}"))
+    out = Path(args.out)
+    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "parameters": params, "steps": args.steps,
+                     "tokens_per_step": args.batch * args.seq_len, "switch_step": args.switch_at, "warmup": args.warmup,
+                     "corpus": corpus.describe(), "resumed_from": args.resume}
 
-    def compile_stage(lighthouse: bool) -> float:
-        """Put the model in the stage's form, then compile it with one untimed step on held-out data (no update)."""
+    def compile_stage() -> None:
+        """Put the model in its stage's form, then compile it with one untimed step on held-out data (no update)."""
+        lighthouse = not run.switched and run.step < args.switch_at
         if lighthouse:
-            lhcompile.apply(model, size.lighthouse, compiler=args.compiler)
+            lhcompile.apply(run.model, size.lighthouse, compiler=args.compiler)
         elif args.compiler != "eager":
-            model.compile(backend=args.compiler)
+            run.model.compile(backend=args.compiler)
         start = time.perf_counter()
         with autocast():
-            loss_of(model, evaluator.plain[0].to(device)).backward()
-        opt.zero_grad(set_to_none=True)
+            loss_of(run.model, evaluator.batches[0].to(device)).backward()
+        run.opt.zero_grad(set_to_none=True)
         synchronize(device)
-        return time.perf_counter() - start
+        run.timers["compile_s"] += time.perf_counter() - start
 
-    compile_s = compile_stage(lighthouse=not args.dense)
-    train_s = eval_s = 0.0
-    history: list[tuple[int, float]] = []
-    heldout: list[dict] = []
-    summary: dict = {"run": name, "size": args.size, "parameters": params, "steps": args.steps,
-                     "tokens_per_step": args.batch * args.seq_len, "switch_step": args.switch_at,
-                     "lighthouse_steps": 0 if args.dense else args.switch_at, "corpus": corpus.describe()}
+    def report_sites() -> None:
+        summary["report"] = str(lhcompile.inspect(run.model))
+        summary["lighthouse_sites"] = len(lhcompile.inspect(run.model).rewritten)
+        tqdm.write(summary["report"])
+
+    def switch() -> None:
+        report_sites()
+        lhcompile.restore(run.model)  # stage 2: dense recovery, same weights and optimizer state
+        run.switched = True
+        compile_stage()
+
     pending: list[torch.Tensor] = []  # losses stay on the device between evaluations: no sync per step
 
-    def evaluate(step: int) -> None:
-        nonlocal eval_s
+    def evaluate() -> None:
         synchronize(device)
         start = time.perf_counter()
-        history.extend(zip(range(step - len(pending), step), torch.stack(pending).tolist()) if pending else [])
+        run.train.extend(zip(range(run.step - len(pending), run.step), torch.stack(pending).tolist()) if pending else [])
         pending.clear()
-        point = {"step": step, "tokens": step * args.batch * args.seq_len, "train_s": train_s, **evaluator.loss(model)}
-        if step == args.switch_at:
-            if not args.dense:
-                point["lighthouse_loss"] = evaluator.loss(model, lighthouse=True)["loss"]
-            summary["probe_at_switch"] = evaluator.probe(model)
-        heldout.append(point)
-        eval_s += time.perf_counter() - start
-        bar.set_postfix(train=f"{history[-1][1]:.3f}" if history else "-", heldout=f"{point['loss']:.3f}")
+        if not run.heldout or run.heldout[-1]["step"] != run.step:
+            point = {"step": run.step, "tokens": run.step * args.batch * args.seq_len, "train_s": run.timers["train_s"],
+                     "wall": time.time(), "lighthouse_steps": run.lighthouse_steps, **evaluator(run.model)}
+            run.heldout.append(point)
+            bar.set_postfix(train=f"{run.train[-1][1]:.3f}" if run.train else "-", heldout=f"{point['loss']:.3f}")
+            if bar.disable:  # a log file rather than a terminal: one line per evaluation
+                print(f"{name} step {run.step}: held-out {point['loss']:.4f}, training {run.timers['train_s']:.1f} s",
+                      flush=True)
+        run.timers["eval_s"] += time.perf_counter() - start
 
-    bar = tqdm(range(args.steps), desc="dense" if args.dense else "stage 1 lighthouse", dynamic_ncols=True)
+    if not args.dense and not run.switched and run.step >= args.switch_at:
+        run.switched = True  # resumed at (or after) its switch from a Lighthouse run's state: dense from here
+    compile_stage()
+    bar = tqdm(total=args.stop_at, initial=run.step, desc=name, dynamic_ncols=True, disable=None)
+    batches = batches_from(run.step, args, corpus.train, device)
     clock = time.perf_counter()
-    for step in bar:
-        if step % args.eval_every == 0 or step == args.switch_at:
-            train_s += time.perf_counter() - clock
-            evaluate(step)
-            if step == args.switch_at and not args.dense:
-                summary["report"] = str(lhcompile.inspect(model))
-                summary["lighthouse_sites"] = len(lhcompile.inspect(model).rewritten)
-                tqdm.write(summary["report"])
-                lhcompile.restore(model)  # stage 2: dense recovery, same weights and optimizer state
-                compile_s += compile_stage(lighthouse=False)
-                bar.set_description("stage 2 dense")
+    while True:
+        at_switch = not args.dense and not run.switched and run.step >= args.switch_at
+        if run.step % args.eval_every == 0 or at_switch or run.step in args.save_at or run.step == args.stop_at:
+            run.timers["train_s"] += time.perf_counter() - clock
+            evaluate()
+            if at_switch:
+                switch()
+            if run.step in args.save_at or run.step == args.stop_at:
+                run.save(out / f"state_{run.step}")
             clock = time.perf_counter()
-        batch = next(stream)[0]
-        if device.type == "cuda":  # pinned: the copy does not wait for the steps queued before it
-            batch = batch.pin_memory().to(device, non_blocking=True)
+        if run.step == args.stop_at:
+            break
+        batch = next(batches).to(device, non_blocking=True)
         with autocast():
-            loss = loss_of(model, batch)
+            loss = loss_of(run.model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
         pending.append(loss.detach())
-    synchronize(device)
-    train_s += time.perf_counter() - clock
-    evaluate(args.steps)
-    summary.update(train=history, heldout=heldout, final_heldout_loss=heldout[-1]["loss"],
-                   final_buckets=heldout[-1]["buckets"], probe=evaluator.probe(model), train_s=train_s,
-                   compile_s=compile_s, eval_s=eval_s, tokens=args.steps * args.batch * args.seq_len)
-    probe = summary["probe"]
-    print(f"{name}: held-out loss {summary['final_heldout_loss']:.4f} (dense attention); probe {probe['per_digit']:.0%} "
-          f"per digit, {probe['exact']:.0%} exact; training {train_s:.0f} s + compile {compile_s:.0f} s")
-
-    out = Path(args.out)
+        run.lighthouse_steps += not args.dense and not run.switched
+        run.step += 1
+        bar.update()
+    bar.close()
+    if not args.dense and not run.switched:
+        report_sites()  # a Lighthouse run stopped before its switch
+    final = run.heldout[-1]
+    summary.update(lighthouse_steps=run.lighthouse_steps, train=run.train, heldout=run.heldout,
+                   final_step=run.step, final_heldout_loss=final["loss"], final_buckets=final["buckets"],
+                   final_copy=final["copy"], tokens=run.step * args.batch * args.seq_len, **run.timers)
+    print(f"{name}: held-out loss {final['loss']:.4f} at step {run.step} (dense attention); copy loss by distance "
+          + ", ".join(f"{k} {v['loss']:.3f}" for k, v in final["copy"].items() if v["loss"] is not None)
+          + f"; training {run.timers['train_s']:.0f} s + compile {run.timers['compile_s']:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
     plot_losses({name: summary}, out / "loss.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.save:
-        model.save_pretrained(out / "checkpoint")
+        run.model.save_pretrained(out / "checkpoint")
     print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}" + (f" and {out / 'checkpoint'}" if args.save else ""))
-    return {"model": model, **summary, "checkpoint": out / "checkpoint"}
+    return {"model": run.model, **summary, "checkpoint": out / "checkpoint"}
 
 
 def synchronize(device: torch.device) -> None:
@@ -307,11 +383,11 @@ def plot_losses(runs: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, run in runs.items():
-        (line,) = ax.plot(*zip(*run["train"]), lw=0.6, alpha=0.6, label=f"{name}: train")
+        (line,) = ax.plot(*zip(*run["train"]), lw=0.6, alpha=0.6, label=f"{name}: train") if run["train"] else ax.plot([])
         points = run["heldout"]
         ax.plot([p["step"] for p in points], [p["loss"] for p in points], "o-", ms=3, color=line.get_color(),
                 label=f"{name}: held-out (dense attention)")
-        if run["lighthouse_steps"]:
+        if 0 < run["lighthouse_steps"] < run["final_step"]:
             ax.axvline(run["lighthouse_steps"], color="k", ls="--", lw=1, label="restore: Lighthouse → dense")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
@@ -322,4 +398,5 @@ def plot_losses(runs: dict[str, dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

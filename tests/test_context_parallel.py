@@ -45,7 +45,7 @@ def test_operator_on_two_gpus_equals_single_device_reference(tmp_path):
     spawn(_operator, tmp_path, torch.bfloat16, "cuda", 2e-2, backend="nccl")
 
 
-def _model(rank, compiler, per_layer, gpu=False):
+def _model(rank, compiler, per_layer, gpu=False, checkpointing=False):
     if gpu:
         # bf16, which the CUDA ring needs, and selection on the embeddings: a selection downstream of arithmetic
         # flips with bf16 rounding (in a 4-layer Llama, running the reference's dense layers with the math
@@ -69,6 +69,8 @@ def _model(rank, compiler, per_layer, gpu=False):
         want = run(twin, inputs, positions)
     F.cross_entropy(want.flatten(0, 1).float(), labels.flatten()).backward()
 
+    if checkpointing:  # each layer recomputed in the backward pass, Lighthouse selection included
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_with_fsdp2(model, model.get_submodule(stack) if per_layer else [])  # per layer: torchtitan's wrapping
     lhcompile.apply(model, config, compiler=compiler, context_parallel=dist.group.WORLD)
     local = run(model, shard(inputs, rank, WORLD, dim=1), shard(positions, rank, WORLD, dim=1))
@@ -84,10 +86,14 @@ def _model(rank, compiler, per_layer, gpu=False):
 
 # Inductor with per-layer FSDP2 only (torchtitan's wrapping): root wrapping under Inductor adds a minute of CPU
 # compilation and nothing the other three cases do not check
-@pytest.mark.parametrize("compiler,per_layer", [("eager", False), ("eager", True), ("inductor", True)],
-                         ids=["fsdp-root-eager", "fsdp-per-layer-eager", "fsdp-per-layer-inductor"])
-def test_hf_llama_with_fsdp2_and_context_parallel_equals_single_device_reference(tmp_path, compiler, per_layer):
-    spawn(_model, tmp_path, compiler, per_layer)
+@pytest.mark.parametrize("compiler,per_layer,checkpointing",
+                         [("eager", False, False), ("eager", True, False), ("inductor", True, False),
+                          ("eager", True, True)],
+                         ids=["fsdp-root-eager", "fsdp-per-layer-eager", "fsdp-per-layer-inductor",
+                              "fsdp-per-layer-checkpointed-eager"])
+def test_hf_llama_with_fsdp2_and_context_parallel_equals_single_device_reference(tmp_path, compiler, per_layer,
+                                                                                checkpointing):
+    spawn(_model, tmp_path, compiler, per_layer, False, checkpointing)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

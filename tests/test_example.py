@@ -1,11 +1,11 @@
-"""The README's main job and the quality check run end to end at tiny size; the data and the probe mean what
-they say; the checkpoint loads into plain transformers."""
+"""The README's main job and the quality study run end to end at tiny size; resumed and branched runs equal runs
+straight through; the data and the retrieval measure mean what they say; the checkpoint loads into plain
+transformers."""
 
 from __future__ import annotations
 
 import importlib
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-TINY = ["--size", "tiny", "--steps", "6", "--eval-every", "3", "--eval-batches", "1", "--probe-batches", "1",
-        "--seq-len", "256", "--batch", "2"]
+TINY = ["--size", "tiny", "--steps", "6", "--eval-every", "3", "--eval-batches", "1", "--seq-len", "256",
+        "--batch", "2", "--warmup", "2"]
 
 
 def _example(name: str):
@@ -26,13 +26,13 @@ def _example(name: str):
 
 def test_two_stage_training_switches_at_the_recovery_share_and_checkpoint_reloads(tmp_path):
     train = _example("train")
-    result = train.main([*TINY, "--recovery", "0.5", "--out", str(tmp_path)])
+    result = train.main([*TINY, "--recovery", "0.5", "--save", "--out", str(tmp_path)])
     assert len(result["train"]) == 6 and all(torch.isfinite(torch.tensor(l)) for _, l in result["train"])
     assert [p["step"] for p in result["heldout"]] == [0, 3, 6]
     assert result["lighthouse_steps"] == 3 and result["lighthouse_sites"] == 2, result["report"]
+    assert [p["lighthouse_steps"] for p in result["heldout"]] == [0, 3, 3]
     switch = result["heldout"][1]
-    assert set(switch["buckets"]) == {"0-8", "8-32", "32-128", "128-256"}
-    assert switch["lighthouse_loss"] != switch["loss"]  # Lighthouse and dense attention differ on held-out data
+    assert set(switch["buckets"]) == set(switch["copy"]) == {"0-8", "8-32", "32-128", "128-256"}
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())["final_heldout_loss"] == result["final_heldout_loss"]
     model = result["model"].eval()
@@ -44,98 +44,150 @@ def test_two_stage_training_switches_at_the_recovery_share_and_checkpoint_reload
         assert torch.equal(plain(ids).logits, model(ids).logits)
 
 
-def test_dense_baseline_sees_the_same_batches_and_is_evaluated_at_the_switch(tmp_path):
+def _same_run(a: dict, b: dict) -> None:
+    wa, wb = a["model"].state_dict(), b["model"].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
+    assert a["train"] == b["train"]
+    # b may hold one more evaluation, at the step where its first part stopped and saved
+    strip = lambda points: {p["step"]: {k: v for k, v in p.items() if k not in ("wall", "train_s")} for p in points}  # noqa: E731
+    held_a, held_b = strip(a["heldout"]), strip(b["heldout"])
+    assert held_a == {step: held_b[step] for step in held_a}
+    assert a["lighthouse_steps"] == b["lighthouse_steps"] and a["final_step"] == b["final_step"]
+
+
+@pytest.mark.parametrize("stop", [2, 5], ids=["before the switch", "after the switch"])
+def test_n_steps_then_resume_for_m_equals_n_plus_m_straight_through(tmp_path, stop):
     train = _example("train")
-    two_stage = train.main([*TINY, "--recovery", "0.5", "--no-save", "--out", str(tmp_path / "lh")])
-    dense = train.main([*TINY, "--recovery", "0.5", "--dense", "--no-save", "--out", str(tmp_path / "dense")])
-    assert [p["step"] for p in dense["heldout"]] == [p["step"] for p in two_stage["heldout"]]
-    assert dense["lighthouse_steps"] == 0 and "lighthouse_loss" not in dense["heldout"][1]
+    run = [*TINY, "--steps", "8", "--switch-at", "4", "--eval-every", "2"]
+    straight = train.main([*run, "--out", str(tmp_path / "straight")])
+    train.main([*run, "--stop-at", str(stop), "--out", str(tmp_path / "first")])
+    resumed = train.main([*run, "--resume", str(tmp_path / "first" / f"state_{stop}"), "--out", str(tmp_path / "rest")])
+    _same_run(straight, resumed)
+    assert resumed["lighthouse_steps"] == 4 and resumed["resumed_from"]
+
+
+def test_a_two_stage_run_branched_from_a_lighthouse_runs_state_equals_one_run_straight_through(tmp_path):
+    # the quality study's trick: one Lighthouse run to the longest horizon saves its state at every switch point
+    train = _example("train")
+    lighthouse = train.main([*TINY, "--steps", "8", "--switch-at", "8", "--save-at", "2,4", "--stop-at", "4",
+                             "--out", str(tmp_path / "lighthouse")])
+    assert lighthouse["lighthouse_steps"] == 4 and lighthouse["lighthouse_sites"] == 2
+    assert sorted(p.name for p in (tmp_path / "lighthouse").glob("state_*")) == ["state_2", "state_4"]
+    straight = train.main([*TINY, "--steps", "6", "--switch-at", "4", "--out", str(tmp_path / "straight")])
+    branch = train.main([*TINY, "--steps", "6", "--switch-at", "4", "--resume", str(tmp_path / "lighthouse" / "state_4"),
+                         "--out", str(tmp_path / "branch")])
+    _same_run(straight, branch)
+    with pytest.raises(SystemExit, match="it was trained with"):
+        train.main([*TINY, "--seed", "1", "--resume", str(tmp_path / "lighthouse" / "state_4"), "--out", str(tmp_path)])
+
+
+def test_dense_baseline_sees_the_same_batches(tmp_path):
+    train = _example("train")
+    two_stage = train.main([*TINY, "--recovery", "0.5", "--out", str(tmp_path / "lh")])
+    dense = train.main([*TINY, "--recovery", "0.5", "--dense", "--out", str(tmp_path / "dense")])
+    assert [p["step"] for p in dense["heldout"]] == [0, 3, 6] and dense["lighthouse_steps"] == 0
     # same initial weights, same first batches: the losses agree while both runs are dense or before updates
     assert dense["heldout"][0]["loss"] == two_stage["heldout"][0]["loss"]
     assert dense["tokens"] == two_stage["tokens"] == 6 * 2 * 256
     assert not (tmp_path / "dense" / "checkpoint").exists()
 
 
-def test_probe_inserts_key_lines_and_queries_whose_answers_are_where_it_says():
+def test_batches_depend_on_seed_and_index_alone():
     corpus = _example("corpus")
-    gen = torch.Generator().manual_seed(0)
-    text = corpus.python_corpus().heldout[:4000]
-    probe = corpus.Probe(keys=5, queries=3, tail=256)
-    probed, answers = corpus.probed(text, probe, gen)
-    assert probed.numel() == text.numel() + probe.bytes
-    source = bytes(probed.tolist()).decode("latin-1")
-    keys = dict(re.findall(r"(?m)^([a-z]{5}) = (\d{5})$", source))
-    assert len(keys) >= 5
-    lines = [m for m in re.finditer(r"(?m)^assert ([a-z]{5}) == (\d{5})$", source)]
-    assert len(lines) == 3 and all(keys[m.group(1)] == m.group(2) for m in lines)
-    assert all(m.start() >= probed.numel() - probe.tail for m in lines), "queries must sit in the tail"
-    for at, distance, m in zip(answers.digit_at.tolist(), answers.distance.tolist(), lines):
-        assert bytes(probed[at : at + 5].tolist()).decode() == m.group(2)
-        key_line = ("\n" + source).rindex(f"\n{m.group(1)} = ", 0, m.start() + 1)  # its line start
-        assert distance == m.start() - key_line
+    data = corpus.python_corpus().train
+    a, b = corpus.Batches(data, 2, 300, seed=0), corpus.Batches(data, 2, 300, seed=0)
+    assert torch.equal(a[7], b[7]) and not torch.equal(a[7], a[8])
+    assert not torch.equal(a[7], corpus.Batches(data, 2, 300, seed=1)[7])
+    assert a[3].shape == (2, 300) and a[3].dtype == torch.long
 
 
-class Retriever(torch.nn.Module):
-    """A perfect retriever: at every position that precedes an answer digit it puts all weight on that digit,
-    read from the key line (``shift`` reads the wrong digit, to show the scoring can fail)."""
-
-    def __init__(self, shift: int = 0) -> None:
-        super().__init__()
-        self.shift = shift
-
-    def forward(self, input_ids):
-        logits = torch.zeros(*input_ids.shape, 259)
-        for row, ids in enumerate(input_ids):
-            source = bytes(ids.tolist()).decode("latin-1")
-            keys = dict(re.findall(r"([a-z]{5}) = (\d{5})\n", source))  # lines go mid-line where no line starts
-            for m in re.finditer(r"assert ([a-z]{5}) == ", source):
-                for j, digit in enumerate(keys[m.group(1)]):
-                    if m.end() + j - 1 < ids.numel():
-                        logits[row, m.end() + j - 1, ord("0") + (int(digit) + self.shift) % 10] = 1.0
-        return type("Out", (), {"logits": logits})()
+def test_copies_are_the_bytes_that_continue_a_span_seen_earlier():
+    corpus = _example("corpus")
+    text = b"import numpy as np\nfrom collections import OrderedDict\n" + b"x = 1\n" * 3
+    filler = bytes(range(40, 120))
+    seq = text + filler + text  # the second copy repeats the first after len(text) + 80 bytes
+    found = corpus.copies(torch.tensor(list(seq)))
+    distance = len(text) + len(filler)
+    start = len(text) + len(filler)
+    # every prediction inside the second copy whose last 32 bytes (varied enough) repeat the first copy's
+    want = [t for t in range(start + 31, len(seq) - 1) if len(set(seq[t - 31 : t + 1])) >= 8]
+    assert found.positions.tolist() == want and set(found.distances.tolist()) == {distance}
+    assert bytes(seq[t + 1] for t in want) == text[32:][: len(want)]
+    # runs of one byte, or bytes seen once, are no copies
+    assert corpus.copies(torch.tensor([32] * 200)).positions.numel() == 0
+    assert corpus.copies(torch.arange(200)).positions.numel() == 0
 
 
-def test_probe_scores_a_perfect_retriever_right_and_a_wrong_one_wrong():
+def test_evaluator_scores_copy_positions_by_distance(tmp_path):
     train = _example("train")
-    args = train.parse([*TINY, "--probe-batches", "3"])
     corpus = _example("corpus")
-    evaluator = train.Evaluator(corpus.python_corpus().heldout, train.SIZES["tiny"], args, torch.device("cpu"),
-                                train.contextlib.nullcontext)
-    right, wrong = evaluator.probe(Retriever()), evaluator.probe(Retriever(shift=3))
-    assert right["per_digit"] == right["exact"] == 1.0 and right["queries"] == 3 * 2
-    assert wrong["per_digit"] == wrong["exact"] == 0.0
-    assert sum(b["queries"] for b in right["by_distance"].values()) == right["queries"]
+    args = train.parse(TINY)
+    evaluator = train.Evaluator(corpus.python_corpus().heldout, args, torch.device("cpu"), train.contextlib.nullcontext)
+
+    class Copier(torch.nn.Module):
+        """Predicts at every position the byte that followed the latest earlier occurrence of its 32-byte window,
+        where there is one: right on every copy position, uniform elsewhere."""
+
+        training = False
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, corpus.VOCAB)
+            for row, ids in enumerate(input_ids):
+                found = corpus.copies(torch.cat([ids, ids.new_zeros(1)]))
+                logits[row, found.positions, ids[found.positions - found.distances + 1]] = 100.0
+            return type("Out", (), {"logits": logits})()
+
+    result = evaluator(Copier())
+    scored = [v for v in result["copy"].values() if v["positions"]]
+    assert scored and all(v["accuracy"] == 1.0 and v["loss"] < 1e-3 for v in scored)
+    assert result["loss"] > 1.0  # uniform on the other positions
 
 
-def test_corpus_is_deduplicated_python_source_with_every_20th_file_held_out():
-    corpus = _example("corpus").python_corpus()
-    assert corpus.train.dtype == torch.uint8 and corpus.train.numel() > 10 * corpus.heldout.numel() > 0
-    assert corpus.files > 1000 and corpus.duplicates > 0
-    assert b"def " in bytes(corpus.train[:200000].tolist())
+def test_quality_study_smoke_runs_the_plan_and_judges_every_criterion(tmp_path):
+    study = _example("quality_study")
+    summary = study.main(["--smoke", "--out", str(tmp_path)])
+    names = sorted(summary["runs"])
+    assert names == ["dense_s0", "lighthouse_s0", "two_stage_s0_h16_sw12", "two_stage_s0_h16_sw8", "two_stage_s0_h8_sw4"]
+    assert set(summary["verdict"]) == set(study.CRITERIA)
+    assert all(v["status"] in ("pass", "fail", "not reached") for v in summary["verdict"].values())
+    rows = {r["run"]: r for r in summary["rows"]}
+    branch, dense = summary["runs"]["two_stage_s0_h8_sw4"], summary["runs"]["dense_s0"]
+    assert rows["two_stage_s0_h8_sw4"]["dense_same_steps"] == next(p["loss"] for p in dense["heldout"] if p["step"] == 8)
+    assert branch["lighthouse_steps"] == 4 and branch["final_step"] == 8
+    assert (tmp_path / "frontier.png").stat().st_size > 0 and (tmp_path / "schedule.json").exists()
+    again = study.main(["--smoke", "--out", str(tmp_path)])  # every run done: nothing runs again
+    assert again["rows"] == summary["rows"]
 
 
-def test_quality_check_smoke_runs_the_pair_and_judges_every_criterion(tmp_path):
-    quality = _example("quality_check")
-    summary = quality.main(["--smoke", "--out", str(tmp_path)])
-    assert set(summary["verdict"]) == {*quality.CRITERIA, "beats_dense"}
-    assert all(summary["verdict"][k]["status"] in ("pass", "fail", "invalid") for k in quality.CRITERIA)
-    dense, two = summary["dense"], summary["two_stage"]
-    assert dense["tokens"] == two["tokens"] and [p["step"] for p in dense["heldout"]] == [p["step"] for p in two["heldout"]]
-    assert two["lighthouse_steps"] in [p["step"] for p in two["heldout"]]
-    assert (tmp_path / "compare.png").stat().st_size > 0
-    assert json.loads((tmp_path / "quality.json").read_text())["verdict"] == summary["verdict"]
+def _curve(losses, every=100, seconds_per_step=0.1):
+    return [{"step": i * every, "loss": l, "train_s": i * every * seconds_per_step} for i, l in enumerate(losses)]
 
 
-@pytest.mark.parametrize("gap,status", [(0.005, "pass"), (0.02, "fail")])
-def test_final_loss_criterion_is_one_percent(gap, status):
-    quality = _example("quality_check")
-    run = lambda loss, lighthouse: {  # noqa: E731
-        "final_heldout_loss": loss, "final_buckets": {"16K-32K": loss}, "probe": {"per_digit": 0.6},
-        "lighthouse_steps": lighthouse, "heldout": [{"step": 100, "loss": loss}, {"step": 200, "loss": loss}],
-        "train_s": 100.0 if lighthouse else 200.0, "compile_s": 1.0}
-    verdict = quality.verdict(run(1.0, 0), run(1.0 + gap, 100))
-    assert verdict["final_loss"]["status"] == verdict["long_bucket"]["status"] == status
-    assert verdict["recovery"]["status"] == status and verdict["wall_clock"]["status"] == "pass"
+def test_the_drop_is_the_steepest_fall_and_the_criteria_are_judged_past_it():
+    study = _example("quality_study")
+    flat_then_drop = [3.0, 2.0, 1.6, 1.5, 1.5, 1.45, 1.0, 0.8, 0.78, 0.77, 0.77, 0.76, 0.76, 0.76, 0.75, 0.75] + [0.75] * 5
+    drop = study.drop(_curve(flat_then_drop))  # the fall from the untrained start does not count
+    assert (drop["from_step"], drop["to_step"]) == (400, 700) and drop["fall"] == pytest.approx(0.7)
+    assert drop["last_1000_steps_fall"] == pytest.approx(0.02)
+    plan = study.Plan(horizons=[1000, 1500], share=0.7, extra_shares=[], seeds=[0, 1])
+    dense = {s: {"heldout": _curve(flat_then_drop), "past_drop_at": 1000} for s in (0, 1)}
+
+    def row(horizon, loss, seconds, past=True):
+        return {"run": f"r{horizon}", "horizon": horizon, "switch": round(0.7 * horizon), "two_stage": loss,
+                "two_stage_train_s": seconds, "dense_train_s": horizon * 0.1, "past_drop": past,
+                "dense_same_wall_clock": study.value_at(_curve(flat_then_drop), "train_s", seconds)}
+
+    rows = [row(1000, 0.70, 60), row(1000, 0.70, 60), row(1500, 0.757, 90), row(1500, 0.757, 90)]
+    verdict = study.judge(plan, rows, dense)
+    assert verdict["final_loss"]["horizon"] == 1500 and verdict["final_loss"]["status"] == "pass"
+    assert verdict["wall_clock"]["speedup"] == pytest.approx(150 / 90) and verdict["wall_clock"]["status"] == "pass"
+    assert verdict["frontier"]["status"] == "pass"
+    rows[2]["two_stage"] = rows[3]["two_stage"] = 0.80  # 5% worse than dense at 1500 steps
+    assert study.judge(plan, rows, dense)["final_loss"]["status"] == "fail"
+    rows[2]["past_drop"] = False  # then 1500 is not judged, 1000 is
+    assert study.judge(plan, rows, dense)["final_loss"]["horizon"] == 1000
+    rows[0]["past_drop"] = False  # and no horizon has every run past its drop
+    assert study.judge(plan, rows, dense)["final_loss"]["status"] == "not reached"
 
 
 def test_context_parallel_launcher_trains_on_two_cpu_processes():
@@ -143,7 +195,7 @@ def test_context_parallel_launcher_trains_on_two_cpu_processes():
 
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/train_cp.py",
-         "--steps", "2", "--warmup", "1", "--seq-len", "512"],
+         "--steps", "2", "--warmup", "1", "--seq-len", "512", "--checkpointing"],
         cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -151,4 +203,4 @@ def test_context_parallel_launcher_trains_on_two_cpu_processes():
     assert len(losses) == 3 and losses[-1] < losses[0], run.stdout
     # per-layer fully_shard (the default wrap): every layer decided on its own, the outer two kept dense
     assert "2 of 4 SDPA sites rewritten" in run.stdout and "model.layers.1.self_attn" in run.stdout, run.stdout
-    assert "CP=2, N=512:" in run.stdout
+    assert "CP=2, N=512, Lighthouse, checkpointing:" in run.stdout

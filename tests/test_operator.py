@@ -61,15 +61,26 @@ def test_value_path_is_causal(cfg, dtype):
         assert not torch.equal(out[:, :, t + 1 :], out2[:, :, t + 1 :])
 
 
-def test_selection_is_not_causal_in_keys_as_documented():
-    # which entries are chosen depends on norms of later tokens of the same tile (the paper's design)
-    cfg = SMALL
-    q, k, v = qkv(1, 1, 1, 32, 8)
-    k[:, :, :8] *= 10  # the ||k|| half of the first tile's budget goes to its early entries...
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_future_queries_and_keys_move_earlier_outputs_only_within_their_tile(cfg):
+    # the paper's design (docs/algorithm.md): a tile's selection reads the norms of all its tokens, so a Lighthouse
+    # layer is no causal language model within a tile, and its training-mode loss is no causal LM loss. Across
+    # tiles it is causal, and through values everywhere (test_value_path_is_causal)
+    n = cfg.min_lighthouse_len * 2
+    tiles = cfg.geometry(n).tiles
+    tile = n // tiles
+    q, k, v = qkv(2, 2, 2, n, 8)
     out = lighthouse_attention(q, k, v, cfg)
-    k2 = k.clone()
-    k2[:, :, 8:16] *= 100  # ...until its later tokens grow larger keys  # later tokens of the first tile (tiles are 16 tokens here)
-    assert not torch.equal(out[:, :, :8], lighthouse_attention(q, k2, v, cfg)[:, :, :8])
+    moved_within = []
+    for j in range(1, tiles):
+        start, later = j * tile, j * tile + tile // 2
+        q2, k2 = q.clone(), k.clone()
+        q2[:, :, later : start + tile] *= 30  # the tile's later half takes over its selection by both norms
+        k2[:, :, later : start + tile] *= 30
+        out2 = lighthouse_attention(q2, k2, v, cfg)
+        assert torch.equal(out[:, :, :start], out2[:, :, :start]), f"tile {j} moved outputs of earlier tiles"
+        moved_within.append(not torch.equal(out[:, :, start:later], out2[:, :, start:later]))
+    assert all(moved_within), "a tile's earlier outputs should follow its later tokens' norms"
 
 
 def test_gradcheck_float64():
