@@ -14,8 +14,9 @@ and its batches built by DataLoader workers.
 
 The report (study.json, frontier.png in --out): held-out loss against training wall clock and against tokens
 for every run of both recipes; per horizon, dense against two-stage (seeds, wall clock); where each run has its
-sharp drop (the phase transition); the copy loss by distance (in-context retrieval); tokens/s of the runs
-against how many ran at once; and the verdict on the criteria of BENCHMARKS.md (CRITERIA below).
+sharp drop (the phase transition); the copy loss by distance (in-context retrieval); tokens/s of two stretches
+rerun alone at the end against the same steps trained while every GPU was busy; and the verdict on the criteria
+of BENCHMARKS.md (CRITERIA below).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ CRITERIA = {
 }
 DROP_WINDOW = 300
 """Steps over which the phase transition's drop is measured: the steepest fall of held-out loss over this many."""
+EARLY = 1000
+"""Steps of early learning (the fall from the untrained model), not searched for the transition."""
+SETTLED = 0.1
+"""Most a curve past its drop may still fall over its last DROP_WINDOW steps (nats)."""
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Plan:
     seeds: list[int]
     """Seeds of both recipes at the longest horizon (the first one at every horizon)."""
     train_args: list[str] = field(default_factory=list)
+    alone_steps: int = 200
+    """Steps of each stretch rerun alone at the end (a multiple of the runs' evaluation interval)."""
 
     @property
     def longest(self) -> int:
@@ -114,32 +121,23 @@ def _launch(plan: Plan, job: Job, out: Path, device: str | None, threads: int):
                             stderr=subprocess.STDOUT, cwd=HERE)
 
 
-def run_all(plan: Plan, out: Path, devices: list[str | None], threads: int, alone_steps: int = 0) -> None:
+def run_all(plan: Plan, out: Path, devices: list[str | None], threads: int) -> None:
     """Run every job not done yet, one per device (None: in this process, one after the other), the longest ready
-    one first; log each to <out>/<job>.log and when each started and ended to <out>/schedule.json. With
-    ``alone_steps``, the first Lighthouse run trains that many steps alone before the others start (its tokens/s
-    alone, against those with every GPU busy, in the report)."""
+    one first; log each to <out>/<job>.log and when each started and ended to <out>/schedule.json."""
     todo = [j for j in jobs(plan, out) if not (out / j.name / "summary.json").exists()]
     schedule_path = out / "schedule.json"
     schedule = json.loads(schedule_path.read_text()) if schedule_path.exists() else {}
     running: dict[str | None, tuple[Job, object]] = {}
-    alone = next((j for j in todo if j.name.startswith("lighthouse")), None) if alone_steps else None
     while todo or running:
         for device, (job, proc) in list(running.items()):
             if proc.poll() is not None:
                 del running[device]
                 schedule[job.name]["end"], schedule[job.name]["returncode"] = time.time(), proc.returncode
                 print(f"[{time.strftime('%H:%M:%S')}] {job.name} finished: exit {proc.returncode}", flush=True)
-        if alone is not None and alone.name in schedule:
-            log = out / f"{alone.name}.log"
-            if alone.name in [j.name for j, _ in running.values()] and f" step {alone_steps}:" not in log.read_text():
-                time.sleep(2)
-                continue
-            alone = None
         free = [d for d in devices if d not in running]
         ready = sorted((j for j in todo if j.needs is None or Path(j.needs, "state.pt").exists()),
-                       key=lambda j: (j is not alone, -j.steps))
-        for device, job in zip(free[:1] if alone is not None else free, ready):
+                       key=lambda j: -j.steps)
+        for device, job in zip(free, ready):
             todo.remove(job)
             schedule[job.name] = {"device": device, "start": time.time()}
             print(f"[{time.strftime('%H:%M:%S')}] {job.name} started on device {device!r}", flush=True)
@@ -151,29 +149,75 @@ def run_all(plan: Plan, out: Path, devices: list[str | None], threads: int, alon
             time.sleep(2)
 
 
+def alone_jobs(plan: Plan, out: Path) -> list[tuple[Job, str, int]]:
+    """Two stretches of the plan rerun with nothing else on the machine, from the first Lighthouse state: the
+    Lighthouse run's next steps, and the dense steps of the two-stage run branched there (job, the run it repeats,
+    first step). Their tokens/s against the same steps trained while every GPU was busy show whether runs side by
+    side slow each other."""
+    seed, h, shortest = plan.seeds[0], plan.longest, min(plan.horizons)
+    first = round(plan.share * shortest)
+    state, stop = str(out / f"lighthouse_s{seed}" / f"state_{first}"), str(first + plan.alone_steps)
+    return [(Job("lighthouse", ["--resume", state, "--steps", str(h), "--switch-at", str(h), "--stop-at", stop,
+                                "--seed", str(seed)]), f"lighthouse_s{seed}", first),
+            (Job("dense", ["--resume", state, "--steps", str(shortest), "--switch-at", str(first), "--stop-at",
+                           stop, "--seed", str(seed)]), f"two_stage_s{seed}_h{shortest}_sw{first}", first)]
+
+
+def run_alone(plan: Plan, out: Path, device: str | None, threads: int) -> None:
+    (out / "alone").mkdir(exist_ok=True)
+    for job, _, _ in alone_jobs(plan, out):
+        if not (out / "alone" / job.name / "summary.json").exists():
+            proc = _launch(plan, job, out / "alone", device, threads)
+            while proc.poll() is None:
+                time.sleep(1)
+
+
+def tokens_per_second(run: dict, first: int, last: int) -> float | None:
+    points = {p["step"]: p for p in run["heldout"]}
+    if first not in points or last not in points:
+        return None
+    return (last - first) * run["tokens_per_step"] / (points[last]["train_s"] - points[first]["train_s"])
+
+
+def alone_vs_together(plan: Plan, out: Path, runs: dict[str, dict]) -> dict:
+    result = {}
+    for job, repeated, first in alone_jobs(plan, out):
+        path = out / "alone" / job.name / "summary.json"
+        if path.exists() and repeated in runs:
+            last = first + plan.alone_steps
+            alone = tokens_per_second(json.loads(path.read_text()), first, last)
+            together = tokens_per_second(runs[repeated], first, last)
+            result[job.name] = {"steps": [first, last], "alone_tokens_per_s": alone,
+                                "together_tokens_per_s": together, "run": repeated}
+    return result
+
+
 # -- the report ------------------------------------------------------------------------------------
 
 
 def drop(points: list[dict]) -> dict | None:
-    """The steepest fall of held-out loss over DROP_WINDOW steps (the phase transition), and how flat the curve is
-    over its last 1000 steps."""
+    """The steepest fall of held-out loss over DROP_WINDOW steps after the first EARLY steps (the phase
+    transition; in a two-stage run it may merge with the recovery from the switch), the fall over the last
+    DROP_WINDOW steps, and over the last 1000 (how flat the curve has become). None if the curve is too short."""
     steps = np.array([p["step"] for p in points])
     loss = np.array([p["loss"] for p in points])
-    best = None
-    for i, s in enumerate(steps):
-        j = np.searchsorted(steps, s + DROP_WINDOW)
-        if j < len(steps) and s > 0 and (best is None or loss[i] - loss[j] > best["fall"]):
-            best = {"from_step": int(s), "to_step": int(steps[j]), "fall": float(loss[i] - loss[j])}
-    if best is None:
+    windows = [(i, j) for i, s in enumerate(steps) if s >= EARLY
+               and (j := int(np.searchsorted(steps, s + DROP_WINDOW))) < len(steps) and steps[j] == s + DROP_WINDOW]
+    if not windows:
         return None
+    i, j = max(windows, key=lambda w: loss[w[0]] - loss[w[1]])
+    last = loss[steps >= steps[-1] - DROP_WINDOW]
     tail = loss[steps >= steps[-1] - 1000]
-    best["last_1000_steps_fall"] = float(tail[0] - tail[-1])
-    return best
+    return {"from_step": int(steps[i]), "to_step": int(steps[j]), "fall": float(loss[i] - loss[j]),
+            "last_window_fall": float(last[0] - last[-1]), "last_1000_steps_fall": float(tail[0] - tail[-1])}
 
 
-def past_drop(run: dict, margin: int = DROP_WINDOW) -> bool:
-    d = run["drop"]
-    return d is not None and run["final_step"] >= d["to_step"] + margin
+def past_drop(points: list[dict]) -> bool:
+    """Whether a curve is past its drop: its steepest fall after EARLY steps came before its last DROP_WINDOW
+    steps, which fall by less than a third of it and less than SETTLED."""
+    d = drop(points)
+    return (d is not None and d["to_step"] < points[-1]["step"]
+            and d["last_window_fall"] < min(d["fall"] / 3, SETTLED))
 
 
 def value_at(points: list[dict], key: str, x: float, value: str = "loss") -> float | None:
@@ -182,27 +226,6 @@ def value_at(points: list[dict], key: str, x: float, value: str = "loss") -> flo
     if not xs or x < xs[0] or x > xs[-1]:
         return None
     return float(np.interp(x, xs, [p[value] for p in points]))
-
-
-def concurrency(runs: dict[str, dict], schedule: dict) -> dict:
-    """Tokens/s of each recipe stage (Lighthouse, dense) in intervals between evaluations, by how many runs were
-    training at the time (runs on other GPUs of the machine): runs side by side must not slow each other."""
-    spans = [(s["start"], s.get("end", float("inf"))) for s in schedule.values()]
-    rates: dict[str, dict[int, list[float]]] = {"lighthouse": {}, "dense": {}}
-    for name, run in runs.items():
-        points = [p for p in run["heldout"] if "wall" in p]
-        for a, b in zip(points, points[1:]):
-            if b["train_s"] <= a["train_s"] or b["step"] <= a["step"]:
-                continue
-            stage = "lighthouse" if b["lighthouse_steps"] > a["lighthouse_steps"] else "dense"
-            if stage == "lighthouse" and b["lighthouse_steps"] - a["lighthouse_steps"] != b["step"] - a["step"]:
-                continue  # the switch falls inside: a mixed interval
-            middle = (a["wall"] + b["wall"]) / 2
-            together = sum(start <= middle <= end for start, end in spans)
-            tokens = (b["step"] - a["step"]) * run["tokens_per_step"]
-            rates[stage].setdefault(together, []).append(tokens / (b["train_s"] - a["train_s"]))
-    return {stage: {n: {"median_tokens_per_s": float(np.median(r)), "intervals": len(r)} for n, r in sorted(by.items())}
-            for stage, by in rates.items()}
 
 
 def report(plan: Plan, out: Path) -> dict:
@@ -224,9 +247,7 @@ def report(plan: Plan, out: Path) -> dict:
                      "two_stage": run["final_heldout_loss"], "dense_same_steps": d_step,
                      "dense_same_wall_clock": float(np.mean(d_time)) if d_time else None,
                      "two_stage_train_s": run["train_s"], "dense_train_s": d_run_s,
-                     "past_drop": past_drop(run), "drop": run["drop"], "copy": run["final_copy"]})
-    for run in dense.values():
-        run["past_drop_at"] = (run["drop"]["to_step"] + DROP_WINDOW) if run["drop"] else None
+                     "past_drop": past_drop(run["heldout"]), "drop": run["drop"], "copy": run["final_copy"]})
 
     print(f"\nheld-out loss (dense attention) by horizon; dense from scratch read off the dense runs at the same step "
           f"(a constant learning rate after {next(iter(dense.values()))['warmup']} warm-up steps at every horizon)")
@@ -239,22 +260,23 @@ def report(plan: Plan, out: Path) -> dict:
         print(f"{r['run']:<28} {r['two_stage']:>9.4f} {r['dense_same_steps'] or float('nan'):>8.4f} {gap:>+8.2%} "
               f"{at_time:>10} {r['two_stage_train_s']:>7.0f} {r['dense_train_s'] or float('nan'):>7.0f} "
               f"{speed:>6.2f}x {str(r['past_drop']):>9}")
-    print("\nphase transition (steepest fall of held-out loss over "
-          f"{DROP_WINDOW} steps) and flatness (fall over the last 1000 steps):")
+    print(f"\nphase transition (steepest fall of held-out loss over {DROP_WINDOW} steps after step {EARLY}) and "
+          "flatness (fall over the last steps):")
     for name, run in runs.items():
         d = run["drop"]
         if d:
-            print(f"  {name:<28} steps {d['from_step']:>5}-{d['to_step']:<5} fall {d['fall']:.3f}; "
-                  f"last 1000 steps {d['last_1000_steps_fall']:+.3f}")
+            print(f"  {name:<28} steps {d['from_step']:>5}-{d['to_step']:<5} fall {d['fall']:.3f}; last "
+                  f"{DROP_WINDOW} steps {d['last_window_fall']:+.3f}, last 1000 {d['last_1000_steps_fall']:+.3f}")
 
     verdict = judge(plan, rows, dense)
-    schedule = json.loads((out / "schedule.json").read_text()) if (out / "schedule.json").exists() else {}
-    parallel = concurrency(runs, schedule) if schedule else {}
+    parallel = alone_vs_together(plan, out, runs)
     if parallel:
-        print("\ntokens/s of one run by how many ran at once (median over evaluation intervals):")
-        for stage, by in parallel.items():
-            print(f"  {stage:<10} " + ", ".join(f"{n} at once: {v['median_tokens_per_s']:.0f} ({v['intervals']})"
-                                                 for n, v in by.items()))
+        devices = len({s["device"] for s in json.loads((out / "schedule.json").read_text()).values()})
+        print(f"\ntokens/s of the same steps trained alone and while the study ran on {devices} device(s):")
+        for stage, v in parallel.items():
+            print(f"  {stage:<10} steps {v['steps'][0]}-{v['steps'][1]} of {v['run']}: alone "
+                  f"{v['alone_tokens_per_s']:.0f}, together {v['together_tokens_per_s']:.0f} "
+                  f"({v['together_tokens_per_s'] / v['alone_tokens_per_s']:.1%})")
     print("\ncriteria:")
     for key, rule in CRITERIA.items():
         v = verdict[key]
@@ -280,8 +302,8 @@ def judge(plan: Plan, rows: list[dict], dense: dict[int, dict]) -> dict:
     chosen = None
     for h in horizons:
         at = [r for r in main if r["horizon"] == h]
-        dense_past = [d for d in dense.values() if d["past_drop_at"] is not None and d["past_drop_at"] <= h]
-        if len(at) >= len(plan.seeds) and all(r["past_drop"] for r in at) and len(dense_past) == len(dense):
+        dense_past = all(past_drop([p for p in d["heldout"] if p["step"] <= h]) for d in dense.values())
+        if len(at) >= len(plan.seeds) and all(r["past_drop"] for r in at) and dense_past:
             chosen = h
             break
     if chosen is None:
@@ -308,35 +330,33 @@ def judge(plan: Plan, rows: list[dict], dense: dict[int, dict]) -> dict:
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:
-    """Held-out loss against training wall clock and against tokens: dense runs as lines, each two-stage run as a
-    line from its switch with its final point marked, the Lighthouse runs faint."""
+    """Held-out loss against training wall clock and against tokens: the dense runs (black), each two-stage run
+    from its switch on (colours, final point marked). A Lighthouse run's own held-out loss (its model under dense
+    attention before any recovery) is left out: it says nothing of either recipe."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    two = sorted(n for n in runs if n.startswith("two_stage"))
+    colors = dict(zip(two, plt.get_cmap("tab10")([0, 1, 2, 3, 4, 5, 6, 8, 9])))
     for ax, x, label in [(axes[0], "train_s", "training wall clock (s, one GPU; compile and evaluation excluded)"),
                          (axes[1], "tokens", "tokens")]:
-        for i, (name, run) in enumerate(sorted(runs.items())):
+        for name, run in sorted(runs.items()):
             points = run["heldout"]
             if name.startswith("dense"):
-                ax.plot([p[x] for p in points], [p["loss"] for p in points], "-", color="k",
-                        alpha=1.0 if name.endswith("s0") else 0.5, lw=1.5, label=name)
-            elif name.startswith("lighthouse"):
-                ax.plot([p[x] for p in points], [p["loss"] for p in points], ":", color="grey", lw=1,
-                        label=f"{name} (its checkpoints, dense attention)")
-            else:
+                ax.plot([p[x] for p in points], [p["loss"] for p in points], "k-" if name.endswith("_s0") else "k--",
+                        lw=1.5, label=name)
+            elif name in colors:
                 tail = [p for p in points if p["step"] >= run["switch_step"]]
-                color = colors[i % len(colors)]
-                ax.plot([p[x] for p in tail], [p["loss"] for p in tail], "-", color=color, lw=1.2)
-                ax.plot([tail[-1][x]], [tail[-1]["loss"]], "o", color=color, ms=6, label=name)
+                ax.plot([p[x] for p in tail], [p["loss"] for p in tail], "-", color=colors[name], lw=1.2)
+                ax.plot([tail[-1][x]], [tail[-1]["loss"]], "o", color=colors[name], ms=6, label=name)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out loss, dense attention (nats/byte)")
-    lows = [p["loss"] for run in runs.values() for p in run["heldout"][2:]] or [1.0]
-    axes[0].set_ylim(min(lows) * 0.95, min(max(lows), 2.5 * min(lows)))
+    finals = [run["heldout"][-1]["loss"] for run in runs.values() if not run.get("run") == "lighthouse"]
+    axes[0].set_ylim(min(finals) * 0.95, max(finals) * 1.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle("dense from scratch (black) against Lighthouse → dense (colours: one run per horizon and switch)")
     fig.tight_layout()
@@ -346,7 +366,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 SMOKE = Plan(horizons=[8, 16], share=0.5, extra_shares=[0.75], seeds=[0],
              train_args=["--size", "tiny", "--seq-len", "256", "--batch", "2", "--eval-every", "4",
-                         "--eval-batches", "1", "--warmup", "2", "--workers", "0"])
+                         "--eval-batches", "1", "--warmup", "2", "--workers", "0"], alone_steps=4)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -358,8 +378,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", default="0,1", help="seeds at the longest horizon; the first at every one (default: 0,1)")
     ap.add_argument("--devices", default=None, help="CUDA devices to use, one run each (default: every visible GPU)")
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per run (default: 4)")
-    ap.add_argument("--alone-steps", type=int, default=200,
-                    help="steps the first Lighthouse run trains alone before the others start (default: 200)")
     ap.add_argument("--report-only", action="store_true", help="no run: the report on the runs in --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny plan on CPU: tests the plumbing, not quality")
     args, train_args = ap.parse_known_args(argv)
@@ -375,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         gpus = args.devices.split(",") if args.devices else [str(i) for i in range(torch.cuda.device_count())]
-        run_all(plan, out, gpus or [None], args.threads, args.alone_steps)
+        run_all(plan, out, gpus or [None], args.threads)
+        run_alone(plan, out, (gpus or [None])[0], args.threads)
     return report(plan, out)
 
 

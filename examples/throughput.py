@@ -4,7 +4,9 @@
 
 Both models come from the same Hugging Face LlamaConfig and seed and are compiled with Inductor (dense:
 ``model.compile()``; Lighthouse: ``lhcompile.apply``). Both use attn_implementation="causal_sdpa" (SDPA with
-is_causal=True and no mask; see lhcompile/hf.py). Prints tokens/s and peak memory.
+is_causal=True and no mask; see lhcompile/hf.py), or with ``--attention sdpa`` transformers' own, whose mask
+Dynamo builds inside the graph (N x N): lhcompile proves it causal, so its dense layers run is_causal=True too.
+Prints tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from corpus import Batches, python_corpus  # noqa: E402
 def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
     torch.manual_seed(0)
     size = train.SIZES[args.size]
-    model = LlamaForCausalLM(train.model_config(size, seq_len, "causal_sdpa")).to(device="cuda", dtype=torch.bfloat16)
+    model = LlamaForCausalLM(train.model_config(size, seq_len, args.attention)).to(device="cuda", dtype=torch.bfloat16)
     if args.checkpointing:
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -71,13 +73,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps, batch 1 (default: 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation (default: 3)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (both models)")
+    ap.add_argument("--attention", choices=["causal_sdpa", "sdpa"], default="causal_sdpa",
+                    help="Hugging Face attention of both models (default: causal_sdpa)")
     ap.add_argument("--size", choices=list(train.SIZES), default="paper",
                     help="model dims and Lighthouse setting, examples/train.py's presets (default: paper)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("throughput.py measures CUDA training steps; no CUDA device is visible")
     data = python_corpus().train
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size} dims, "
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size} dims, attention {args.attention}, "
           f"bf16, AdamW, batch 1, {args.steps} timed steps after {args.warmup}")
     print(f"{'N':>7} {'dense tok/s':>12} {'peak GiB':>9} {'Lighthouse tok/s':>17} {'peak GiB':>9} {'speed-up':>9}")
     for n in args.seq_len:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         pending.clear()
         if not run.heldout or run.heldout[-1]["step"] != run.step:
             point = {"step": run.step, "tokens": run.step * args.batch * args.seq_len, "train_s": run.timers["train_s"],
-                     "wall": time.time(), "lighthouse_steps": run.lighthouse_steps, **evaluator(run.model)}
+                     "lighthouse_steps": run.lighthouse_steps, **evaluator(run.model)}
             run.heldout.append(point)
             bar.set_postfix(train=f"{run.train[-1][1]:.3f}" if run.train else "-", heldout=f"{point['loss']:.3f}")
             if bar.disable:  # a log file rather than a terminal: one line per evaluation

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import (and_masks, causal_mask_function, remap_positions_for_packed_sequence,
-                                        sdpa_mask)
+from transformers import masking_utils
+from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask
 
 from .report import LighthouseWarning
 
@@ -70,8 +70,9 @@ def _inner_code(factory: Any, name: str) -> Any:
     return next(c for c in factory.__code__.co_consts if getattr(c, "co_name", None) == name)
 
 
-_PACKING_CODES = {causal_mask_function.__code__, _inner_code(and_masks, "and_mask"),
-                  _inner_code(remap_positions_for_packed_sequence, "inner_mask")}
+_PACKING_CODES = {causal_mask_function.__code__, _inner_code(and_masks, "and_mask")}
+if hasattr(masking_utils, "remap_positions_for_packed_sequence"):  # transformers >= 5.2x remaps packed positions
+    _PACKING_CODES.add(_inner_code(masking_utils.remap_positions_for_packed_sequence, "inner_mask"))
 
 
 def _causal_up_to_packing(fn: Any, request: dict[str, Any]) -> bool:

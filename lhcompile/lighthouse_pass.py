@@ -184,7 +184,9 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
         if chosen:
             read += rewrite_sdpa(g.module, chosen, build)
     if first + len(sites) == total:  # the whole graph is decided (a DDP split: at its last bucket with sites)
-        _warn_about(graphs, graph_id, total, options, scope, report)
+        # its rows: one per site and block, the split's buckets' rows added one after the other
+        rows = report.sites[len(report.sites) - total * len(scopes):]
+        _warn_about(graphs, graph_id, total, options, scope, report, rows)
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
     return read
@@ -197,7 +199,7 @@ def _warn_once(report: Report, kind: str, message: str) -> None:
 
 
 def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Options, scope: Scope,
-                report: Report) -> None:
+                report: Report, rows: list[SiteReport]) -> None:
     """Say what this graph left undone, or took on a guess, that a user would not see otherwise."""
     if scope.mode_from_grad and total:
         _warn_once(report, f"mode from grad {scope.training}", _mode_guess(graph_id, total, scope.training))
@@ -231,7 +233,6 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
             _warn_once(report, "dense_layers range",
                        f"lhcompile: dense_layers entries {outside} are outside the {total} SDPA sites of graph "
                        f"{graph_id}; they keep nothing dense")
-    rows = [s for s in report.sites if s.graph == graph_id]
     # a graph that serves dense layers only rewrites nothing by design; the root's own graph should rewrite some
     expected = any(b.dense_reason is None for b in scope.blocks) if scope.blocks else not report.rewritten
     if expected and not any(s.rewritten for s in rows):
@@ -279,15 +280,15 @@ def _warn_if_captured_below(gm: fx.GraphModule, root: torch.nn.Module, sites: li
         return
     alone = [path for path, module in root.named_modules() if path and compiled_alone(module)]
     if alone:
-        cause = (f"{', '.join(alone[:3])} {'is' if len(alone) == 1 else 'are'} compiled on its own (its own compile, or "
-                 "fully_shard outside the items of a ModuleList/ModuleDict of layers: Dynamo does not trace its hooks) "
+        cause = (f"{', '.join(alone[:3])} {'is' if len(alone) == 1 else 'are'} compiled on its own (its own compile, "
+                 "or fully_shard outside the items of a ModuleList/ModuleDict of layers: Dynamo does not trace its hooks) "
                  "and Dynamo may reuse one graph for every module of its class. fully_shard the layers of the layer "
                  "stack (lhcompile then compiles each kind of layer itself), or only the root")
     else:
         breaks = list(torch._dynamo.utils.counters["graph_break"])
         seen = f" (Dynamo's last reason: {breaks[-1].splitlines()[0]})" if breaks else ""
-        cause = (f"Dynamo broke the graph in {type(root).__name__}'s forward on code it cannot trace{seen}, then traced "
-                 "the rest from inside a submodule's own frame; TORCH_LOGS=graph_breaks shows where. Make that code "
+        cause = (f"Dynamo broke the graph in {type(root).__name__}'s forward on code it cannot trace{seen}, then "
+                 "traced the rest from inside a submodule's own frame; TORCH_LOGS=graph_breaks shows where. Make that code "
                  "traceable (e.g. a RoPE that recomputes its tables from the sequence length at run time), or "
                  "compile with fullgraph=True to see the first break as an error")
     _warn_once(
