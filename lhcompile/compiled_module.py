@@ -121,6 +121,8 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, LighthouseBa
         backend = backends[module.training]
         captured = backend.captures
         out = compiled[module.training](*args, **kwargs)
+        if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
+            return out
         shapes = _shapes(args, kwargs)
         if shapes not in backend.shapes:
             backend.shapes.add(shapes)
@@ -147,8 +149,9 @@ def _warn_recompile_limit(module: torch.nn.Module, backend: LighthouseBackend, s
         f"lhcompile: {type(module).__name__} was called in {mode} mode with input shapes it had not seen "
         f"({', '.join(map(str, shapes[:3]))}), and Dynamo captured no graph for them: it has reached its "
         f"recompile limit (torch._dynamo.config.recompile_limit={limit} graphs per forward, every sequence length "
-        "and mode counted) and runs the model eagerly from now on, with dense attention. Use few distinct "
-        "sequence lengths (pad or bucket them), or raise torch._dynamo.config.recompile_limit",
+        "and mode counted), or it is disabled (TORCHDYNAMO_DISABLE), and runs the model eagerly, with dense "
+        "attention. Use few distinct sequence lengths (pad or bucket them), or raise "
+        "torch._dynamo.config.recompile_limit",
         LighthouseWarning, stacklevel=4)
 
 

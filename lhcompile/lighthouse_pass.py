@@ -263,12 +263,14 @@ def _mode_guess(graph_id: int, total: int, training: bool) -> str:
 def _traced_from_submodule(gm: fx.GraphModule, root: torch.nn.Module) -> bool:
     """Whether Dynamo traced gm from a submodule's own frame: its parameters, lifted from that frame's self, have
     other paths there than in root (after a graph break inside a layer, or a layer compiled on its own)."""
-    paths = {id(t): name for name, t in (*root.named_parameters(), *root.named_buffers())}
+    paths: dict[int, set[str]] = {}  # a tied tensor (shared embeddings) has several
+    for name, t in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+        paths.setdefault(id(t), set()).add(name)
     for node in gm.graph.nodes:
         name = source_name(node) if node.op == "placeholder" else None
         tensor = lifted_tensor(node) if name and name.startswith("L['self']") else None
         if tensor is not None and id(tensor) in paths:
-            return paths[id(tensor)] != user_path(name)
+            return user_path(name) not in paths[id(tensor)]
     return False
 
 
