@@ -108,7 +108,8 @@ class _Finished:
 def _launch(plan: Plan, job: Job, out: Path, device: str | None, threads: int):
     args = [*plan.train_args, *job.args, "--threads", str(threads), "--out", str(out / job.name)]
     if device is None:
-        sys.path.insert(0, str(HERE))
+        if str(HERE) not in sys.path:  # train.py imports corpus.py by name
+            sys.path.insert(0, str(HERE))
         import torch
         import train
 

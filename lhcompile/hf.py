@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, masking_utils
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers import masking_utils
 from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask
 
 from .report import LighthouseWarning
