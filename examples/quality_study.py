@@ -4,6 +4,7 @@ from scratch across training horizons, past the phase transition.
     python examples/quality_study.py                      # on a GPU machine: every run of the plan, then the report
     python examples/quality_study.py --report-only        # the report on the runs already in --out
     python examples/quality_study.py --smoke              # CPU plumbing check (says nothing of quality)
+    python examples/quality_study.py --rope-ab --horizons 4000 --out runs/rope_ab   # LighthouseConfig.rope's A/B
 
 Every run is examples/train.py. With a warm-up of fixed length and a constant learning rate after it, a run of H
 steps is the first H steps of any longer run, and batch i depends on (seed, i) alone. So one dense run per seed
@@ -46,6 +47,7 @@ EARLY = 1000
 """Steps of early learning (the fall from the untrained model), not searched for the transition."""
 SETTLED = 0.1
 """Most a curve past its drop may still fall over its last DROP_WINDOW steps (nats)."""
+ROPE_ORDERS = ("before_pooling", "after_selection")
 
 
 @dataclass
@@ -122,10 +124,19 @@ def _launch(plan: Plan, job: Job, out: Path, device: str | None, threads: int):
                             stderr=subprocess.STDOUT, cwd=HERE)
 
 
-def run_all(plan: Plan, out: Path, devices: list[str | None], threads: int) -> None:
-    """Run every job not done yet, one per device (None: in this process, one after the other), the longest ready
-    one first; log each to <out>/<job>.log and when each started and ended to <out>/schedule.json."""
-    todo = [j for j in jobs(plan, out) if not (out / j.name / "summary.json").exists()]
+def rope_jobs(plan: Plan) -> list[Job]:
+    """The RoPE-order A/B: per seed, a two-stage run of the longest horizon in each order (docs: BENCHMARKS.md)."""
+    h = plan.longest
+    switch = round(plan.share * h)
+    return [Job(f"{order}_s{seed}", ["--steps", str(h), "--switch-at", str(switch), "--seed", str(seed), "--rope", order],
+                steps=h) for seed in plan.seeds for order in ROPE_ORDERS]
+
+
+def run_all(plan: Plan, out: Path, devices: list[str | None], threads: int, planned: list[Job] | None = None) -> None:
+    """Run every job not done yet (of ``planned``, default: the study's), one per device (None: in this process, one
+    after the other), the longest ready one first; log each to <out>/<job>.log and when each started and ended to
+    <out>/schedule.json."""
+    todo = [j for j in planned or jobs(plan, out) if not (out / j.name / "summary.json").exists()]
     schedule_path = out / "schedule.json"
     schedule = json.loads(schedule_path.read_text()) if schedule_path.exists() else {}
     running: dict[str | None, tuple[Job, object]] = {}
@@ -365,6 +376,83 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def rope_report(plan: Plan, out: Path) -> dict:
+    """The A/B of LighthouseConfig.rope: per order, the two-stage runs' final held-out loss, copy loss by distance,
+    and Lighthouse-stage tokens/s (steps from the end of warm-up to the switch)."""
+    runs = {j.name: json.loads((out / j.name / "summary.json").read_text()) for j in rope_jobs(plan)
+            if (out / j.name / "summary.json").exists()}
+    if not runs:
+        raise SystemExit(f"quality_study: no run of the RoPE A/B in {out} yet")
+    rows = {}
+    for name, run in runs.items():
+        warm = next(p["step"] for p in run["heldout"] if p["step"] >= run["warmup"])
+        rows[name] = {"order": run["rope"], "seed": run["seed"], "final": run["final_heldout_loss"],
+                      "copy": {b: c["loss"] if c["loss"] is not None else float("nan")
+                               for b, c in run["final_copy"].items()},
+                      "lighthouse_tokens_per_s": tokens_per_second(run, warm, run["switch_step"]),
+                      "past_drop": past_drop(run["heldout"]), "drop": drop(run["heldout"])}
+    buckets = list(next(iter(rows.values()))["copy"])
+    print(f"\nRoPE order A/B: two-stage runs of {plan.longest} steps, switch at {round(plan.share * plan.longest)}")
+    print(f"{'run':<24} {'held-out':>8} " + " ".join(f"{'copy ' + b:>13}" for b in buckets)
+          + f" {'LH tok/s':>9} {'past drop':>9}")
+    for name, r in sorted(rows.items()):
+        print(f"{name:<24} {r['final']:>8.4f} " + " ".join(f"{r['copy'][b]:>13.4f}" for b in buckets)
+              + f" {r['lighthouse_tokens_per_s'] or float('nan'):>9.0f} {str(r['past_drop']):>9}")
+    means = {}
+    for order in ROPE_ORDERS:
+        mine = [r for r in rows.values() if r["order"] == order]
+        if mine:
+            means[order] = {"final": float(np.mean([r["final"] for r in mine])), "seeds": len(mine),
+                            "copy": {b: float(np.mean([r["copy"][b] for r in mine])) for b in buckets},
+                            "lighthouse_tokens_per_s": float(np.mean([r["lighthouse_tokens_per_s"] for r in mine]))}
+    if len(means) == 2:
+        before, after = means["before_pooling"], means["after_selection"]
+        spread = float(np.mean([abs(rows[f"{o}_s{plan.seeds[0]}"]["final"] - rows[f"{o}_s{s}"]["final"])
+                                for o in ROPE_ORDERS for s in plan.seeds[1:] if f"{o}_s{s}" in rows] or [float("nan")]))
+        gap = after["final"] / before["final"] - 1
+        print(f"\nmeans over seeds: after_selection {after['final']:.4f} vs before_pooling {before['final']:.4f} "
+              f"({gap:+.2%}); seeds of one order differ by {spread:.4f} on average; Lighthouse tokens/s "
+              f"{after['lighthouse_tokens_per_s'] / before['lighthouse_tokens_per_s']:.1%} of the paper order's")
+        means["gap"], means["seed_spread"] = gap, spread
+    result = {"plan": plan.__dict__, "rows": rows, "means": means,
+              "curves": {n: [(p["step"], p["loss"]) for p in r["heldout"]] for n, r in runs.items()}}
+    (out / "rope_ab.json").write_text(json.dumps(result, indent=1))
+    rope_plot(runs, out / "rope_ab.png")
+    print(f"wrote {out / 'rope_ab.json'} and {out / 'rope_ab.png'}")
+    return result
+
+
+def rope_plot(runs: dict[str, dict], path: Path) -> None:
+    """Held-out loss (dense attention) against steps, one colour per RoPE order, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (whole, tail) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = dict(zip(ROPE_ORDERS, ("tab:blue", "tab:orange")))
+    for name, run in sorted(runs.items()):
+        steps, loss = zip(*((p["step"], p["loss"]) for p in run["heldout"]))
+        for ax in (whole, tail):
+            ax.plot(steps, loss, color=colors[run["rope"]], lw=1.1, alpha=0.85,
+                    label=run["rope"] if name.endswith("_s0") else None)
+    switch = next(iter(runs.values()))["switch_step"]
+    for ax in (whole, tail):
+        ax.axvline(switch, color="grey", ls=":", lw=1)
+        ax.set_xlabel("step (dotted: the switch to dense attention)")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("held-out loss, dense attention (nats/byte)")
+    last = min(r["heldout"][-1]["step"] for r in runs.values())
+    tail.set_xlim(switch + 400, last)
+    tail.set_ylim(0.6, 1.0)
+    tail.set_title("after the recovery spike", fontsize=9)
+    whole.legend()
+    fig.suptitle("two-stage runs, RoPE before pooling (the paper) against after selection; one line per seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 SMOKE = Plan(horizons=[8, 16], share=0.5, extra_shares=[0.75], seeds=[0],
              train_args=["--size", "tiny", "--seq-len", "256", "--batch", "2", "--eval-every", "4",
                          "--eval-batches", "1", "--warmup", "2", "--workers", "0"], alone_steps=4)
@@ -381,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per run (default: 4)")
     ap.add_argument("--report-only", action="store_true", help="no run: the report on the runs in --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny plan on CPU: tests the plumbing, not quality")
+    ap.add_argument("--rope-ab", action="store_true",
+                    help="instead: LighthouseConfig.rope's two orders, two-stage runs of the longest horizon, each seed")
     args, train_args = ap.parse_known_args(argv)
     if args.smoke:
         plan = SMOKE
@@ -394,9 +484,10 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         gpus = args.devices.split(",") if args.devices else [str(i) for i in range(torch.cuda.device_count())]
-        run_all(plan, out, gpus or [None], args.threads)
-        run_alone(plan, out, (gpus or [None])[0], args.threads)
-    return report(plan, out)
+        run_all(plan, out, gpus or [None], args.threads, rope_jobs(plan) if args.rope_ab else None)
+        if not args.rope_ab:
+            run_alone(plan, out, (gpus or [None])[0], args.threads)
+    return rope_report(plan, out) if args.rope_ab else report(plan, out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -162,6 +163,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--save-at", default="", help="comma-separated steps at which to save a resumable state")
     ap.add_argument("--resume", help="a state folder (state_<step>) to continue from, bit for bit")
     ap.add_argument("--dense", action="store_true", help="baseline: dense SDPA for all steps (no lhcompile.apply)")
+    ap.add_argument("--rope", choices=["before_pooling", "after_selection"], default="before_pooling",
+                    help="where Lighthouse rotates q and k: the paper's order, or after selection (default: "
+                         "before_pooling; see LighthouseConfig.rope)")
     ap.add_argument("--seq-len", type=int, help="bytes per sequence (default: the size's)")
     ap.add_argument("--batch", type=int, help="sequences per step (default: the size's)")
     ap.add_argument("--lr", type=float, help="peak learning rate, held constant after warm-up (default: the size's)")
@@ -217,7 +221,8 @@ class Run:
         self.train: list[tuple[int, float]] = []
         self.heldout: list[dict] = []
         self.timers = {"train_s": 0.0, "compile_s": 0.0, "eval_s": 0.0}
-        self.config = {k: getattr(args, k) for k in ("size", "seed", "seq_len", "batch", "lr", "warmup", "attention")}
+        self.config = {k: getattr(args, k) for k in ("size", "seed", "seq_len", "batch", "lr", "warmup", "attention",
+                                                     "rope")}
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name}: {params / 1e6:.1f}M parameters, steps {run.step}..{args.stop_at} of {args.steps} x {args.batch} x "
           f"{args.seq_len} bytes" + ("" if args.dense else f", switch to dense at step {args.switch_at}"))
     out = Path(args.out)
-    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "parameters": params, "steps": args.steps,
+    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "rope": args.rope, "parameters": params, "steps": args.steps,
                      "tokens_per_step": args.batch * args.seq_len, "switch_step": args.switch_at, "warmup": args.warmup,
                      "corpus": corpus.describe(), "resumed_from": args.resume}
 
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         """Put the model in its stage's form, then compile it with one untimed step on held-out data (no update)."""
         lighthouse = not run.switched and run.step < args.switch_at
         if lighthouse:
-            lhcompile.apply(run.model, size.lighthouse, compiler=args.compiler)
+            lhcompile.apply(run.model, dataclasses.replace(size.lighthouse, rope=args.rope), compiler=args.compiler)
         elif args.compiler != "eager":
             run.model.compile(backend=args.compiler)
         start = time.perf_counter()

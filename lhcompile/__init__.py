@@ -5,12 +5,14 @@ from .backend import LighthouseBackend
 from .config import LighthouseConfig
 from .ops import lighthouse_attention
 from .report import LighthouseWarning, Report, SiteReport
+from .rotary import Rotary
 
 __all__ = [
     "LighthouseBackend",
     "LighthouseConfig",
     "LighthouseWarning",
     "Report",
+    "Rotary",
     "SiteReport",
     "apply",
     "backend",

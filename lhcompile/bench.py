@@ -2,6 +2,7 @@
 
     python -m lhcompile.bench                      # N = 16K .. 1M, k = 2048 and 4096, plot in bench.png
     python -m lhcompile.bench --seq 131072 --topk 2048 --reps 10
+    python -m lhcompile.bench --seq 65536 131072 --topk 2048 --rope   # also RoPE after selection (Rotary)
 
 Prints forward and forward+backward medians (CUDA events, after warm-up), the speed-up over dense, and a
 per-stage breakdown against each stage's floor (bytes over the measured copy bandwidth, or FLOPs over the
@@ -11,6 +12,7 @@ measured bf16 matmul rate); writes the numbers as JSON and a PNG of latency agai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import LighthouseConfig
 from .ops import lighthouse_attention
+from .rotary import Rotary
 
 DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
 
@@ -65,6 +68,8 @@ class Row:
     lh_fwd: float
     lh_fwdbwd: float
     stages: list[Stage] = field(default_factory=list)
+    lh_rope_fwdbwd: float | None = None
+    """Forward + backward with RoPE after selection (unrotated q, k and a rotate_half table), when asked for."""
 
 
 def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: float, flops: float) -> list[Stage]:
@@ -109,7 +114,7 @@ def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: flo
 
 
 def bench(n: int, config: LighthouseConfig, *, reps: int, dense_reps: int, bandwidth: float, flops: float,
-          heads: int = 8, dim: int = 128) -> Row:
+          heads: int = 8, dim: int = 128, rope: bool = False) -> Row:
     q, k, v = (torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
 
@@ -128,6 +133,12 @@ def bench(n: int, config: LighthouseConfig, *, reps: int, dense_reps: int, bandw
         return median_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad), r)
 
     row = Row(n, config.topk, None, None, fwd(light, reps), fwdbwd(light, reps))
+    if rope:
+        angles = torch.arange(n, device="cuda").float().unsqueeze(-1) / 10000.0 ** (
+            torch.arange(dim // 2, device="cuda") / (dim // 2))
+        rotary = Rotary.of("rotate_half", *(torch.cat([f(angles)] * 2, -1).bfloat16() for f in (torch.cos, torch.sin)))
+        after = dataclasses.replace(config, rope="after_selection")
+        row.lh_rope_fwdbwd = fwdbwd(lambda: lighthouse_attention(q, k, v, after, rope=rotary), reps)
     if dense_reps:
         row.dense_fwd, row.dense_fwdbwd = fwd(dense, dense_reps), fwdbwd(dense, dense_reps)
     if n >= config.min_lighthouse_len:
@@ -172,6 +183,9 @@ def main() -> None:
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True): bit-identical gradients for dense and Lighthouse "
                          "(PyTorch's SDPA then skips cuDNN, whose backward is not deterministic)")
+    ap.add_argument("--rope", action="store_true",
+                    help="also time Lighthouse with RoPE after selection (LighthouseConfig.rope, eager: its rotation is "
+                         "unfused here, fused by Inductor in a compiled model)")
     ap.add_argument("--json", default="bench.json", help="where to write the numbers")
     ap.add_argument("--plot", default="bench.png", help="where to write the latency plot")
     args = ap.parse_args()
@@ -192,7 +206,8 @@ def main() -> None:
         print(f"{'N':>8} {'dense fwd':>10} {'LH fwd':>8} {'fwd x':>7} {'dense f+b':>10} {'LH f+b':>8} {'f+b x':>7}")
         for n in args.seq:
             dense_reps = args.dense_reps if n <= args.dense_max_seq and n not in dense_cache else 0
-            row = bench(n, config, reps=args.reps, dense_reps=dense_reps, bandwidth=bandwidth, flops=flops)
+            row = bench(n, config, reps=args.reps, dense_reps=dense_reps, bandwidth=bandwidth, flops=flops,
+                        rope=args.rope)
             if dense_reps:
                 dense_cache[n] = (row.dense_fwd, row.dense_fwdbwd)
             row.dense_fwd, row.dense_fwdbwd = dense_cache.get(n, (None, None))
@@ -202,8 +217,10 @@ def main() -> None:
                 return f"{a / b:>6.2f}x" if a else f"{'-':>7}"
 
             fmt = lambda x: f"{x:>10.2f}" if x else f"{'-':>10}"  # noqa: E731
+            rope = (f"  RoPE after selection f+b {row.lh_rope_fwdbwd:.2f} ({row.lh_rope_fwdbwd / row.lh_fwdbwd:.2f}x "
+                    "LH's)") if row.lh_rope_fwdbwd else ""
             print(f"{n:>8} {fmt(row.dense_fwd)} {row.lh_fwd:>8.2f} {ratio(row.dense_fwd, row.lh_fwd)} "
-                  f"{fmt(row.dense_fwdbwd)} {row.lh_fwdbwd:>8.2f} {ratio(row.dense_fwdbwd, row.lh_fwdbwd)}")
+                  f"{fmt(row.dense_fwdbwd)} {row.lh_fwdbwd:>8.2f} {ratio(row.dense_fwdbwd, row.lh_fwdbwd)}{rope}")
     print("\nper-stage breakdown (ms; floor = bytes / copy bandwidth, or attention FLOPs / matmul rate)")
     for row in rows:
         if row.stages:

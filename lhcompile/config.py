@@ -9,6 +9,7 @@ from .geometry import Geometry
 
 Scorer = Literal["norm"]
 InnerBackend = Literal["sdpa", "flash_attn"]
+RopeOrder = Literal["before_pooling", "after_selection"]
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -40,6 +41,13 @@ class LighthouseConfig:
     """Sequences shorter than this use dense SDPA (the tile rule may set a higher floor)."""
     inner_backend: InnerBackend = "sdpa"
     """Dense attention on the gathered sub-sequence: PyTorch SDPA, or the flash_attn package."""
+    rope: RopeOrder = "before_pooling"
+    """Where q and k get the model's rotary position embedding. 'before_pooling' is the paper's order: Lighthouse
+    sees what SDPA sees, q and k already rotated, so a pooled entry averages its tokens' rotations.
+    'after_selection': the pass finds the rotation upstream of each rewritten SDPA call (Hugging Face's
+    rotate_half, GLM's pairs, torchtitan's complex form, also partial rotary), gives Lighthouse the unrotated q
+    and k with the model's tables, and rotates each gathered entry at the last position it covers. A site where
+    no rotation is recognised keeps the paper's order, and the report and a warning say why."""
 
     def __post_init__(self) -> None:
         def reject(field: str, rule: str) -> None:
@@ -61,6 +69,8 @@ class LighthouseConfig:
             reject("min_seq_len", "must be an int >= 0")
         if self.inner_backend not in ("sdpa", "flash_attn"):
             reject("inner_backend", "must be 'sdpa' or 'flash_attn'")
+        if self.rope not in ("before_pooling", "after_selection"):
+            reject("rope", "must be 'before_pooling' (the paper's order) or 'after_selection'")
 
     def dense_indices(self, total: int) -> set[int]:
         """The positions among ``total`` sites (or layers) that ``dense_layers`` keeps dense; out-of-range ones are ignored."""

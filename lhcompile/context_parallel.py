@@ -25,6 +25,7 @@ from torch.distributed.tensor.experimental._context_parallel import _attention a
 
 from . import ops
 from .config import LighthouseConfig
+from .rotary import Rotary
 
 
 def chunk_problem(config: LighthouseConfig, local_len: int) -> str | None:
@@ -48,14 +49,15 @@ def chunk_config(config: LighthouseConfig) -> LighthouseConfig:
 
 
 def cp_reference(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, world_size: int,
-                 *, scale: float | None = None) -> Tensor:
-    """Single-device meaning of ``lighthouse_attention_cp`` on W = world_size ranks, from the whole sequence."""
+                 *, scale: float | None = None, rope: Rotary | None = None) -> Tensor:
+    """Single-device meaning of ``lighthouse_attention_cp`` on W = world_size ranks, from the whole sequence (with
+    ``rope``, the whole sequence's tables and unrotated q, k)."""
     chunks = 2 * world_size
     problem = chunk_problem(config, 2 * q.shape[2] // chunks)
     if problem:
         raise ValueError(problem)
     return ops.chunked_stages(
-        q, k, v, chunks=chunks, chunk_len=q.shape[2] // chunks, config=chunk_config(config),
+        q, k, v, chunks=chunks, chunk_len=q.shape[2] // chunks, config=chunk_config(config), rotary=rope,
         attention=lambda qg, kg, vg: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale),
     )
 
@@ -137,14 +139,16 @@ def dense_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, gqa_groups: int, group_n
 
 
 def lighthouse_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, n: int, group_name: str, scale: float | None,
-                         config: LighthouseConfig) -> Tensor:
-    """The traceable body of ``lighthouse_attention_cp`` for a shard of known length n."""
-    return ops.chunked_stages(q, k, v, chunks=2, chunk_len=n // 2, config=chunk_config(config),
+                         config: LighthouseConfig, rotary: Rotary | None = None) -> Tensor:
+    """The traceable body of ``lighthouse_attention_cp`` for a shard of known length n. ``rotary``'s rows are the
+    shard's own: [chunk r | chunk 2W-1-r], at their global positions (as RoPE computed from sharded position ids
+    or a sharded table gives them), so chunk 1's rows start at n / 2."""
+    return ops.chunked_stages(q, k, v, chunks=2, chunk_len=n // 2, config=chunk_config(config), rotary=rotary,
                               attention=lambda qg, kg, vg: ring_attention(qg, kg, vg, group_name, scale)[0])
 
 
 def lighthouse_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, group: dist.ProcessGroup,
-                            *, scale: float | None = None) -> Tensor:
+                            *, scale: float | None = None, rope: Rotary | None = None) -> Tensor:
     """Lighthouse attention of this rank's shard, (B, H, 2c, d) = [chunk r | chunk 2W-1-r] as ``shard`` cuts it.
 
     Equals ``shard(cp_reference(whole q, k, v, config, W), r, W)`` (tested). q may have more heads than k/v
@@ -154,4 +158,6 @@ def lighthouse_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: LighthouseC
     problem = chunk_problem(config, q.shape[2])
     if problem:
         raise ValueError(problem)
-    return lighthouse_stages_cp(q, k, v, n=q.shape[2], group_name=group.group_name, scale=scale, config=config)
+    Rotary.check_for(rope, config.rope, q, "lighthouse_attention_cp")
+    return lighthouse_stages_cp(q, k, v, n=q.shape[2], group_name=group.group_name, scale=scale, config=config,
+                                rotary=rope)

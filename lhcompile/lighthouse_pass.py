@@ -19,9 +19,11 @@ from .blocks import Block, compiled_alone, join_path
 from .ddp_buckets import Numbering
 from .debug import dump_graph
 from .options import Options
-from .passes import Proofs, SdpaSite, attention_like_calls, find_sdpa_sites, rewrite_sdpa, subgraph_calls
+from .passes import (Proofs, RopeMatch, SdpaSite, attention_like_calls, find_qk_rotation, find_sdpa_sites,
+                     rewrite_sdpa, subgraph_calls, unrotated)
 from .passes.meta import lifted_tensor, source_name, user_path
 from .report import LighthouseWarning, Report, SiteReport
+from .rotary import Rotary
 
 
 @dataclass(frozen=True)
@@ -159,15 +161,19 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     before = gm.print_readable(print_output=False) if options.debug else ""
     scopes: tuple[Block | None, ...] = scope.blocks or (None,)  # None: the graph is the compiled module's own
     lighthouse: set[int] = set()
+    rotations: dict[int, tuple[RopeMatch, RopeMatch] | str] = {}
     for position, (g, site) in enumerate(sites, start=first):
         options.target.check(site)
         decided = [(path := join_path(block.path if block else "", site.module_path),
                     _reasons(site, position, total, options, scope, block, path)) for block in scopes]
         if not decided[0][1]:  # the first block decides for the graph that serves them all
             lighthouse.add(id(site))
+            if options.config.rope == "after_selection":
+                rotations[id(site)] = find_qk_rotation(site.q, site.k, site.q_shape[2])
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
         for path, reasons in decided:
-            reason = "; ".join(reasons) + options.target.dense_note if reasons else "lighthouse"
+            rewritten = "lighthouse" + _rope_note(rotations.get(id(site)), site)
+            reason = "; ".join(reasons) + options.target.dense_note if reasons else rewritten
             if reasons and site.causal_mask and not options.target.rewrites_dense:
                 reason += "; its mask is the causal mask, so it runs as SDPA with is_causal=True"
             report.sites.append(SiteReport(graph_id, position, path, _op_name(site.node.target), site.q_shape,
@@ -178,11 +184,22 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
 
         def build(site: SdpaSite, args: dict[str, Any]) -> fx.Proxy:
             if id(site) in lighthouse:
-                return options.target.lighthouse(site, args, options.config)
+                rotation = rotations.get(id(site))
+                if not isinstance(rotation, tuple):
+                    return options.target.lighthouse(site, args, options.config, None)
+                args, rotary = _unrotated_inputs(site, args, *rotation)
+                return options.target.lighthouse(site, args, options.config, rotary)
             return options.target.dense(site, args)
 
         if chosen:
             read += rewrite_sdpa(g.module, chosen, build)
+    unrecognised = [(s.module_path, why) for _, s in sites if isinstance(why := rotations.get(id(s)), str)]
+    if unrecognised:
+        _warn_once(report, "rope",
+                   f"lhcompile: rope='after_selection', but at {len(unrecognised)} of {len(rotations)} Lighthouse "
+                   f"sites of graph {graph_id} no RoPE rotation was recognised upstream of query and key, so they pool "
+                   f"rotated q and k in the paper's order (harmless in a model without RoPE): "
+                   f"{unrecognised[0][0] or '<top>'}: {unrecognised[0][1]}")
     if first + len(sites) == total:  # the whole graph is decided (a DDP split: at its last bucket with sites)
         # its rows: one per site and block, the split's buckets' rows added one after the other
         rows = report.sites[len(report.sites) - total * len(scopes):]
@@ -190,6 +207,25 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
     return read
+
+
+def _rope_note(rotation: tuple[RopeMatch, RopeMatch] | str | None, site: SdpaSite) -> str:
+    if rotation is None:
+        return ""
+    if isinstance(rotation, str):
+        return f"; RoPE before pooling (the paper's order): {rotation}"
+    match = rotation[0]
+    return f"; RoPE after selection ({match.form}, {match.rotary_dim} of {site.q_shape[3]} dims)"
+
+
+def _unrotated_inputs(site: SdpaSite, args: dict[str, Any], q: RopeMatch, k: RopeMatch
+                      ) -> tuple[dict[str, Any], Rotary]:
+    """The call's arguments with query and key as they were before the model's rotation, and its tables."""
+    tracer = args["query"].tracer
+    args = {**args, "query": fx.Proxy(unrotated(q), tracer), "key": fx.Proxy(unrotated(k), tracer)}
+    tables = [fx.Proxy(t, tracer) for t in q.tables]
+    return args, Rotary.from_model_tables(q.form, q.rotary_dim, site.q_shape[3], tables, q.table_position_axis,
+                                          q.table_shape)
 
 
 def _warn_once(report: Report, kind: str, message: str) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .config import LighthouseConfig
 from .geometry import Geometry
+from .rotary import Rotary, entry_positions
 
 STAGES: dict[str, str] = {"cuda": "kernels"}
 """Device type -> the module of ``lhcompile`` that implements the stages there ('reference' where absent)."""
@@ -144,10 +145,12 @@ def _joined(parts: Sequence[Tensor]) -> Tensor:
 
 
 def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: int, config: LighthouseConfig,
-                   attention: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+                   attention: Callable[[Tensor, Tensor, Tensor], Tensor], rotary: Rotary | None = None) -> Tensor:
     """Per chunk of chunk_len tokens: score, select, gather; then ``attention`` over the chunks' gathered
     sub-sequences joined in chunk order; then per chunk: scatter. One chunk is the single-device operator;
-    several are context parallelism's (``lhcompile.context_parallel``). Shapes come in as plain ints so
+    several are context parallelism's (``lhcompile.context_parallel``). With ``rotary`` (tables whose rows are
+    the positions of q's tokens, all chunks in order) q and k come unrotated and each gathered entry is rotated
+    at the last position it covers, chunk i's rows starting at i * chunk_len. Shapes come in as plain ints so
     that the graph pass can trace this function into a graph."""
     levels, p = config.levels, config.pooling_factor
     gathered, selections = [], []
@@ -155,7 +158,11 @@ def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: i
         qc, kc, vc = (_part(t, i, chunk_len, chunks) for t in (q, k, v))
         s_qk, s_kq = score(qc.detach(), kc.detach(), levels, p)
         index, inv = select(s_qk, s_kq, chunk_len, levels, p, config.topk, config.tile_budget)
-        gathered.append([gather(t, index, inv, levels, p) for t in (qc, kc, vc)])
+        qg, kg, vg = (gather(t, index, inv, levels, p) for t in (qc, kc, vc))
+        if rotary is not None:
+            positions = entry_positions(index, chunk_len, levels, p) + i * chunk_len
+            qg, kg = rotary.rotate(qg, positions), rotary.rotate(kg, positions)
+        gathered.append([qg, kg, vg])
         selections.append((index, inv))
     o = attention(*(_joined(parts) for parts in zip(*gathered)))
     s = config.gathered_len(chunk_len)
@@ -163,8 +170,10 @@ def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: i
                     for i, (index, inv) in enumerate(selections)])
 
 
-def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float | None, config: LighthouseConfig) -> Tensor:
-    """The staged subgraph for a sequence of known length n (>= config.min_lighthouse_len).
+def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float | None, config: LighthouseConfig,
+                      rotary: Rotary | None = None) -> Tensor:
+    """The staged subgraph for a sequence of known length n (>= config.min_lighthouse_len); with ``rotary``, q and
+    k are unrotated (RoPE after selection).
 
     A length that does not split into whole tiles is zero-padded at the end; padded positions only
     ever reach outputs beyond n, which are cut off.
@@ -172,7 +181,7 @@ def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float |
     padded = config.padded_len(n)
     if padded != n:
         q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
-    out = chunked_stages(q, k, v, chunks=1, chunk_len=padded, config=config,
+    out = chunked_stages(q, k, v, chunks=1, chunk_len=padded, config=config, rotary=rotary,
                          attention=lambda qg, kg, vg: dense_attention(qg, kg, vg, scale, config.inner_backend))
     if padded != n:
         out = out[:, :, :n]
@@ -211,15 +220,20 @@ def lighthouse_attention(
     *,
     is_causal: bool = True,
     scale: float | None = None,
+    rope: Rotary | None = None,
 ) -> Tensor:
     """Lighthouse attention with SDPA's signature and layout: (B, H, N, d) in, (B, H, N, d_v) out.
 
     k and v may have fewer heads than q (GQA, as SDPA's enable_gqa). Sequences shorter than
-    ``config.min_lighthouse_len`` run dense causal SDPA instead.
-    """
+    ``config.min_lighthouse_len`` run dense causal SDPA instead. With ``rope`` (the model's rotation tables,
+    ``Rotary.of``), q and k are taken unrotated and rotated after selection, whatever ``config.rope`` says;
+    ``config.rope='after_selection'`` without it is refused (there would be no tables to rotate with)."""
     config = config or LighthouseConfig()
     check_sdpa_inputs(q, k, v, is_causal=is_causal)
+    Rotary.check_for(rope, config.rope, q, "lighthouse_attention")
     n = q.shape[2]
     if n < config.min_lighthouse_len:
+        if rope is not None:
+            q, k = (rope.rotate(t, torch.arange(n, device=t.device).expand(t.shape[:3])) for t in (q, k))
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return lighthouse_stages(q, k, v, n=n, scale=scale, config=config)
+    return lighthouse_stages(q, k, v, n=n, scale=scale, config=config, rotary=rope)

@@ -17,6 +17,8 @@ what the kernels implement, checked against that autograd.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -134,6 +136,16 @@ def entry_levels(index: torch.Tensor, n: int, levels: int, p: int) -> torch.Tens
     return torch.bucketize(index, bounds, right=True)
 
 
+def rotated_pyramid(x: torch.Tensor, levels: int, p: int,
+                    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, pool(x)) of unrotated x with every pyramid entry rotated at the last position it covers, (j+1)·p^l − 1,
+    by ``rotate(rows, positions)`` (RoPE after selection, stated on the whole pyramid)."""
+    n = x.shape[2]
+    last = torch.cat([torch.arange(1, n // p**lvl + 1) * p**lvl - 1 for lvl in range(levels)]).to(x.device)
+    whole = rotate(torch.cat([x, pool(x, levels, p)], dim=2), last)
+    return whole[:, :, :n], whole[:, :, n:]
+
+
 def take(x: torch.Tensor, pooled: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of the pyramid [x | pooled] at ``index`` (B, H, S) -> (B, H, S, d).
 
@@ -201,13 +213,23 @@ def lighthouse_reference(
     topk: int,
     tile_budget: int,
     scale: float | None = None,
+    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The whole operator on a length that needs no padding, composed of the stages above with autograd."""
+    """The whole operator on a length that needs no padding, composed of the stages above with autograd.
+
+    With ``rotate(x, positions)`` (the model's RoPE of rows x (B, H, M, d) at token positions (M,)), q and k come
+    unrotated and RoPE is applied after selection: every pyramid entry is rotated at the last position it covers,
+    (j+1)·p^l − 1, before the rows are taken.
+    """
     n = q.shape[2]
     with torch.no_grad():
         s_qk, s_kq = score(q, k, levels, p)
         index = cascade(s_qk, s_kq, n, levels, p, topk, tile_budget)
-    qg, kg, vg = (take(t, pool(t, levels, p), index) for t in (q, k, v))
+
+    def pyramid(t: torch.Tensor, rotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotated_pyramid(t, levels, p, rotate) if rotated else (t, pool(t, levels, p))
+
+    qg, kg, vg = (take(*pyramid(t, rotate is not None and t is not v), index) for t in (q, k, v))
     o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
     return scatter(o, index, None, n, levels, p)
 

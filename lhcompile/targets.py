@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import context_parallel, ops
 from .config import LighthouseConfig
 from .passes import SdpaSite
+from .rotary import Rotary
 
 
 class Target(Protocol):
@@ -31,8 +32,10 @@ class Target(Protocol):
     def problem(self, config: LighthouseConfig, n: int) -> str | None:
         """Why a sequence of n tokens cannot run Lighthouse on this target, or None."""
 
-    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig) -> fx.Proxy:
-        """The replacement of a site chosen for Lighthouse (args: the call's arguments as proxies)."""
+    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig, rotary: Rotary | None
+                   ) -> fx.Proxy:
+        """The replacement of a site chosen for Lighthouse (args: the call's arguments as proxies; with ``rotary``
+        their query and key are the unrotated values, to be rotated after selection)."""
 
     def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
         """The replacement of a site kept dense, or None to leave the SDPA call as it is (always called for sites
@@ -55,9 +58,10 @@ class SingleDevice:
             return f"sequence too short: N={n} < min_lighthouse_len={config.min_lighthouse_len}"
         return None
 
-    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig) -> fx.Proxy:
+    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig, rotary: Rotary | None
+                   ) -> fx.Proxy:
         return ops.lighthouse_stages(args["query"], args["key"], args["value"], n=site.q_shape[2],
-                                     scale=args.get("scale"), config=config)
+                                     scale=args.get("scale"), config=config, rotary=rotary)
 
     def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
         if not site.causal_mask:
@@ -93,10 +97,11 @@ class ContextParallel:
     def problem(self, config: LighthouseConfig, n: int) -> str | None:
         return context_parallel.chunk_problem(config, n)
 
-    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig) -> fx.Proxy:
+    def lighthouse(self, site: SdpaSite, args: dict[str, Any], config: LighthouseConfig, rotary: Rotary | None
+                   ) -> fx.Proxy:
         return context_parallel.lighthouse_stages_cp(args["query"], args["key"], args["value"], n=site.q_shape[2],
                                                      group_name=self.group.group_name, scale=args.get("scale"),
-                                                     config=config)
+                                                     config=config, rotary=rotary)
 
     def dense(self, site: SdpaSite, args: dict[str, Any]) -> fx.Proxy | None:
         return context_parallel.dense_stages_cp(args["query"], args["key"], args["value"],

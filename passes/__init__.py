@@ -7,6 +7,7 @@ Nothing here knows about kernels: the rewrite takes the replacement as a callabl
 from .causal_mask import MaskProof, Proofs, Resolve
 from .match import SdpaSite, attention_like_calls, count_sdpa_calls, find_sdpa_sites, module_path
 from .restore import restore_sdpa
+from .rope import RopeMatch, find_qk_rotation, find_rotation, unrotated
 from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sdpa
 from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
 
@@ -16,15 +17,19 @@ __all__ = [
     "Proofs",
     "REWRITE_TAG",
     "Resolve",
+    "RopeMatch",
     "SdpaSite",
     "Subgraph",
     "attention_like_calls",
     "count_sdpa_calls",
     "erase_unused",
+    "find_qk_rotation",
+    "find_rotation",
     "find_sdpa_sites",
     "module_path",
     "prune_unused_inputs",
     "restore_sdpa",
     "rewrite_sdpa",
     "subgraph_calls",
+    "unrotated",
 ]

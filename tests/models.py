@@ -15,7 +15,8 @@ VOCAB = 97
 
 
 def hf_model(kind: str, layers: int = 4, attention: str = "sdpa", **extra) -> nn.Module:
-    """Hugging Face causal LMs with GQA, SDPA attention, no KV cache: Llama, Qwen2, Qwen3, Mistral, Gemma 3."""
+    """Hugging Face causal LMs with GQA, SDPA attention, no KV cache: Llama, Qwen2, Qwen3, Mistral, Gemma 3, Phi
+    (partial rotary), Cohere (RoPE on adjacent pairs)."""
     import transformers
 
     import lhcompile.hf  # noqa: F401  (registers attention="causal_sdpa")
@@ -26,6 +27,8 @@ def hf_model(kind: str, layers: int = 4, attention: str = "sdpa", **extra) -> nn
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi": (transformers.PhiConfig, transformers.PhiForCausalLM),
+        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
     }[kind]
     cfg = config_cls(
         vocab_size=VOCAB,
@@ -38,7 +41,7 @@ def hf_model(kind: str, layers: int = 4, attention: str = "sdpa", **extra) -> nn
         max_position_embeddings=512,
         attn_implementation=attention,
         use_cache=False,
-        **extra,
+        **({"pad_token_id": None, "bos_token_id": None, "eos_token_id": None} | extra),
     )
     return model_cls(cfg)
 
@@ -52,32 +55,36 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
 
 
-def rope(x: torch.Tensor) -> torch.Tensor:
-    n, d = x.shape[-2], x.shape[-1]
-    freqs = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device).float() / d))
-    angles = torch.outer(torch.arange(n, device=x.device).float(), freqs)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchtitan's (and Meta's Llama's) RoPE: adjacent pairs of (B, N, H, d) rotated as complex numbers."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    return torch.view_as_real(xq_ * freqs_cis).flatten(3).type_as(xq), torch.view_as_real(xk_ * freqs_cis).flatten(3).type_as(xk)
 
 
 class TitanAttention(nn.Module):
-    """torchtitan-style Llama-3 attention: GQA through SDPA's enable_gqa, RoPE before SDPA."""
+    """torchtitan-style Llama-3 attention: complex RoPE in (B, N, H, d) layout, then GQA through SDPA's enable_gqa."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int, max_len: int = 512) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
+        freqs = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        angles = torch.outer(torch.arange(max_len).float(), freqs)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.wq(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
+        q = self.wq(x).view(b, n, self.heads, self.head_dim)
+        k = self.wk(x).view(b, n, self.kv_heads, self.head_dim)
+        v = self.wv(x).view(b, n, self.kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, k, self.freqs_cis[:n])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 

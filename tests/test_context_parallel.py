@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lhcompile
-from lhcompile import LighthouseConfig, lighthouse_attention
+from lhcompile import LighthouseConfig, Rotary, lighthouse_attention
 from lhcompile.context_parallel import cp_reference, lighthouse_attention_cp, shard
 from tests.distributed import WORLD, close, shard_with_fsdp2, spawn
 from tests.models import VOCAB, EmbeddingAttentionLM, SdpaAt, hf_model, logits
@@ -21,22 +21,29 @@ GPU_CFG = dataclasses.replace(CFG, dense_layers=(-1,))
 N = 128  # 4 chunks of 32 tokens
 
 
-def _operator(rank, dtype, device="cpu", tol=1e-5):
+def _operator(rank, dtype, device="cpu", tol=1e-5, rope=False):
     make = lambda *shape: torch.randn(*shape).to(device, dtype)  # noqa: E731  (same values on every rank)
     q, k, v = (make(2, heads, N, 8).requires_grad_() for heads in (4, 2, 2))
     grad = make(2, 4, N, 8)
-    want = cp_reference(q, k, v, CFG, WORLD, scale=0.3)
+    # RoPE after selection: the whole sequence's tables there, each rank's rows of them here (as sharded position
+    # ids give them), so chunk 2W-1-r is rotated at its global positions
+    angles = torch.arange(N).float().unsqueeze(-1) / 10.0 ** torch.arange(8).float()
+    tables = (angles.cos().to(device, dtype), angles.sin().to(device, dtype)) if rope else None
+    rotary = Rotary.of("rotate_half", *tables) if rope else None
+    local_rotary = Rotary.of("rotate_half", *(shard(t, rank, WORLD, dim=0) for t in tables)) if rope else None
+    want = cp_reference(q, k, v, CFG, WORLD, scale=0.3, rope=rotary)
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     local = [shard(t.detach(), rank, WORLD).requires_grad_() for t in (q, k, v)]
-    out = lighthouse_attention_cp(*local, CFG, dist.group.WORLD, scale=0.3)
+    out = lighthouse_attention_cp(*local, CFG, dist.group.WORLD, scale=0.3, rope=local_rotary)
     grads = torch.autograd.grad(out, local, shard(grad, rank, WORLD))
     close(out, shard(want, rank, WORLD), "out", tol)
     for name, mine, ref in zip("qkv", grads, want_grads):
         close(mine, shard(ref, rank, WORLD), f"d{name}", tol)
 
 
-def test_operator_on_two_ranks_equals_single_device_reference(tmp_path):
-    spawn(_operator, tmp_path, torch.float32)
+@pytest.mark.parametrize("rope", [False, True], ids=["rope-before-pooling", "rope-after-selection"])
+def test_operator_on_two_ranks_equals_single_device_reference(tmp_path, rope):
+    spawn(_operator, tmp_path, torch.float32, "cpu", 1e-5, rope)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -181,6 +181,7 @@ def test_bad_inputs_are_rejected_with_a_reason():
         ("inner_backend", "xformers", "'sdpa' or 'flash_attn'"),
         ("dense_layers", [0, 1], "tuple of ints"),
         ("min_seq_len", -1, ">= 0"),
+        ("rope", "after_pooling", "'before_pooling' (the paper's order) or 'after_selection'"),
     ],
 )
 def test_config_rejects_bad_values_naming_field_value_rule(field, value, rule):
