@@ -60,7 +60,8 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
-    return torch.view_as_real(xq_ * freqs_cis).flatten(3).type_as(xq), torch.view_as_real(xk_ * freqs_cis).flatten(3).type_as(xk)
+    xq_out, xk_out = (torch.view_as_real(x * freqs_cis).flatten(3) for x in (xq_, xk_))
+    return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
 class TitanAttention(nn.Module):
@@ -246,3 +247,59 @@ class NanoGPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.head(x)
+
+
+def hf_rotation(kind: str):
+    """A transformers model's own apply_rotary_pos_emb as rotate(rows (B, H, M, d), positions (M,)), for its
+    tables (B, N, r): ``hf_rotation(kind)(cos, sin)``; rows past r are left as they are (partial rotary)."""
+    import importlib
+
+    apply = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}").apply_rotary_pos_emb
+
+    def make(cos, sin):
+        def rotate(x, positions):
+            r = cos.shape[-1]
+            c, s = (t[:, positions].to(x.dtype) for t in (cos, sin))
+            return torch.cat([apply(x[..., :r], x[..., :r], c, s)[0], x[..., r:]], dim=-1)
+        return rotate
+    return make
+
+
+class RopeMoved(TorchFunctionMode):
+    """Runs a model's own code with its RoPE function (``module.<name>(q, k, *tables_args)``) returning q and k
+    unrotated, and every SDPA call given those: site i in ``lighthouse`` goes to ``lighthouse[i](q, k, v, scale,
+    rotate, tables)``, the others to SDPA on q and k rotated as the model would. ``tables(*tables_args)`` are the
+    call's tables, ``rotation(*tables)`` the model's rotation as ``rotate(rows, positions)``. One RoPE call per SDPA
+    call, in order."""
+
+    def __init__(self, module, name: str, tables, rotation, lighthouse: dict) -> None:
+        super().__init__()
+        self.module, self.name, self.tables, self.rotation, self.lighthouse = module, name, tables, rotation, lighthouse
+        self.calls, self.count = [], 0
+
+    def __enter__(self):
+        self.original = getattr(self.module, self.name)
+
+        def unrotated(q, k, *args, **kwargs):
+            self.calls.append(self.tables(*args, **kwargs))
+            return q, k
+        setattr(self.module, self.name, unrotated)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.original)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        a = bind_arguments(func, args, kwargs)
+        q, k, v, scale = a["query"], a["key"], a["value"], a["scale"]
+        site, self.count = self.count, self.count + 1
+        rotate = self.rotation(*self.calls[site])
+        if site in self.lighthouse:
+            return self.lighthouse[site](q, k, v, scale, rotate, self.calls[site])
+        positions = torch.arange(q.shape[2], device=q.device)
+        return F.scaled_dot_product_attention(rotate(q, positions), rotate(k, positions), v, is_causal=True,
+                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import lhcompile
 from lhcompile import LighthouseConfig, Rotary, lighthouse_attention
 from lhcompile.context_parallel import cp_reference, lighthouse_attention_cp, shard
 from tests.distributed import WORLD, close, shard_with_fsdp2, spawn
-from tests.models import VOCAB, EmbeddingAttentionLM, SdpaAt, hf_model, logits
+from tests.models import VOCAB, EmbeddingAttentionLM, RopeMoved, SdpaAt, hf_model, hf_rotation, logits
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=16, tile_budget=4, dense_layers=(0, -1))
 GPU_CFG = dataclasses.replace(CFG, dense_layers=(-1,))
@@ -52,7 +53,7 @@ def test_operator_on_two_gpus_equals_single_device_reference(tmp_path):
     spawn(_operator, tmp_path, torch.bfloat16, "cuda", 2e-2, backend="nccl")
 
 
-def _model(rank, compiler, per_layer, gpu=False, checkpointing=False):
+def _model(rank, compiler, per_layer, gpu=False, checkpointing=False, rope=False):
     if gpu:
         # bf16, which the CUDA ring needs, and selection on the embeddings: a selection downstream of arithmetic
         # flips with bf16 rounding (in a 4-layer Llama, running the reference's dense layers with the math
@@ -72,7 +73,15 @@ def _model(rank, compiler, per_layer, gpu=False, checkpointing=False):
         return logits(m, inputs) if gpu else m(input_ids=inputs, position_ids=positions).logits
 
     # the model's own code on the whole sequence, Lighthouse sites as cp_reference: what the shards must give
-    with SdpaAt(set(lighthouse), lambda q, k, v, scale: cp_reference(q, k, v, config, WORLD, scale=scale)):
+    if rope:  # RoPE after selection: cp_reference on the unrotated q and k with the whole sequence's tables
+        config = dataclasses.replace(config, rope="after_selection")
+        site = lambda q, k, v, scale, rotate, tables: cp_reference(  # noqa: E731
+            q, k, v, config, WORLD, scale=scale, rope=Rotary.of("rotate_half", *tables))
+        attention = RopeMoved(importlib.import_module(type(twin).__module__), "apply_rotary_pos_emb",
+                              lambda cos, sin, *_: (cos, sin), hf_rotation("llama"), dict.fromkeys(lighthouse, site))
+    else:
+        attention = SdpaAt(set(lighthouse), lambda q, k, v, scale: cp_reference(q, k, v, config, WORLD, scale=scale))
+    with attention:
         want = run(twin, inputs, positions)
     F.cross_entropy(want.flatten(0, 1).float(), labels.flatten()).backward()
 
@@ -85,6 +94,7 @@ def _model(rank, compiler, per_layer, gpu=False, checkpointing=False):
 
     report = lhcompile.inspect(model)
     assert sorted(s.module_path for s in report.rewritten) == [paths[i] for i in lighthouse], str(report)
+    assert all(("RoPE after selection" in s.reason) == rope for s in report.rewritten), str(report)
     assert sorted(s.module_path for s in report.dense) == [p for i, p in enumerate(paths) if i not in lighthouse]
     close(local, shard(want, rank, WORLD, dim=1), "logits", tol)
     for (name, p), (_, p_ref) in zip(model.named_parameters(), twin.named_parameters()):
@@ -93,14 +103,14 @@ def _model(rank, compiler, per_layer, gpu=False, checkpointing=False):
 
 # Inductor with per-layer FSDP2 only (torchtitan's wrapping): root wrapping under Inductor adds a minute of CPU
 # compilation and nothing the other three cases do not check
-@pytest.mark.parametrize("compiler,per_layer,checkpointing",
-                         [("eager", False, False), ("eager", True, False), ("inductor", True, False),
-                          ("eager", True, True)],
+@pytest.mark.parametrize("compiler,per_layer,checkpointing,rope",
+                         [("eager", False, False, False), ("eager", True, False, False),
+                          ("inductor", True, False, False), ("eager", True, True, True)],
                          ids=["fsdp-root-eager", "fsdp-per-layer-eager", "fsdp-per-layer-inductor",
-                              "fsdp-per-layer-checkpointed-eager"])
+                              "fsdp-per-layer-checkpointed-eager-rope-after-selection"])
 def test_hf_llama_with_fsdp2_and_context_parallel_equals_single_device_reference(tmp_path, compiler, per_layer,
-                                                                                checkpointing):
-    spawn(_model, tmp_path, compiler, per_layer, False, checkpointing)
+                                                                                checkpointing, rope):
+    spawn(_model, tmp_path, compiler, per_layer, False, checkpointing, rope)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

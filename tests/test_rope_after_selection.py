@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import lhcompile
 from lhcompile import LighthouseConfig, LighthouseWarning, Rotary, lighthouse_attention
@@ -21,7 +20,7 @@ from lhcompile.context_parallel import cp_reference
 from lhcompile.rotary import entry_positions
 
 from . import models, naive
-from .models import GPT, VOCAB, TitanLlama3, hf_model, logits
+from .models import GPT, VOCAB, RopeMoved, TitanLlama3, hf_model, hf_rotation, logits
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=(0, -1), rope="after_selection")
 CONFIGS = [LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4),
@@ -34,19 +33,6 @@ def _tables(n: int, width: int, batch: int = 1) -> tuple[torch.Tensor, torch.Ten
     pos = torch.arange(n).float() + 17.0 * torch.arange(batch).view(batch, 1)
     angles = pos.unsqueeze(-1) * freqs
     return angles.cos(), angles.sin()
-
-
-def _hf_rotation(module_name: str):
-    """A transformers model's own apply_rotary_pos_emb as the oracle's rotate(x, positions) for tables (B, N, r)."""
-    apply = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}").apply_rotary_pos_emb
-
-    def make(cos, sin):
-        def rotate(x, positions):
-            r = cos.shape[-1]
-            c, s = (t[:, positions].to(x.dtype) for t in (cos, sin))
-            return torch.cat([apply(x[..., :r], x[..., :r], c, s)[0], x[..., r:]], dim=-1)
-        return rotate
-    return make
 
 
 def _complex_rotation(cos, sin):
@@ -64,7 +50,7 @@ def _pyramid(t, cfg, rotate):
     return R.rotated_pyramid(t, cfg.levels, cfg.pooling_factor, rotate)
 
 
-FORMS = {"rotate_half": (_hf_rotation("llama"), 1), "rotate_pairs": (_hf_rotation("cohere"), 1),
+FORMS = {"rotate_half": (hf_rotation("llama"), 1), "rotate_pairs": (hf_rotation("cohere"), 1),
          "complex": (_complex_rotation, 2)}
 
 
@@ -126,7 +112,7 @@ def test_context_parallel_chunks_rotate_at_global_positions():
         qc, kc, vc = (t[:, :, i * chunk:(i + 1) * chunk] for t in (q, k, v))
         index = R.cascade(*R.score(qc, kc, half.levels, half.pooling_factor), chunk, half.levels, half.pooling_factor,
                           half.topk, half.tile_budget)
-        rotate = _hf_rotation("llama")(cos[:, i * chunk:], sin[:, i * chunk:])
+        rotate = hf_rotation("llama")(cos[:, i * chunk:], sin[:, i * chunk:])
         rows.append([R.take(*_pyramid(t, half, None if t is vc else rotate), index) for t in (qc, kc, vc)])
         selections.append(index)
     o = F.scaled_dot_product_attention(*(torch.cat(parts, dim=2) for parts in zip(*rows)), is_causal=True,
@@ -142,7 +128,7 @@ def test_short_sequences_run_dense_attention_on_rotated_q_and_k():
     cos, sin = _tables(n, d)
     q, k, v = (torch.randn(1, 2, n, d) for _ in range(3))
     out = lighthouse_attention(q, k, v, CFG, rope=Rotary.of("rotate_half", cos, sin))
-    rotate = _hf_rotation("llama")(cos, sin)
+    rotate = hf_rotation("llama")(cos, sin)
     want = F.scaled_dot_product_attention(rotate(q, torch.arange(n)), rotate(k, torch.arange(n)), v, is_causal=True)
     torch.testing.assert_close(out, want)
 
@@ -160,48 +146,10 @@ def test_tables_that_do_not_fit_are_refused_saying_what_to_pass():
 # -- the pass on models: their own code, with RoPE moved after selection by the oracle, is what apply must give --
 
 
-class _Unrotated:
-    """Make a model's RoPE function return q and k unrotated, and keep its tables (one call per layer)."""
-
-    def __init__(self, monkeypatch, module, name: str, tables) -> None:
-        self.calls = []
-
-        def unrotated(q, k, *args, **kwargs):
-            self.calls.append(tables(*args, **kwargs))
-            return q, k
-        monkeypatch.setattr(module, name, unrotated)
-
-
-class _OracleAttention(TorchFunctionMode):
-    """Every SDPA call of the model's own code, given unrotated q and k: Lighthouse sites as the oracle with the
-    model's rotation after selection, dense sites as SDPA on q and k rotated by the model's rotation."""
-
-    def __init__(self, unrotated: _Unrotated, lighthouse: set[int], rotation, cfg: LighthouseConfig) -> None:
-        super().__init__()
-        self.unrotated, self.lighthouse, self.rotation, self.cfg = unrotated, lighthouse, rotation, cfg
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        q, k, v = args[:3]
-        site, self.count = self.count, self.count + 1
-        rotate = self.rotation(*self.unrotated.calls[site])
-        n = q.shape[2]
-        if site in self.lighthouse:
-            c = self.cfg
-            return R.lighthouse_reference(q, k, v, levels=c.levels, p=c.pooling_factor, topk=c.topk,
-                                          tile_budget=c.tile_budget, scale=kwargs.get("scale"), rotate=rotate)
-        q, k = (rotate(t, torch.arange(n)) for t in (q, k))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=kwargs.get("scale"),
-                                              enable_gqa=q.shape[1] != k.shape[1])
-
-
 def _hf(kind: str, **extra):
     model = hf_model(kind, attention="causal_sdpa", **extra)
     module = importlib.import_module(type(model).__module__)
-    return model, module, "apply_rotary_pos_emb", lambda cos, sin, *a, **kw: (cos, sin), _hf_rotation(kind)
+    return model, module, "apply_rotary_pos_emb", lambda cos, sin, *a, **kw: (cos, sin), hf_rotation(kind)
 
 
 def _titan():
@@ -219,7 +167,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_models_match_their_own_code_with_rope_moved_after_selection(case, monkeypatch):
+def test_models_match_their_own_code_with_rope_moved_after_selection(case):
     torch.manual_seed(0)
     model, module, name, tables, rotation = CASES[case]()
     twin, paper = copy.deepcopy(model), copy.deepcopy(model)
@@ -236,11 +184,13 @@ def test_models_match_their_own_code_with_rope_moved_after_selection(case, monke
     assert [s.index for s in report.rewritten] == [1, 2], str(report)
     assert all("RoPE after selection" in s.reason for s in report.rewritten), str(report)
 
-    unrotated = _Unrotated(monkeypatch, module, name, tables)
-    with _OracleAttention(unrotated, {1, 2}, rotation, CFG):
+    def oracle(q, k, v, scale, rotate, tables):
+        return R.lighthouse_reference(q, k, v, levels=CFG.levels, p=CFG.pooling_factor, topk=CFG.topk,
+                                      tile_budget=CFG.tile_budget, scale=scale, rotate=rotate)
+
+    with RopeMoved(module, name, tables, rotation, {1: oracle, 2: oracle}):
         want = logits(twin, inputs)
     F.cross_entropy(want.flatten(0, 1), labels.flatten()).backward()
-    monkeypatch.undo()
     # the same ops in the same order, but for the complex form's multiplication (fp32 here, complex64 there)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     for (n, p), (_, p_ref) in zip(model.named_parameters(), twin.named_parameters()):
@@ -279,7 +229,8 @@ def test_a_model_without_rope_runs_the_papers_order_and_is_told_why():
         out = logits(model, ids)
     assert torch.equal(out, logits(twin, ids))
     said = [str(w.message) for w in caught if issubclass(w.category, LighthouseWarning)]
-    assert len(said) == 1 and "no RoPE rotation was recognised" in said[0] and "harmless in a model without RoPE" in said[0]
+    assert len(said) == 1 and "no RoPE rotation was recognised" in said[0]
+    assert "harmless in a model without RoPE" in said[0]
     assert all("RoPE before pooling (the paper's order): query: going up from" in s.reason
                for s in lhcompile.inspect(model).rewritten)
 
@@ -301,7 +252,7 @@ def test_kernels_and_inductor_match_the_oracle_on_a_gpu(dtype, compiled):
     grads = torch.autograd.grad(out, (q, k, v), grad)
     # the oracle in float64 on the kernels' own selection (fp32 norms summed in another order may break near-ties)
     index, _ = kernels.select(*kernels.score(q.detach(), k.detach(), cfg.levels, cfg.pooling_factor), cfg.geometry(n))
-    rotate = _hf_rotation("llama")(cos.double(), sin.double())
+    rotate = hf_rotation("llama")(cos.double(), sin.double())
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     rows = [R.take(*_pyramid(t, cfg, None if t is v64 else rotate), index) for t in (q64, k64, v64)]
     want = R.scatter(F.scaled_dot_product_attention(*rows, is_causal=True), index, None, n, cfg.levels,
