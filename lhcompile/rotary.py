@@ -26,8 +26,8 @@ class Rotary:
     """A model's rotation tables by position: rows (batch, position) of ``cos`` and ``sin``.
 
     For the two ``rotate_*`` forms the rows are what the model multiplies by (width ``rotary_dim``); for
-    ``complex`` they are the real and imaginary parts of ``freqs_cis`` (width ``rotary_dim / 2``). ``batch`` is 1
-    when every sequence of the batch uses the same positions.
+    ``complex`` they are the real and imaginary parts of ``freqs_cis``, for ``pairs`` the cos and sin of each pair
+    (width ``rotary_dim / 2``). ``batch`` is 1 when every sequence of the batch uses the same positions.
     """
 
     form: Form
@@ -50,7 +50,7 @@ class Rotary:
         if cos.shape != sin.shape or cos.dim() != 3:
             raise ValueError(f"Rotary: cos{tuple(cos.shape)} and sin{tuple(sin.shape)} must be equal (length, width) "
                              "or (batch, length, width) tables")
-        rotary_dim = 2 * cos.shape[-1] if form == "complex" else cos.shape[-1]
+        rotary_dim = 2 * cos.shape[-1] if form in ("complex", "pairs") else cos.shape[-1]
         return cls(form, cos, sin, rotary_dim, head_dim or rotary_dim, cos.shape[0], cos.shape[1])
 
     @classmethod
@@ -99,7 +99,7 @@ class Rotary:
         wide = torch.float64 if isinstance(x, Tensor) and x.dtype == torch.float64 else torch.float32
         xr = x[..., :r].to(wide)
         cos, sin = cos.to(wide), sin.to(wide)
-        if self.form == "complex":
+        if self.form in ("complex", "pairs"):
             even, odd = xr[..., 0::2], xr[..., 1::2]
             out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
         elif self.form == "rotate_half":

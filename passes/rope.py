@@ -11,6 +11,8 @@ the head dimension:
 - ``rotate_pairs``: the same with ``rotate(x) = stack(-x[..., 1::2], x[..., 0::2], -1).flatten(-2)`` (GLM);
 - ``complex``: ``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs_cis).flatten(3)`` (torchtitan's
   ``ComplexRoPE``, Meta's Llama);
+- ``pairs``: that multiplication written out, ``stack(a*cos - b*sin, a*sin + b*cos, -1).flatten(-2)`` with
+  ``a, b = x[..., 0::2], x[..., 1::2]`` (ChatGLM);
 each also as partial rotary, ``cat(rotation(x[..., :r]), x[..., r:])``.
 
 Between the rotation and SDPA the value may pass through *carriers*: ops that move axes, cast, copy, scale by a
@@ -35,9 +37,11 @@ from .meta import node_shape
 
 aten = torch.ops.aten
 
-Form = Literal["rotate_half", "rotate_pairs", "complex"]
+Form = Literal["rotate_half", "rotate_pairs", "complex", "pairs"]
 """How a model rotates: ``x*cos + rotate_half(x)*sin`` (Hugging Face), the same with rotate_pairs (adjacent pairs,
-GLM, Cohere), or complex multiplication of adjacent pairs by ``freqs_cis`` (torchtitan, Meta's Llama)."""
+GLM, Cohere), complex multiplication of adjacent pairs by ``freqs_cis`` (torchtitan, Meta's Llama), or the same
+written out on the pairs: ``stack(a*cos - b*sin, a*sin + b*cos, -1).flatten(-2)`` with a, b = x[..., 0::2],
+x[..., 1::2] (ChatGLM)."""
 
 
 def _ops(*targets: Any) -> frozenset:
@@ -48,6 +52,7 @@ _GETITEM = _ops(operator.getitem)
 _SLICE = _ops(aten.slice.Tensor)
 _MUL = _ops(operator.mul, torch.mul, aten.mul.Tensor, "mul")
 _ADD = _ops(operator.add, torch.add, aten.add.Tensor, "add")
+_SUB = _ops(operator.sub, torch.sub, aten.sub.Tensor, "sub")
 _NEG = _ops(operator.neg, torch.neg, aten.neg.default, "neg")
 _CAT = _ops(torch.cat, aten.cat.default, torch.concat, torch.concatenate)
 _STACK = _ops(torch.stack, aten.stack.default)
@@ -192,6 +197,39 @@ def _complex(node: fx.Node) -> _Rotation | None:
     return None
 
 
+def _factor(product: Any, x: fx.Node) -> Any:
+    """The other factor of ``product`` when it is x times something, else None."""
+    factors = _operands(product, _MUL) if isinstance(product, fx.Node) else None
+    if factors is None or x not in factors:
+        return None
+    return factors[1] if factors[0] is x else factors[0]
+
+
+def _pairs(node: fx.Node) -> _Rotation | None:
+    """flatten(stack(a*cos - b*sin, a*sin + b*cos, -1), -2) with a, b the even and odd entries of one x."""
+    if not (_is(node, _FLATTEN) or _is(node, _RESHAPE)):
+        return None
+    stacked = node.args[0]
+    if not _is(stacked, _STACK) or _arg(stacked, 1, "dim", 0) not in (-1, len(_shape(stacked) or ()) - 1):
+        return None
+    parts = list(_arg(stacked, 0, "tensors"))
+    if len(parts) != 2 or _operands(parts[0], _SUB) is None or _operands(parts[1], _ADD) is None:
+        return None
+    (a_cos, b_sin), (a_sin, b_cos) = _operands(parts[0], _SUB), _operands(parts[1], _ADD)
+    for term in (a_cos, a_sin):
+        for a in term.args if isinstance(term, fx.Node) else ():
+            even = _last_slice(a)
+            if not (even and even[1] == 0 and even[3] == 2 and even[2] == _shape(even[0])[-1]):
+                continue
+            cos, sin = _factor(a_cos, a), _factor(a_sin, a)
+            b = next((f for f in (b_sin.args if isinstance(b_sin, fx.Node) else ()) if _factor(b_sin, f) is sin), None)
+            odd = _last_slice(b)
+            if cos is not None and sin is not None and odd and odd[0] is even[0] and odd[1] == 1 and odd[3] == 2 \
+                    and _factor(b_cos, b) is cos and _shape(node) == _shape(even[0]):
+                return _Rotation(even[0], "pairs", (cos, sin))
+    return None
+
+
 def _rotation(node: fx.Node) -> tuple[_Rotation, int] | None:
     """The rotation that computes node, and how many leading head dims it rotates (partial rotary: the rest is
     concatenated unrotated)."""
@@ -199,13 +237,13 @@ def _rotation(node: fx.Node) -> tuple[_Rotation, int] | None:
     if parts is not None and len(parts) == 2:
         rotated, passed = parts
         kept = _last_slice(passed)
-        inner = (_mul_add(rotated) or _complex(rotated)) if isinstance(rotated, fx.Node) else None
+        inner = (_mul_add(rotated) or _complex(rotated) or _pairs(rotated)) if isinstance(rotated, fx.Node) else None
         if inner and kept and kept[3] == 1:
             source = _last_slice(inner.raw)
             width = _shape(kept[0])[-1]
             if source and source[0] is kept[0] and source[1:] == (0, kept[1], 1) and kept[2] == width:
                 return _Rotation(kept[0], inner.form, inner.tables), kept[1]
-    found = _mul_add(node) or _complex(node)
+    found = _mul_add(node) or _complex(node) or _pairs(node)
     return (found, _shape(found.raw)[-1]) if found else None
 
 
@@ -223,7 +261,8 @@ class RopeMatch:
     rotary_dim: int
     """Leading head dims rotated (the head dim itself unless partial rotary)."""
     tables: tuple[fx.Node, ...]
-    """(cos, sin), or (freqs_cis,) for the complex form, as the rotation multiplies by them."""
+    """(cos, sin), or (freqs_cis,) for the complex form, as the rotation multiplies by them (half width for the
+    complex and pairs forms)."""
     table_position_axis: int
     """The tables' axis of positions (they broadcast against the rotated value, padded on the left to its rank)."""
     table_shape: tuple[int, ...]
@@ -343,7 +382,7 @@ def _match(rotation: _Rotation, rotary_dim: int, rotated: fx.Node, carriers: lis
     shape = _shape(rotated)
     if shape is None or len(shape) < 3:
         return f"the rotation {rotated.name} has no static shape of rank >= 3"
-    view = (*shape[:-1], rotary_dim // 2 if rotation.form == "complex" else rotary_dim)
+    view = (*shape[:-1], rotary_dim // 2 if rotation.form in ("complex", "pairs") else rotary_dim)
     tables = [_shape(t) for t in rotation.tables]
     if any(t is None or len(t) > len(view) for t in tables):
         return f"the rotation tables of {rotated.name} have no static shape that broadcasts against it"

@@ -64,12 +64,24 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
-class TitanAttention(nn.Module):
-    """torchtitan-style Llama-3 attention: complex RoPE in (B, N, H, d) layout, then GQA through SDPA's enable_gqa."""
+def apply_rotary_pairs(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rotation written out on adjacent pairs with real tables (N, d/2), as ChatGLM does."""
+    cos, sin = (t.view(1, t.shape[0], 1, t.shape[1]) for t in (cos, sin))
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, max_len: int = 512) -> None:
+    def rotate(x):
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return rotate(xq), rotate(xk)
+
+
+class TitanAttention(nn.Module):
+    """torchtitan-style Llama-3 attention: complex RoPE in (B, N, H, d) layout (or the same on pairs written out,
+    ``rope="pairs"``), then GQA through SDPA's enable_gqa."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, max_len: int = 512, rope: str = "complex") -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim, self.rope = heads, kv_heads, dim // heads, rope
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
@@ -83,17 +95,20 @@ class TitanAttention(nn.Module):
         q = self.wq(x).view(b, n, self.heads, self.head_dim)
         k = self.wk(x).view(b, n, self.kv_heads, self.head_dim)
         v = self.wv(x).view(b, n, self.kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, k, self.freqs_cis[:n])
+        if self.rope == "complex":
+            q, k = apply_rotary_emb(q, k, self.freqs_cis[:n])
+        else:
+            q, k = apply_rotary_pairs(q, k, self.freqs_cis[:n].real, self.freqs_cis[:n].imag)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                              enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class TitanBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope: str = "complex") -> None:
         super().__init__()
         self.attention_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
-        self.attention = TitanAttention(dim, heads, kv_heads)
+        self.attention = TitanAttention(dim, heads, kv_heads, rope=rope)
         self.w1, self.w2, self.w3 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(2 * dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +118,11 @@ class TitanBlock(nn.Module):
 
 
 class TitanLlama3(nn.Module):
-    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2) -> None:
+    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, rope: str = "complex"
+                 ) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleDict({str(i): TitanBlock(dim, heads, kv_heads) for i in range(layers)})
+        self.layers = nn.ModuleDict({str(i): TitanBlock(dim, heads, kv_heads, rope) for i in range(layers)})
         self.norm = RMSNorm(dim)
         self.output = nn.Linear(dim, VOCAB, bias=False)
 

@@ -51,7 +51,7 @@ def _pyramid(t, cfg, rotate):
 
 
 FORMS = {"rotate_half": (hf_rotation("llama"), 1), "rotate_pairs": (hf_rotation("cohere"), 1),
-         "complex": (_complex_rotation, 2)}
+         "complex": (_complex_rotation, 2), "pairs": (_complex_rotation, 2)}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -152,17 +152,20 @@ def _hf(kind: str, **extra):
     return model, module, "apply_rotary_pos_emb", lambda cos, sin, *a, **kw: (cos, sin), hf_rotation(kind)
 
 
-def _titan():
-    def tables(freqs_cis):
-        return freqs_cis.real.unsqueeze(0), freqs_cis.imag.unsqueeze(0)
-    return TitanLlama3(), models, "apply_rotary_emb", tables, _complex_rotation
+def _titan(rope: str):
+    def tables(*freqs):  # freqs_cis, or its real and imaginary parts
+        pair = (freqs[0].real, freqs[0].imag) if rope == "complex" else freqs
+        return tuple(t.unsqueeze(0) for t in pair)
+    name = "apply_rotary_emb" if rope == "complex" else "apply_rotary_pairs"
+    return TitanLlama3(rope=rope), models, name, tables, _complex_rotation
 
 
 CASES = {
     "llama-rotate_half-checkpointed": lambda: _hf("llama"),
     "phi-partial": lambda: _hf("phi", partial_rotary_factor=0.5),
     "cohere-rotate_pairs": lambda: _hf("cohere"),
-    "torchtitan-complex": _titan,
+    "torchtitan-complex": lambda: _titan("complex"),
+    "chatglm-style-pairs": lambda: _titan("pairs"),
 }
 
 
@@ -238,12 +241,14 @@ def test_a_model_without_rope_runs_the_papers_order_and_is_told_why():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and Inductor on a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_and_inductor_match_the_oracle_on_a_gpu(dtype, compiled):
+@pytest.mark.parametrize("form", ["rotate_half", "complex"])
+def test_kernels_and_inductor_match_the_oracle_on_a_gpu(dtype, compiled, form):
     torch.manual_seed(3)
     cfg, n, d = LighthouseConfig(levels=3, pooling_factor=4, topk=512, rope="after_selection"), 32768, 128
-    cos, sin = (t.cuda() for t in _tables(n, d))
+    make_rotation, shrink = FORMS[form]
+    cos, sin = (t.cuda() for t in _tables(n, d // shrink))
     q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for h in (8, 2, 2))
-    rope = Rotary.of("rotate_half", cos.to(dtype), sin.to(dtype))
+    rope = Rotary.of(form, cos.to(dtype), sin.to(dtype))
 
     def run(a, b, c):
         return lighthouse_attention(a, b, c, cfg, rope=rope)
@@ -252,7 +257,7 @@ def test_kernels_and_inductor_match_the_oracle_on_a_gpu(dtype, compiled):
     grads = torch.autograd.grad(out, (q, k, v), grad)
     # the oracle in float64 on the kernels' own selection (fp32 norms summed in another order may break near-ties)
     index, _ = kernels.select(*kernels.score(q.detach(), k.detach(), cfg.levels, cfg.pooling_factor), cfg.geometry(n))
-    rotate = hf_rotation("llama")(cos.double(), sin.double())
+    rotate = make_rotation(cos.double(), sin.double())
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     rows = [R.take(*_pyramid(t, cfg, None if t is v64 else rotate), index) for t in (q64, k64, v64)]
     want = R.scatter(F.scaled_dot_product_attention(*rows, is_causal=True), index, None, n, cfg.levels,
