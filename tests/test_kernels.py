@@ -26,7 +26,7 @@ races_need_cuda = pytest.mark.skipif(
 SMALL = [
     (1, 2, 1, 64, 8, LighthouseConfig(levels=3, pooling_factor=2, topk=8, tile_budget=4)),
     (3, 3, 3, 128, 16, LighthouseConfig(levels=2, pooling_factor=4, topk=8, tile_budget=4)),
-    (2, 4, 2, 128, 12, LighthouseConfig(levels=3, pooling_factor=4, topk=8, tile_budget=4)),
+    (1, 4, 2, 128, 12, LighthouseConfig(levels=3, pooling_factor=4, topk=8, tile_budget=4)),
 ]
 LARGE = [
     (1, 8, 8, 16384, 128, LighthouseConfig(topk=1024)),
