@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name}: {params / 1e6:.1f}M parameters, steps {run.step}..{args.stop_at} of {args.steps} x {args.batch} x "
           f"{args.seq_len} bytes" + ("" if args.dense else f", switch to dense at step {args.switch_at}"))
     out = Path(args.out)
-    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "rope": args.rope, "parameters": params, "steps": args.steps,
-                     "tokens_per_step": args.batch * args.seq_len, "switch_step": args.switch_at, "warmup": args.warmup,
-                     "corpus": corpus.describe(), "resumed_from": args.resume}
+    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "rope": args.rope, "parameters": params,
+                     "steps": args.steps, "tokens_per_step": args.batch * args.seq_len, "switch_step": args.switch_at,
+                     "warmup": args.warmup, "corpus": corpus.describe(), "resumed_from": args.resume}
 
     def compile_stage() -> None:
         """Put the model in its stage's form, then compile it with one untimed step on held-out data (no update)."""

@@ -45,9 +45,10 @@ class LighthouseConfig:
     """Where q and k get the model's rotary position embedding. 'before_pooling' is the paper's order: Lighthouse
     sees what SDPA sees, q and k already rotated, so a pooled entry averages its tokens' rotations.
     'after_selection': the pass finds the rotation upstream of each rewritten SDPA call (Hugging Face's
-    rotate_half, GLM's and Cohere's pairs, torchtitan's complex form, ChatGLM's pairs written out, also partial rotary), gives Lighthouse the unrotated q
-    and k with the model's tables, and rotates each gathered entry at the last position it covers. A site where
-    no rotation is recognised keeps the paper's order, and the report and a warning say why."""
+    rotate_half, GLM's and Cohere's pairs, torchtitan's complex form, ChatGLM's pairs written out, also partial
+    rotary), gives Lighthouse the unrotated q and k with the model's tables, and rotates each gathered entry at the
+    last position it covers. A site where no rotation is recognised keeps the paper's order, and the report and a
+    warning say why."""
 
     def __post_init__(self) -> None:
         def reject(field: str, rule: str) -> None:

@@ -171,8 +171,8 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
             if options.config.rope == "after_selection":
                 rotations[id(site)] = find_qk_rotation(site.q, site.k, site.q_shape[2])
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
+        rewritten = "lighthouse" + _rope_note(rotations.get(id(site)), site)
         for path, reasons in decided:
-            rewritten = "lighthouse" + _rope_note(rotations.get(id(site)), site)
             reason = "; ".join(reasons) + options.target.dense_note if reasons else rewritten
             if reasons and site.causal_mask and not options.target.rewrites_dense:
                 reason += "; its mask is the causal mask, so it runs as SDPA with is_causal=True"

@@ -161,7 +161,7 @@ def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: i
         qg, kg, vg = (gather(t, index, inv, levels, p) for t in (qc, kc, vc))
         if rotary is not None:
             positions = entry_positions(index, chunk_len, levels, p) + i * chunk_len
-            qg, kg = rotary.rotate(qg, positions), rotary.rotate(kg, positions)
+            qg, kg = rotary.rotate(positions, qg, kg)
         gathered.append([qg, kg, vg])
         selections.append((index, inv))
     o = attention(*(_joined(parts) for parts in zip(*gathered)))
@@ -234,6 +234,6 @@ def lighthouse_attention(
     n = q.shape[2]
     if n < config.min_lighthouse_len:
         if rope is not None:
-            q, k = (rope.rotate(t, torch.arange(n, device=t.device).expand(t.shape[:3])) for t in (q, k))
+            q, k = rope.rotate(torch.arange(n, device=q.device).expand(q.shape[0], 1, n), q, k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return lighthouse_stages(q, k, v, n=n, scale=scale, config=config, rotary=rope)

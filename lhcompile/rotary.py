@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .geometry import level_offsets
-from .passes.rope import Form
+from .passes.rope import HALF_WIDTH_FORMS, Form
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Rotary:
         if cos.shape != sin.shape or cos.dim() != 3:
             raise ValueError(f"Rotary: cos{tuple(cos.shape)} and sin{tuple(sin.shape)} must be equal (length, width) "
                              "or (batch, length, width) tables")
-        rotary_dim = 2 * cos.shape[-1] if form in ("complex", "pairs") else cos.shape[-1]
+        rotary_dim = 2 * cos.shape[-1] if form in HALF_WIDTH_FORMS else cos.shape[-1]
         return cls(form, cos, sin, rotary_dim, head_dim or rotary_dim, cos.shape[0], cos.shape[1])
 
     @classmethod
@@ -85,21 +85,25 @@ class Rotary:
         if self.length < q.shape[2]:
             raise ValueError(f"Rotary: tables of {self.length} positions for a sequence of {q.shape[2]}")
 
-    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Gathered entries x (B, H, S, d) rotated at ``positions`` (B, H, S), rows of the tables (clipped to the
-        last row: only the zero padding past a sequence's end lies beyond it, and what it computes is cut off)."""
+    def rotate(self, positions: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+        """Each of xs (B, H or H_kv, S, d) rotated at ``positions`` (B, H, S, or broadcastable to it): the table rows
+        are gathered once for all of them, clipped to the last row (only the zero padding past a sequence's end lies
+        beyond it, and what it computes is cut off)."""
         positions = positions.clamp(max=self.length - 1)
         if self.batch == 1:
-            cos, sin = self.cos[0][positions], self.sin[0][positions]
+            rows = self.cos[0][positions], self.sin[0][positions]
         else:
             b = torch.arange(self.batch, device=positions.device).view(self.batch, 1, 1)
-            cos, sin = self.cos[b, positions], self.sin[b, positions]
+            rows = self.cos[b, positions], self.sin[b, positions]
+        return tuple(self._rotated(x, *rows) for x in xs)
+
+    def _rotated(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         r = self.rotary_dim
         # fp32 at least (a traced x, in the pass, is never float64)
         wide = torch.float64 if isinstance(x, Tensor) and x.dtype == torch.float64 else torch.float32
         xr = x[..., :r].to(wide)
         cos, sin = cos.to(wide), sin.to(wide)
-        if self.form in ("complex", "pairs"):
+        if self.form in HALF_WIDTH_FORMS:
             even, odd = xr[..., 0::2], xr[..., 1::2]
             out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
         elif self.form == "rotate_half":

@@ -42,6 +42,8 @@ Form = Literal["rotate_half", "rotate_pairs", "complex", "pairs"]
 GLM, Cohere), complex multiplication of adjacent pairs by ``freqs_cis`` (torchtitan, Meta's Llama), or the same
 written out on the pairs: ``stack(a*cos - b*sin, a*sin + b*cos, -1).flatten(-2)`` with a, b = x[..., 0::2],
 x[..., 1::2] (ChatGLM)."""
+HALF_WIDTH_FORMS = ("complex", "pairs")
+"""Forms whose tables hold one entry per pair of head dims (width rotary_dim / 2)."""
 
 
 def _ops(*targets: Any) -> frozenset:
@@ -140,17 +142,25 @@ def _rotated_half(node: Any) -> tuple[fx.Node, Form] | None:
             width = _shape(upper[0])[-1]
             if width % 2 == 0 and upper[1:] == (width // 2, width, 1) and lower[1:] == (0, width // 2, 1):
                 return upper[0], "rotate_half"
-    if _is(node, _FLATTEN) or _is(node, _RESHAPE):
-        stacked = node.args[0]
-        if _is(stacked, _STACK) and _arg(stacked, 1, "dim", 0) in (-1, len(_shape(stacked) or ()) - 1):
-            pair = list(_arg(stacked, 0, "tensors"))
-            if len(pair) == 2 and _is(pair[0], _NEG):
-                odd, even = _last_slice(pair[0].args[0]), _last_slice(pair[1])
-                if odd and even and odd[0] is even[0]:
-                    width = _shape(odd[0])[-1]
-                    if odd[1:] == (1, width, 2) and even[1:] == (0, width, 2) and _shape(node) == _shape(odd[0]):
-                        return odd[0], "rotate_pairs"
+    pair = _interleaved(node)
+    if pair is not None and _is(pair[0], _NEG):
+        odd, even = _last_slice(pair[0].args[0]), _last_slice(pair[1])
+        if odd and even and odd[0] is even[0]:
+            width = _shape(odd[0])[-1]
+            if odd[1:] == (1, width, 2) and even[1:] == (0, width, 2) and _shape(node) == _shape(odd[0]):
+                return odd[0], "rotate_pairs"
     return None
+
+
+def _interleaved(node: Any) -> list[Any] | None:
+    """[a, b] when node is flatten(stack([a, b], -1), -2) (or a reshape of it): a and b's entries interleaved."""
+    if not (_is(node, _FLATTEN) or _is(node, _RESHAPE)):
+        return None
+    stacked = node.args[0]
+    if not _is(stacked, _STACK) or _arg(stacked, 1, "dim", 0) not in (-1, len(_shape(stacked) or ()) - 1):
+        return None
+    pair = list(_arg(stacked, 0, "tensors"))
+    return pair if len(pair) == 2 else None
 
 
 @dataclass(frozen=True)
@@ -207,13 +217,8 @@ def _factor(product: Any, x: fx.Node) -> Any:
 
 def _pairs(node: fx.Node) -> _Rotation | None:
     """flatten(stack(a*cos - b*sin, a*sin + b*cos, -1), -2) with a, b the even and odd entries of one x."""
-    if not (_is(node, _FLATTEN) or _is(node, _RESHAPE)):
-        return None
-    stacked = node.args[0]
-    if not _is(stacked, _STACK) or _arg(stacked, 1, "dim", 0) not in (-1, len(_shape(stacked) or ()) - 1):
-        return None
-    parts = list(_arg(stacked, 0, "tensors"))
-    if len(parts) != 2 or _operands(parts[0], _SUB) is None or _operands(parts[1], _ADD) is None:
+    parts = _interleaved(node)
+    if parts is None or _operands(parts[0], _SUB) is None or _operands(parts[1], _ADD) is None:
         return None
     (a_cos, b_sin), (a_sin, b_cos) = _operands(parts[0], _SUB), _operands(parts[1], _ADD)
     for term in (a_cos, a_sin):
@@ -382,7 +387,7 @@ def _match(rotation: _Rotation, rotary_dim: int, rotated: fx.Node, carriers: lis
     shape = _shape(rotated)
     if shape is None or len(shape) < 3:
         return f"the rotation {rotated.name} has no static shape of rank >= 3"
-    view = (*shape[:-1], rotary_dim // 2 if rotation.form in ("complex", "pairs") else rotary_dim)
+    view = (*shape[:-1], rotary_dim // 2 if rotation.form in HALF_WIDTH_FORMS else rotary_dim)
     tables = [_shape(t) for t in rotation.tables]
     if any(t is None or len(t) > len(view) for t in tables):
         return f"the rotation tables of {rotated.name} have no static shape that broadcasts against it"
