@@ -4,7 +4,7 @@
 
 Both models come from the same Hugging Face LlamaConfig and seed and are compiled with Inductor (dense:
 ``model.compile()``; Lighthouse: ``lhcompile.apply``). Both use attn_implementation="causal_sdpa" (SDPA with
-is_causal=True and no mask; see lhcompile/hf.py), or with ``--attention sdpa`` transformers' own, whose mask
+is_causal=True and no mask; see lhcompile/integrations/hf.py), or with ``--attention sdpa`` transformers' own, whose mask
 Dynamo builds inside the graph (N x N): lhcompile proves it causal, so its dense layers run is_causal=True too.
 Prints tokens/s and peak memory.
 """

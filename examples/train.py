@@ -43,7 +43,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lhcompile
-import lhcompile.hf  # noqa: F401  (registers attn_implementation="causal_sdpa")
+import lhcompile.integrations.hf  # noqa: F401  (registers attn_implementation="causal_sdpa")
 from corpus import VOCAB, Batches, copies, python_corpus
 
 
@@ -175,7 +175,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compiler", choices=["inductor", "eager"], default=None,
                     help="inductor (default on a GPU) or eager (default on CPU)")
     ap.add_argument("--attention", choices=["sdpa", "causal_sdpa"], default=None,
-                    help="HF attention: stock sdpa, or causal_sdpa (no N x N mask; default on a GPU, see lhcompile/hf.py)")
+                    help="HF attention: stock sdpa, or causal_sdpa (no N x N mask; default on a GPU, see lhcompile/integrations/hf.py)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers building batches (default: 2 on a GPU, 1 on CPU)")
     ap.add_argument("--threads", type=int, default=None,
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.save:
         run.model.save_pretrained(out / "checkpoint")
-    print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}" + (f" and {out / 'checkpoint'}" if args.save else ""))
+    print(f"wrote {out / 'loss.png'}, {out / 'summary.json'} and the resumable state {out / f'state_{run.step}'}"
+          + (f" and {out / 'checkpoint'}" if args.save else ""))
     return {"model": run.model, **summary, "checkpoint": out / "checkpoint"}
 
 

@@ -1,22 +1,32 @@
 """lhcompile: rewrite the SDPA calls of a traced model into Lighthouse attention for long-context training."""
 
 from .api import apply, backend, inspect, restore
-from .backend import LighthouseBackend
 from .config import LighthouseConfig
-from .ops import lighthouse_attention
+from .attention import lighthouse_attention
+from .documents import Documents, document_attention
 from .report import LighthouseWarning, Report, SiteReport
 from .rotary import Rotary
 
 __all__ = [
-    "LighthouseBackend",
     "LighthouseConfig",
+    "Documents",
     "LighthouseWarning",
     "Report",
     "Rotary",
     "SiteReport",
     "apply",
     "backend",
+    "document_attention",
     "inspect",
     "lighthouse_attention",
     "restore",
 ]
+
+
+def __getattr__(name: str):
+    # the framework integrations need their framework: imported on first use, not with lhcompile
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.integrations")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

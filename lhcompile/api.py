@@ -8,7 +8,7 @@ pass (``lighthouse_pass``) as Dynamo captures them (``backend``), layers compile
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,25 +16,28 @@ import torch.fx as fx
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .backend import LighthouseBackend
+from .backend import Backend
 from .blocks import find_blocks, group_blocks
 from .compiled_module import STATE, Applied, Kind, applied
+
+RESTORED = "_lhcompile_restored"
+"""Where a restored model keeps the report of what the pass did before (``inspect`` returns it)."""
 from .config import LighthouseConfig
 from .lighthouse_pass import Scope, rewrite_graph
 from .options import Compiler, FilterFn, Options
-from .passes import restore_sdpa
+from .passes import restore_sites
 from .report import LighthouseWarning, Report
-from .targets import SingleDevice
+from .placements import SingleDevice
 
 
 
 def backend(config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
-            compiler: Compiler = "inductor", debug: bool | None = None) -> LighthouseBackend:
+            compiler: Compiler = "inductor", debug: bool | None = None) -> Callable[..., Any]:
     """A backend for ``torch.compile(model, backend=lhcompile.backend(config))``: works across graph breaks.
 
     It never sees the module, so it takes the mode from grad mode at capture (gradients disabled: evaluation,
     dense), and says so with a LighthouseWarning; ``apply`` follows the module's train/eval mode instead."""
-    return LighthouseBackend(Options.make(config, filter_fn=filter_fn, compiler=compiler, debug=debug,
+    return Backend(Options.make(config, filter_fn=filter_fn, compiler=compiler, debug=debug,
                                           caller="lhcompile.backend"))
 
 
@@ -90,6 +93,7 @@ def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequen
         ShapeProp(gm).propagate(*example_inputs)
     report = Report()
     rewrite_graph(gm, options, report, Scope(training=gm.training))
+    gm.meta.pop(RESTORED, None)
     gm.meta[STATE] = report
     return gm
 
@@ -107,6 +111,7 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
     groups = group_blocks(find_blocks(model, options.config), options.filter_fn)
     kinds = tuple(Kind(tuple(block for block, _ in members), tuple(module for _, module in members))
                   for members in groups)
+    model.__dict__.pop(RESTORED, None)
     Applied.install(model, options, (*kinds, Kind((), (model,))))
     return model
 
@@ -114,7 +119,7 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
 def _warn_if_never_long_enough(model: torch.nn.Module, options: Options) -> None:
     need = options.config.min_lighthouse_len
     longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(options.target, SingleDevice) and isinstance(longest, int) and need > longest:
+    if isinstance(options.placement, SingleDevice) and isinstance(longest, int) and need > longest:
         warnings.warn(
             f"lhcompile.apply: Lighthouse needs sequences of at least {need} tokens (min_lighthouse_len of "
             f"{options.config}), but the model's config allows at most max_position_embeddings={longest}: no site "
@@ -132,8 +137,11 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         restore(model._orig_mod)
         return model
     if isinstance(model, fx.GraphModule):
-        restored = restore_sdpa(model)
-        model.meta.pop(STATE, None)
+        restored = restore_sites(model)
+        report = model.meta.pop(STATE, None)
+        if report is not None:
+            report.state = "restored"
+            model.meta[RESTORED] = report
         if not restored:
             warnings.warn("lhcompile.restore: this GraphModule has no Lighthouse subgraph; nothing to restore",
                           LighthouseWarning, stacklevel=2)
@@ -144,14 +152,21 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
                       LighthouseWarning, stacklevel=2)
         return model
     state.uninstall()
+    state.report.state = "restored"
+    object.__setattr__(model, RESTORED, state.report)
     return model
 
 
-def inspect(model: torch.nn.Module) -> Report:
-    """What lhcompile found and did at every SDPA site of the model (empty if it was never applied)."""
+def inspect(model: torch.nn.Module | Callable[..., Any]) -> Report:
+    """What lhcompile found and did at every attention site of the model (empty if it was never applied), or of
+    the graphs a ``lhcompile.backend()`` has compiled."""
+    if isinstance(model, Backend):
+        return model.report
     if isinstance(model, OptimizedModule):
         return inspect(model._orig_mod)
     if isinstance(model, fx.GraphModule):
-        return model.meta.get(STATE) or Report()
-    state = applied(model)
-    return state.report if state is not None else Report()
+        report = model.meta.get(STATE, model.meta.get(RESTORED))
+    else:
+        state = applied(model)
+        report = state.report if state is not None else model.__dict__.get(RESTORED)
+    return report if report is not None else Report(state="not applied")

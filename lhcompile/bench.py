@@ -3,6 +3,7 @@
     python -m lhcompile.bench                      # N = 16K .. 1M, k = 2048 and 4096, plot in bench.png
     python -m lhcompile.bench --seq 131072 --topk 2048 --reps 10
     python -m lhcompile.bench --seq 65536 131072 --topk 2048 --rope   # also RoPE after selection (Rotary)
+    python -m lhcompile.bench --documents          # packed documents at 128K: per document vs dense varlen/Flex
 
 Prints forward and forward+backward medians (CUDA events, after warm-up), the speed-up over dense, and a
 per-stage breakdown against each stage's floor (bytes over the measured copy bandwidth, or FLOPs over the
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import LighthouseConfig
-from .ops import lighthouse_attention
+from .attention import lighthouse_attention
 from .rotary import Rotary
 
 DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
@@ -146,6 +147,71 @@ def bench(n: int, config: LighthouseConfig, *, reps: int, dense_reps: int, bandw
     return row
 
 
+MIXES = {
+    "1 x 128K": [131072],
+    "2 x 64K": [65536] * 2,
+    "96K + 32 x 1K": [98304] + [1024] * 32,
+    "16 x 8K": [8192] * 16,
+    "128 x 1K": [1024] * 128,
+}
+"""The packed-document mixes of one 128K sequence that the targets name (TARGETS.md)."""
+
+
+def bench_documents(config: LighthouseConfig, reps: int, heads: int = 8, dim: int = 128) -> list[dict]:
+    """Per mix: Lighthouse per document against the dense document-causal kernels on the same documents (flash
+    varlen, compiled FlexAttention), forward + backward ms; for one document also plain Lighthouse and cuDNN."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.varlen import varlen_attn
+
+    from .documents import Documents
+
+    flex = torch.compile(flex_attention)
+    # compiled once for every mix: the documents are data
+    per_document = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)))
+    plain = torch.compile(lambda q, k, v: lighthouse_attention(q, k, v, config))
+    rows = []
+    for name, lengths in MIXES.items():
+        n = sum(lengths)
+        # the (B, N, H, d) -> (B, H, N, d) views a model hands its attention
+        leaves = [torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        grad = torch.randn_like(q)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+        documents = Documents.from_cu_seqlens(cu, n)
+        doc = documents.starts.long().cumsum(1)[0]
+        block_mask = create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) & (i >= j), 1, None, n, n,
+                                       device="cuda", _compile=True)
+        rows_ = [t.detach()[0].requires_grad_() for t in leaves]  # varlen's (T, H, d)
+        longest = max(lengths)
+
+        def fwdbwd(fn, inputs=leaves, g=grad):
+            return median_ms(lambda: torch.autograd.grad(fn(), inputs, g), reps)
+
+        row = {"mix": name, "n": n,
+               "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=documents)),
+               "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, documents.starts)),
+               "flash_varlen": fwdbwd(lambda: varlen_attn(*rows_, cu, cu, longest, longest, window_size=(-1, 0)),
+                                      rows_, grad[0].transpose(0, 1).contiguous()),
+               "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask))}
+        if len(lengths) == 1:
+            row["lighthouse"] = fwdbwd(lambda: lighthouse_attention(q, k, v, config))
+            row["lighthouse_compiled"] = fwdbwd(lambda: plain(q, k, v))
+            with sdpa_kernel(DENSE_BACKENDS):
+                row["cudnn"] = fwdbwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        rows.append(row)
+        best = min(row["flash_varlen"], row["flex"], row.get("cudnn", float("inf")))
+        extra = (f"  plain Lighthouse {row['lighthouse']:.2f}, compiled {row['lighthouse_compiled']:.2f}; cuDNN "
+                 f"{row['cudnn']:.2f}") if "lighthouse" in row else ""
+        print(f"{name:>14}  per document {row['lighthouse_documents']:7.2f}, compiled "
+              f"{row['lighthouse_documents_compiled']:7.2f}  flash varlen {row['flash_varlen']:7.2f}  Flex "
+              f"{row['flex']:7.2f}  fastest dense / per document (compiled) "
+              f"{best / row['lighthouse_documents_compiled']:6.2f}x{extra}", flush=True)
+        del q, k, v, leaves, rows_, block_mask
+        torch.cuda.empty_cache()
+    return rows
+
+
 def plot(rows: list[Row], path: str, title: str) -> None:
     import matplotlib
 
@@ -186,6 +252,11 @@ def main() -> None:
     ap.add_argument("--rope", action="store_true",
                     help="also time Lighthouse with RoPE after selection (LighthouseConfig.rope, eager: its rotation is "
                          "unfused here, fused by Inductor in a compiled model)")
+    ap.add_argument("--documents", action="store_true",
+                    help="instead: packed documents of one 128K sequence (the mixes of MIXES), Lighthouse per document "
+                         "against flash varlen and compiled FlexAttention on the same documents")
+    ap.add_argument("--document-kernel", choices=("cudnn", "flash"), default=None,
+                    help="the GPU kernel of lhcompile.document_attention (documents.VARLEN_KERNEL; default: its default)")
     ap.add_argument("--json", default="bench.json", help="where to write the numbers")
     ap.add_argument("--plot", default="bench.png", help="where to write the latency plot")
     args = ap.parse_args()
@@ -198,6 +269,17 @@ def main() -> None:
              f"L{args.levels} p{args.pooling_factor}{', deterministic mode' if args.deterministic else ''}")
     print(f"{title}; median of {args.reps} (dense: {args.dense_reps}), ms")
     print(f"measured ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    if args.document_kernel:
+        from . import documents
+
+        documents.VARLEN_KERNEL = args.document_kernel
+    if args.documents:
+        config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk[0])
+        print(f"packed documents, N=131072, k={config.topk}: forward + backward ms")
+        rows = bench_documents(config, args.reps)
+        with open(args.json, "w") as f:
+            json.dump({"title": title, "documents": rows}, f, indent=1)
+        return
     rows = []
     dense_cache: dict[int, tuple[float | None, float | None]] = {}
     for topk in args.topk:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .backend import LighthouseBackend
+from .backend import Backend
 from .blocks import Block
 from .lighthouse_pass import Scope
 from .options import Options
@@ -56,9 +57,18 @@ class Applied:
     previous: dict[torch.nn.Module, Callable | None]
 
     @classmethod
-    def install(cls, model: torch.nn.Module, options: Options, kinds: tuple[Kind, ...]) -> Applied:
-        """Compile every module of ``kinds`` in place, per mode, and keep the state on ``model``."""
+    def install(cls, model: torch.nn.Module, options: Options, kinds: tuple[Kind, ...], hooks: bool = True
+                ) -> Applied:
+        """Compile every module of ``kinds`` in place, per mode, and keep the state on ``model``; with ``hooks``,
+        hook the model's children to notice them run outside its compiled call (a deep copy copies the hooks)."""
         state = cls(model, options, Report(), kinds, {})
+        if hooks:
+            # a block compiled on its own runs Lighthouse wherever it is called; a hook on it would also make Dynamo
+            # call its compiled call instead of inlining it into the model's graph
+            blocks = {module for kind in kinds if kind.blocks for module in kind.modules}
+            for path, part in _parts(model):
+                if part not in blocks:
+                    part.register_forward_pre_hook(_CalledAround(model, path))
         for kind in kinds:
             backends = _backends(options, state.report, kind, model)
             for module in kind.modules:
@@ -74,6 +84,10 @@ class Applied:
         for module, previous in self.previous.items():
             module._compiled_call_impl = previous
             module.__dict__.pop("compile", None)
+        for _, part in _parts(self.model):
+            for key, hook in list(part._forward_pre_hooks.items()):
+                if isinstance(hook, _CalledAround) and hook.model is self.model:
+                    del part._forward_pre_hooks[key]
         object.__delattr__(self.model, STATE)
 
     def __deepcopy__(self, memo: dict) -> Applied:
@@ -81,7 +95,7 @@ class Applied:
         # among them: the copies of the compiled layers are whole by now, the model's is being filled in
         model = copy.deepcopy(self.model, memo)
         kinds = tuple(Kind(kind.blocks, tuple(copy.deepcopy(m, memo) for m in kind.modules)) for kind in self.kinds)
-        state = Applied.install(model, self.options, kinds)
+        state = Applied.install(model, self.options, kinds, hooks=False)
         state.previous = dict.fromkeys(state.previous)  # torch drops compiled calls from copies
         return state
 
@@ -97,37 +111,86 @@ def _not_applied() -> None:
     return None
 
 
+_INSIDE = threading.local()
+"""How many of lhcompile's compiled calls run on this thread (a part of the model run outside them is dense)."""
+
+
+def _parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's children and theirs (model.model, model.blocks.0): what a caller may run on its own."""
+    return [(path, module) for path, module in model.named_modules() if path and path.count(".") <= 1]
+
+
+class _CalledAround:
+    """A pre-hook on a part of an applied model: says when that part runs outside the model's compiled call
+    (``model.forward(...)``, ``model.model(...)``, PEFT's tuners calling ``base.forward``), dense and uncompiled.
+    Traced away under compile; a class, so that an applied model pickles."""
+
+    def __init__(self, model: torch.nn.Module, path: str) -> None:
+        self.model, self.path = model, path
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or getattr(_INSIDE, "depth", 0):
+            return
+        state = applied(self.model)
+        if state is None or not any(site.module_path.startswith(f"{self.path}.") or site.module_path == self.path
+                                    for site in state.report):
+            return  # not applied any more, or no attention in this part (e.g. a head a loss calls on its own)
+        note = (f"lhcompile: {type(self.model).__name__}.{self.path} ran outside the compiled call that lhcompile "
+                f"installed on {type(self.model).__name__} (model.forward(...) called directly, a submodule called on "
+                "its own, or a wrapper such as PEFT's tuners calling base.forward), so its attention ran dense and "
+                "uncompiled; call the model itself, model(...), or lhcompile.apply the module you call (for PEFT: "
+                "apply to the PeftModel after get_peft_model)")
+        if state.report.once.warn("called around", note, stacklevel=3):
+            state.report.notes.append(note)
+
+
 def applied(model: torch.nn.Module) -> Applied | None:
     """The model's state, if apply was called on it (a shallow copy shares the original's state: not its own)."""
     state = model.__dict__.get(STATE)
     return state if state is not None and state.model is model else None
 
 
-def _backends(options: Options, report: Report, kind: Kind, model: torch.nn.Module) -> dict[bool, LighthouseBackend]:
+def _backends(options: Options, report: Report, kind: Kind, model: torch.nn.Module) -> dict[bool, Backend]:
     root = kind.modules[0] if kind.blocks else model
-    return {training: LighthouseBackend(options, Scope(training=training, root=root, blocks=kind.blocks), report)
+    return {training: Backend(options, Scope(training=training, root=root, blocks=kind.blocks), report)
             for training in (True, False)}
 
 
-def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, LighthouseBackend]) -> None:
+def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend]) -> None:
     """Compile the module in place twice, for training (rewritten) and for eval (dense), and let its ``training``
     flag choose at every call: Dynamo guards on the flag only where the model's code reads it."""
-    # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly
+    # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly. Where sites run
+    # per document (their lengths are data), new inputs go to Dynamo's automatic dynamic shapes instead: the sizes
+    # and ints that changed (a packed batch's total length, varlen's longest document) become dynamic, so one more
+    # graph serves every later batch
     compiled = {training: torch.compile(module._call_impl, dynamic=False, backend=backend)
                 for training, backend in backends.items()}
+    dynamic = {training: torch.compile(module._call_impl, dynamic=None, backend=backend)
+               for training, backend in backends.items()}
+    seen: dict[bool, list[tuple]] = {True: [], False: []}  # input shapes called with, per mode
+    packed: dict[bool, bool] = {True: False, False: False}  # gone dynamic, per mode
 
     @torch.compiler.disable  # a later torch.compile(model) must call this, not trace through it and lose the rewrite
     def call(*args, **kwargs):
-        backend = backends[module.training]
-        captured = backend.captures
-        out = compiled[module.training](*args, **kwargs)
+        _INSIDE.depth = getattr(_INSIDE, "depth", 0) + 1
+        try:
+            return _call(*args, **kwargs)
+        finally:
+            _INSIDE.depth -= 1
+
+    def _call(*args, **kwargs):
+        mode = module.training
+        backend, shapes = backends[mode], _shapes(args, kwargs)
+        new = shapes not in seen[mode]
+        packed[mode] = packed[mode] or (new and bool(seen[mode]) and backend.documents)
+        runs = backend.runs
+        out = (dynamic if packed[mode] else compiled)[mode](*args, **kwargs)
         if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
             return out
-        shapes = _shapes(args, kwargs)
-        if shapes not in backend.shapes:
-            backend.shapes.add(shapes)
-            if backend.captures == captured:
-                _warn_recompile_limit(module, backend, shapes)
+        if new:
+            seen[mode].append(shapes)
+        if backend.runs == runs:
+            _warn_ran_eagerly(module, backend, shapes, new)
         return out
 
     # object.__setattr__: also on a deep copy whose attributes are not set yet (see Applied.__deepcopy__)
@@ -135,24 +198,24 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, LighthouseBa
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:
-    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x if isinstance(x, int) else type(x).__name__
                  for x in tree_leaves((args, kwargs)))
 
 
-def _warn_recompile_limit(module: torch.nn.Module, backend: LighthouseBackend, shapes: tuple) -> None:
+def _warn_ran_eagerly(module: torch.nn.Module, backend: Backend, shapes: tuple, new: bool) -> None:
     mode = "training" if backend.scope.training else "eval"
-    if f"recompile limit {mode}" in backend.report.warned:
-        return
-    backend.report.warned.add(f"recompile limit {mode}")
     limit = torch._dynamo.config.recompile_limit
-    warnings.warn(
-        f"lhcompile: {type(module).__name__} was called in {mode} mode with input shapes it had not seen "
-        f"({', '.join(map(str, shapes[:3]))}), and Dynamo captured no graph for them: it has reached its "
-        f"recompile limit (torch._dynamo.config.recompile_limit={limit} graphs per forward, every sequence length "
-        "and mode counted), or it is disabled (TORCHDYNAMO_DISABLE), and runs the model eagerly, with dense "
-        "attention. Use few distinct sequence lengths (pad or bucket them), or raise "
-        "torch._dynamo.config.recompile_limit",
-        LighthouseWarning, stacklevel=4)
+    what = (f"with input shapes it had not seen ({', '.join(map(str, shapes[:3]))})" if new else
+            "with input shapes it had seen, but something else Dynamo guards on changed (grad mode, e.g. a forward "
+            "under torch.no_grad(); autocast; a module attribute)")
+    note = (f"lhcompile: {type(module).__name__} was called in {mode} mode {what}, and none of the graphs lhcompile "
+            f"compiled ran: Dynamo has reached its recompile limit (torch._dynamo.config.recompile_limit={limit} "
+            "graphs per forward, every sequence length, mode and guard counted), or it is disabled "
+            "(TORCHDYNAMO_DISABLE), and runs the model eagerly, with dense attention. Use few distinct sequence "
+            "lengths (pad or bucket them), keep grad and autocast modes alike across calls, or raise "
+            "torch._dynamo.config.recompile_limit")
+    if backend.report.once.warn(f"ran eagerly {mode}", note, stacklevel=4):
+        backend.report.notes.append(note)
 
 
 def _compile_after_apply(model: torch.nn.Module, module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 from .geometry import Geometry
 
 Scorer = Literal["norm"]
-InnerBackend = Literal["sdpa", "flash_attn"]
+InnerAttention = Literal["sdpa", "flash_attn"]
 RopeOrder = Literal["before_pooling", "after_selection"]
 
 
@@ -39,7 +39,7 @@ class LighthouseConfig:
     ``fully_shard``, the layers of the layer stack (see ``lhcompile.apply``)."""
     min_seq_len: int = 0
     """Sequences shorter than this use dense SDPA (the tile rule may set a higher floor)."""
-    inner_backend: InnerBackend = "sdpa"
+    inner_attention: InnerAttention = "sdpa"
     """Dense attention on the gathered sub-sequence: PyTorch SDPA, or the flash_attn package."""
     rope: RopeOrder = "before_pooling"
     """Where q and k get the model's rotary position embedding. 'before_pooling' is the paper's order: Lighthouse
@@ -68,8 +68,8 @@ class LighthouseConfig:
             reject("dense_layers", "must be a tuple of ints (use () to rewrite every site)")
         if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
             reject("min_seq_len", "must be an int >= 0")
-        if self.inner_backend not in ("sdpa", "flash_attn"):
-            reject("inner_backend", "must be 'sdpa' or 'flash_attn'")
+        if self.inner_attention not in ("sdpa", "flash_attn"):
+            reject("inner_attention", "must be 'sdpa' or 'flash_attn'")
         if self.rope not in ("before_pooling", "after_selection"):
             reject("rope", "must be 'before_pooling' (the paper's order) or 'after_selection'")
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.distributed.tensor.experimental._context_parallel import _attention as _cp
 
 from . import ops
+from .attention import check_sdpa_inputs
 from .config import LighthouseConfig
 from .rotary import Rotary
 
@@ -139,12 +140,18 @@ def dense_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, gqa_groups: int, group_n
 
 
 def lighthouse_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, n: int, group_name: str, scale: float | None,
-                         config: LighthouseConfig, rotary: Rotary | None = None) -> Tensor:
+                         config: LighthouseConfig, rotary: Rotary | None = None, alone: bool = False) -> Tensor:
     """The traceable body of ``lighthouse_attention_cp`` for a shard of known length n. ``rotary``'s rows are the
     shard's own: [chunk r | chunk 2W-1-r], at their global positions (as RoPE computed from sharded position ids
-    or a sharded table gives them), so chunk 1's rows start at n / 2."""
+    or a sharded table gives them), so chunk 1's rows start at n / 2. ``alone`` (a group of one rank): the two
+    chunks' gathered entries attend locally, with no collective."""
+    def attention(qg: Tensor, kg: Tensor, vg: Tensor) -> Tensor:
+        if alone:
+            return F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+        return ring_attention(qg, kg, vg, group_name, scale)[0]
+
     return ops.chunked_stages(q, k, v, chunks=2, chunk_len=n // 2, config=chunk_config(config), rotary=rotary,
-                              attention=lambda qg, kg, vg: ring_attention(qg, kg, vg, group_name, scale)[0])
+                              attention=attention)
 
 
 def lighthouse_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, group: dist.ProcessGroup,
@@ -154,7 +161,7 @@ def lighthouse_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: LighthouseC
     Equals ``shard(cp_reference(whole q, k, v, config, W), r, W)`` (tested). q may have more heads than k/v
     (GQA); the gathered k/v are per query head, as in the single-device operator.
     """
-    ops.check_sdpa_inputs(q, k, v, is_causal=True)
+    check_sdpa_inputs(q, k, v, is_causal=True)
     problem = chunk_problem(config, q.shape[2])
     if problem:
         raise ValueError(problem)

@@ -1,4 +1,4 @@
-"""Where the SDPA sites of one DDP bucket stand among the whole model's.
+"""Where the attention sites of one DDP bucket stand among the whole model's.
 
 Under ``DistributedDataParallel``, Dynamo's DDPOptimizer splits each captured graph into one graph per gradient
 bucket and hands the buckets to the backend one at a time, in execution order. ``dense_layers`` counts sites
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .passes import count_sdpa_calls
+from .passes import count_sites
 
 
 @dataclass(frozen=True)
 class Numbering:
-    """The position of a graph's first SDPA site among the sites of the graph it was split from, and their number."""
+    """The position of a graph's first attention site among the sites of the graph it was split from, and their number."""
 
     first: int
     total: int
@@ -59,7 +59,7 @@ def bucket_numbering(gm: fx.GraphModule, known: dict[int, tuple[fx.GraphModule, 
             bucket = getattr(split, node.target, None) if node.op == "call_module" else None
             if isinstance(bucket, fx.GraphModule):
                 firsts[id(bucket)] = total
-                total += count_sdpa_calls(bucket)
+                total += count_sites(bucket)
         known[id(split)] = (split, firsts, total)
     _, firsts, total = known[id(split)]
     return Numbering(firsts[id(gm)], total) if id(gm) in firsts else None

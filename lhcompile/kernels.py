@@ -156,61 +156,74 @@ def _count_keys_below(cand_ptr, flag_ptr, size, nbits, key, LVL: tl.constexpr, T
 
 @triton.jit
 def _select_kernel(
-    sqk_ptr, skq_ptr, index_ptr, inv_ptr, cand_ptr, flag_ptr,
-    n, heads, group, tiles, coarse, emitted, nbits_coarse,
+    sqk_ptr, skq_ptr, index_ptr, inv_ptr, cand_ptr, flag_ptr, docs_ptr,
+    n, heads, group, tiles, slots, row_len, coarse, nbits_coarse,
     LEVELS: tl.constexpr, LOG_P: tl.constexpr, HALF: tl.constexpr, NBITS_CHILD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, DOCS: tl.constexpr,
 ):
-    # one program per (batch, head, tile); scratch: candidate list and flags of every level, coarse first
+    # one program per (batch, head, document, tile); scratch: candidate list and flags of every level, coarse
+    # first, in the tile's own stretch of the output row (a tile emits exactly as many entries as it lists).
+    # Without DOCS each row is one document of the whole sequence; with DOCS (batch 1) the table docs_ptr gives
+    # each document's coarsest entries before it, its coarsest entries per tile (0: no document) and where its
+    # entries start in the output row.
     TOP: tl.constexpr = LEVELS - 1
     P: tl.constexpr = 1 << LOG_P
     CHILD: tl.constexpr = 2 * HALF * P
     pid = tl.program_id(0).to(tl.int64)
     tile = pid % tiles
-    bh = pid // tiles
+    doc = (pid // tiles) % slots
+    bh = pid // (tiles * slots)
+    first = tl.full((), 0, tl.int64)
+    out = tl.full((), 0, tl.int64)
+    if DOCS:
+        first = tl.load(docs_ptr + doc).to(tl.int64)
+        coarse = tl.load(docs_ptr + slots + doc)
+        out = tl.load(docs_ptr + 2 * slots + doc).to(tl.int64)
+    child = CHILD * (coarse > 0)
+    emitted = coarse + TOP * child
     bkv = (bh // heads) * (heads // group) + (bh % heads) // group
     total = _level_offset(n, LEVELS, LOG_P)
     sqk = sqk_ptr + bh * total
     skq = skq_ptr + bkv * total
-    cand = cand_ptr + pid * (coarse + TOP * CHILD)
-    flag = flag_ptr + pid * (coarse + TOP * CHILD)
+    tile_row = bh * row_len + out + tile * emitted
+    cand = cand_ptr + tile_row
+    flag = flag_ptr + tile_row
     lanes = tl.arange(0, BLOCK)
 
     for start in range(0, coarse, BLOCK):
         i = start + lanes
-        tl.store(cand + i, (tile * coarse + i).to(tl.int32), mask=i < coarse)
+        tl.store(cand + i, (first + tile * coarse + i).to(tl.int32), mask=i < coarse)
         tl.store(flag + i, tl.zeros((BLOCK,), tl.int8), mask=i < coarse)
     tl.debug_barrier()
 
     # top-down: pick 2 x HALF per level, their children are the next level's candidates
     for lvl in tl.static_range(TOP, 0, -1):
-        size = coarse * (lvl == TOP) + CHILD * (lvl != TOP)
-        base = (coarse + (TOP - 1 - lvl) * CHILD) * (lvl != TOP)
+        size = coarse * (lvl == TOP) + child * (lvl != TOP)
+        base = (coarse + (TOP - 1 - lvl) * child) * (lvl != TOP)
         off = _level_offset(n, lvl, LOG_P)
         _pick_top(sqk + off, cand + base, flag + base, size, 1, False, HALF, BLOCK)
         tl.debug_barrier()
         _pick_top(skq + off, cand + base, flag + base, size, 2, True, HALF, BLOCK)
         tl.debug_barrier()
-        child_base = coarse + (TOP - lvl) * CHILD
+        child_base = coarse + (TOP - lvl) * child
         children = tl.arange(0, P)[None, :]
         picked_before = tl.full((), 0, tl.int32)
         for start in range(0, size, BLOCK):
             i = start + lanes
             picked = (tl.load(flag + base + i, mask=i < size, other=0) != 0) & (i < size)
             c = tl.load(cand + base + i, mask=i < size, other=0)
-            slot = tl.cumsum(picked.to(tl.int32), axis=0) - 1 + picked_before
+            rank = tl.cumsum(picked.to(tl.int32), axis=0) - 1 + picked_before
             picked_before += tl.sum(picked.to(tl.int32), axis=0)
-            dst = child_base + slot[:, None] * P + children
+            dst = child_base + rank[:, None] * P + children
             tl.store(cand + dst, c[:, None] * P + children, mask=picked[:, None])
             tl.store(flag + dst, tl.zeros((BLOCK, P), tl.int8), mask=picked[:, None])
         tl.debug_barrier()
 
     # rank of an entry in the tile = number of emitted entries (all levels) with a smaller position key;
     # along each level's list keys ascend, so that is its own list position plus a binary search per level
-    out_row = bh * (tiles * emitted)
     for lvl in tl.static_range(TOP, -1, -1):
-        size = coarse * (lvl == TOP) + CHILD * (lvl != TOP)
-        base = (coarse + (TOP - 1 - lvl) * CHILD) * (lvl != TOP)
+        size = coarse * (lvl == TOP) + child * (lvl != TOP)
+        base = (coarse + (TOP - 1 - lvl) * child) * (lvl != TOP)
         off = _level_offset(n, lvl, LOG_P)
         for start in range(0, size, BLOCK):
             i = start + lanes
@@ -220,31 +233,49 @@ def _select_kernel(
             rank = i.to(tl.int64)
             for other in tl.static_range(TOP, -1, -1):
                 if other != lvl:
-                    o_size = coarse * (other == TOP) + CHILD * (other != TOP)
-                    o_base = (coarse + (TOP - 1 - other) * CHILD) * (other != TOP)
+                    o_size = coarse * (other == TOP) + child * (other != TOP)
+                    o_base = (coarse + (TOP - 1 - other) * child) * (other != TOP)
                     o_bits = nbits_coarse * (other == TOP) + NBITS_CHILD * (other != TOP)
                     rank += _count_keys_below(cand + o_base, flag + o_base, o_size, o_bits, key, other, TOP,
                                               LOG_P, BLOCK)
-            slot = tile * emitted + rank
-            tl.store(index_ptr + out_row + slot, off + c.to(tl.int64), mask=valid)
+            slot = out + tile * emitted + rank
+            tl.store(index_ptr + bh * row_len + slot, off + c.to(tl.int64), mask=valid)
             tl.store(inv_ptr + bh * total + off + c, slot.to(tl.int32), mask=valid)
+
+
+def _select(s_qk: torch.Tensor, s_kq: torch.Tensor, g: Geometry, index: torch.Tensor, docs: torch.Tensor | None,
+            coarse: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the selection into ``index`` (B, H, row) over the documents of ``docs`` (or one per row)."""
+    b, h, total = s_qk.shape
+    slots = 1 if docs is None else docs.shape[1]
+    inv = torch.full((b, h, total), -1, device=s_qk.device, dtype=torch.int32)
+    cand = torch.empty_like(index, dtype=torch.int32)
+    flag = torch.empty_like(index, dtype=torch.int8)
+    child = g.children_per_tile
+    wrap_triton(_select_kernel)[(b * h * slots * g.tiles,)](
+        s_qk, s_kq, index, inv, cand, flag, index if docs is None else docs,
+        g.n, h, h // s_kq.shape[1], g.tiles, slots, index.shape[2], coarse, coarse.bit_length(),
+        LEVELS=g.levels, LOG_P=g.p.bit_length() - 1, HALF=g.tile_budget // 2, NBITS_CHILD=child.bit_length(),
+        BLOCK=min(1024, triton.next_power_of_2(max(coarse, child))), DOCS=docs is not None,
+    )
+    return index, inv
 
 
 def select(s_qk: torch.Tensor, s_kq: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.select: the selection (B, H, S) and its inverse map (B, H, P) int32 (slot of each entry, or -1)."""
-    b, h, total = s_qk.shape
-    coarse, child, tiles = g.coarse_per_tile, g.children_per_tile, g.tiles
+    b, h, _ = s_qk.shape
     index = torch.empty(b, h, g.gathered_len, device=s_qk.device, dtype=torch.int64)
-    inv = torch.full((b, h, total), -1, device=s_qk.device, dtype=torch.int32)
-    cand = torch.empty(b * h * tiles, g.emitted_per_tile, device=s_qk.device, dtype=torch.int32)
-    flag = torch.empty_like(cand, dtype=torch.int8)
-    wrap_triton(_select_kernel)[(b * h * tiles,)](
-        s_qk, s_kq, index, inv, cand, flag,
-        g.n, h, h // s_kq.shape[1], tiles, coarse, g.emitted_per_tile, coarse.bit_length(),
-        LEVELS=g.levels, LOG_P=g.p.bit_length() - 1, HALF=g.tile_budget // 2, NBITS_CHILD=child.bit_length(),
-        BLOCK=min(1024, triton.next_power_of_2(max(coarse, child))),
-    )
-    return index, inv
+    return _select(s_qk, s_kq, g, index, None, g.coarse_per_tile)
+
+
+def select_documents(s_qk: torch.Tensor, s_kq: torch.Tensor, docs: torch.Tensor, gathered_len: int, g: Geometry
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.select_documents: every document of the relaid stream (``lhcompile.documents``) selects on its
+    own; the entries past the last document's point at the stream's last (always empty) position."""
+    b, h, _ = s_qk.shape
+    index = torch.full((b, h, gathered_len), g.n - 1, device=s_qk.device, dtype=torch.int64)
+    coarse = g.n // g.coarsest_span // g.tiles  # no document has more coarsest entries per tile than the stream
+    return _select(s_qk, s_kq, g, index, docs, coarse)
 
 
 # -- segment sums: gather forward (mean over the span) and scatter backward (sum over the shifted span) --
@@ -292,7 +323,9 @@ def _segment(x: torch.Tensor, index: torch.Tensor, n: int, levels: int, p: int, 
     x = _rows(x)
     b, h, s_len = index.shape
     d = x.shape[3]
-    out = torch.empty(b, h, s_len, d, device=x.device, dtype=x.dtype)
+    # token-major, as a model's projections lay out q, k and v: attention kernels read it as they read theirs, and
+    # the documents' varlen kernels take its rows (S, H, d) as they are
+    out = torch.empty(b, s_len, h, d, device=x.device, dtype=x.dtype).transpose(1, 2)
     block_s = 32
     grid = (triton.cdiv(s_len, block_s), b * h)
     wrap_triton(_segment_kernel)[grid](
@@ -360,7 +393,7 @@ def _pull(y: torch.Tensor, inv: torch.Tensor, n: int, out_heads: int, levels: in
           mean: bool) -> torch.Tensor:
     y = _rows(y)
     b, h, _, d = y.shape
-    out = torch.empty(b, out_heads, n, d, device=y.device, dtype=y.dtype)
+    out = torch.empty(b, n, out_heads, d, device=y.device, dtype=y.dtype).transpose(1, 2)  # token-major
     block_t = 32
     grid = (triton.cdiv(n, block_t), b * out_heads)
     wrap_triton(_pull_kernel)[grid](
@@ -381,3 +414,30 @@ def gather_backward(grad: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, 
                     p: int) -> torch.Tensor:
     """Gradient of ``gather`` w.r.t. x (B, H_kv, N, d): each entry's gradient spread / p^l over its span."""
     return _pull(grad, inv, n, kv_heads, levels, p, shift=False, mean=True)
+
+
+# -- rows through a map: the relayout of packed documents (lhcompile.documents) ------------------------------
+
+
+@triton.jit
+def _take_rows_kernel(x_ptr, map_ptr, out_ptr, rows_out, width, sx_row, so_row, BLOCK_R: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+    # out[r] = x[map[r]] where map[r] >= 0, else 0: one read and one write of each row
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    src = tl.load(map_ptr + r, mask=r < rows_out, other=-1)
+    ok = (src >= 0)[:, None] & (cols < width)[None, :]
+    x = tl.load(x_ptr + src.to(tl.int64)[:, None] * sx_row + cols[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * so_row + cols[None, :], x,
+             mask=(r < rows_out)[:, None] & (cols < width)[None, :])
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (M, W) -> (len(rows), W): row ``rows[i]`` of x, or zeros where it is -1 (reference.take_rows)."""
+    x = _rows(x)
+    out = torch.empty(rows.shape[0], x.shape[1], device=x.device, dtype=x.dtype)
+    block_w = min(1024, triton.next_power_of_2(x.shape[1]))
+    grid = (triton.cdiv(rows.shape[0], 8), triton.cdiv(x.shape[1], block_w))
+    wrap_triton(_take_rows_kernel)[grid](x, rows, out, rows.shape[0], x.shape[1], x.stride(0), out.stride(0),
+                                         BLOCK_R=8, BLOCK_W=block_w)
+    return out

@@ -1,4 +1,4 @@
-"""The Lighthouse stages as torch.library ops, and the functional operator composed of them.
+"""The Lighthouse stages as torch.library ops, and the single-sequence subgraph composed of them.
 
 Each stage is one named op (namespace ``lhcompile``) so that traced graphs stay readable and the graph
 pass can find and restore them. The ops are ``triton_op``s: on CUDA tensors they run the Triton kernels of
@@ -73,6 +73,25 @@ def select(
     return _stages(s_qk).select(s_qk, s_kq, Geometry(n, levels, p, topk, tile_budget))
 
 
+@torch.library.custom_op("lhcompile::select_documents", mutates_args=())
+def select_documents(s_qk: Tensor, s_kq: Tensor, docs: Tensor, gathered_len: int, n: int, levels: int, p: int,
+                     topk: int, tile_budget: int) -> tuple[Tensor, Tensor]:
+    """``select`` for each document of a relaid stream (``lhcompile.documents``) on its own. A custom op, not a
+    triton_op: the reference walks the documents on the host, so tracing must not enter it."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            "lhcompile: this graph still contains Lighthouse attention (training only); call "
+            "lhcompile.restore(model) before torch.export / torch.onnx.export to get the dense graph back"
+        )
+    return _stages(s_qk).select_documents(s_qk, s_kq, docs, gathered_len, Geometry(n, levels, p, topk, tile_budget))
+
+
+@select_documents.register_fake
+def _(s_qk, s_kq, docs, gathered_len, n, levels, p, topk, tile_budget):
+    b, h, total = s_qk.shape
+    return s_qk.new_empty(b, h, gathered_len, dtype=torch.int64), s_qk.new_empty(b, h, total, dtype=torch.int32)
+
+
 # -- gather: pooled rows straight from the base tensor ---------------------------------------------
 
 
@@ -117,18 +136,26 @@ def _scatter_backward(ctx, grad):
 scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
+# -- rows through a map (the relayout of packed documents) ------------------------------------------
+
+
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Row ``rows[i]`` of x (M, W), or zeros where it is -1; the kernel on CUDA, the reference elsewhere."""
+    return _stages(x).take_rows(x, rows)
+
+
 # -- the operator ----------------------------------------------------------------------------------
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None, backend: str) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None, kernel: str) -> Tensor:
     """Stock causal attention on the gathered sub-sequence (all tensors (B, H, S, d))."""
-    if backend == "flash_attn":
+    if kernel == "flash_attn":
         try:
             from flash_attn import flash_attn_func
         except ImportError as err:
             raise RuntimeError(
-                "LighthouseConfig(inner_backend='flash_attn') but the flash_attn package is not importable; "
-                "install flash-attn or use inner_backend='sdpa'"
+                "LighthouseConfig(inner_attention='flash_attn') but the flash_attn package is not importable; "
+                "install flash-attn or use inner_attention='sdpa'"
             ) from err
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=scale)
         return out.transpose(1, 2)
@@ -182,58 +209,7 @@ def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float |
     if padded != n:
         q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
     out = chunked_stages(q, k, v, chunks=1, chunk_len=padded, config=config, rotary=rotary,
-                         attention=lambda qg, kg, vg: dense_attention(qg, kg, vg, scale, config.inner_backend))
+                         attention=lambda qg, kg, vg: dense_attention(qg, kg, vg, scale, config.inner_attention))
     if padded != n:
         out = out[:, :, :n]
     return out
-
-
-def check_sdpa_inputs(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool) -> None:
-    """Reject inputs the operator cannot compute exactly, saying what is wrong and what to do."""
-    if not is_causal:
-        raise ValueError(
-            "lighthouse_attention is causal-only (is_causal=False was passed); use "
-            "torch.nn.functional.scaled_dot_product_attention for non-causal or masked attention"
-        )
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected (B, H, N, d) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k head dims differ ({q.shape[3]} vs {k.shape[3]}); SDPA needs them equal")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree in batch, heads and length")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"q{tuple(q.shape)} and k{tuple(k.shape)} must share batch and sequence length "
-            "(Lighthouse is self-attention over one sequence)"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-
-
-def lighthouse_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    config: LighthouseConfig | None = None,
-    *,
-    is_causal: bool = True,
-    scale: float | None = None,
-    rope: Rotary | None = None,
-) -> Tensor:
-    """Lighthouse attention with SDPA's signature and layout: (B, H, N, d) in, (B, H, N, d_v) out.
-
-    k and v may have fewer heads than q (GQA, as SDPA's enable_gqa). Sequences shorter than
-    ``config.min_lighthouse_len`` run dense causal SDPA instead. With ``rope`` (the model's rotation tables,
-    ``Rotary.of``), q and k are taken unrotated and rotated after selection, whatever ``config.rope`` says;
-    ``config.rope='after_selection'`` without it is refused (there would be no tables to rotate with)."""
-    config = config or LighthouseConfig()
-    check_sdpa_inputs(q, k, v, is_causal=is_causal)
-    Rotary.check_for(rope, config.rope, q, "lighthouse_attention")
-    n = q.shape[2]
-    if n < config.min_lighthouse_len:
-        if rope is not None:
-            q, k = rope.rotate(torch.arange(n, device=q.device).expand(q.shape[0], 1, n), q, k)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return lighthouse_stages(q, k, v, n=n, scale=scale, config=config, rotary=rope)

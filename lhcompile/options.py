@@ -15,10 +15,10 @@ import torch.fx as fx
 from .config import LighthouseConfig
 from .debug import debug_enabled
 from .report import LighthouseWarning
-from .targets import ContextParallel, SingleDevice, Target
+from .placements import ContextParallel, Placement, SingleDevice
 
 FilterFn = Callable[[str], bool]
-"""Called with an SDPA site's module path (e.g. 'model.layers.3.self_attn'); False keeps the site dense."""
+"""Called with an attention site's module path (e.g. 'model.layers.3.self_attn'); False keeps the site dense."""
 Compiler = Literal["inductor", "eager"] | str | Callable[[fx.GraphModule, Sequence[Any]], Callable]
 """What compiles a graph after the rewrite: 'inductor', 'eager' (run it op by op), the name of any other
 registered torch.compile backend, or a backend callable."""
@@ -30,7 +30,8 @@ class Options:
     filter_fn: FilterFn | None
     compiler: Compiler
     debug: bool
-    target: Target
+    placement: Placement
+    """Where the rewritten attention runs: one device, or a context-parallel group."""
 
     @classmethod
     def make(cls, config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
@@ -53,12 +54,12 @@ class Options:
         elif not callable(compiler):
             raise TypeError(f"{caller}: compiler must be a backend name or a callable (gm, example_inputs) -> "
                             f"callable, got {type(compiler).__name__}")
-        if config.inner_backend == "flash_attn":
+        if config.inner_attention == "flash_attn":
             try:
                 importlib.import_module("flash_attn")
             except ImportError as err:
-                raise ValueError(f"{caller}: LighthouseConfig(inner_backend='flash_attn') but the flash_attn package "
-                                 "cannot be imported here; install flash-attn, or use inner_backend='sdpa' (PyTorch "
+                raise ValueError(f"{caller}: LighthouseConfig(inner_attention='flash_attn') but the flash_attn package "
+                                 "cannot be imported here; install flash-attn, or use inner_attention='sdpa' (PyTorch "
                                  "SDPA)") from err
         if context_parallel is None and dist.is_available() and not dist.is_initialized() \
                 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -66,8 +67,8 @@ class Options:
                           "launch before torch.distributed is initialized (dist.group.WORLD is None until then), so "
                           "the model runs single-device Lighthouse; call dist.init_process_group first if you meant "
                           "context parallelism", LighthouseWarning, stacklevel=3)
-        target = SingleDevice() if context_parallel is None else ContextParallel.make(context_parallel, config)
-        return cls(config, filter_fn, compiler, debug_enabled(debug), target)
+        placement = SingleDevice() if context_parallel is None else ContextParallel.make(context_parallel, config)
+        return cls(config, filter_fn, compiler, debug_enabled(debug), placement)
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """Hand a rewritten graph to the compiler."""

@@ -253,3 +253,36 @@ def gather_backward(grad: torch.Tensor, index: torch.Tensor, inv: torch.Tensor, 
     """Gradient of ``gather`` w.r.t. x: through ``take``, then through ``pool``."""
     grad_x, grad_pooled = take_backward(grad, index, n, level_offsets(n, levels, p)[-1] - n, kv_heads)
     return grad_x + pool_backward(grad_pooled, n, levels, p)
+
+
+def select_documents(s_qk: torch.Tensor, s_kq: torch.Tensor, docs: torch.Tensor, gathered_len: int, g: Geometry
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cascade`` on each document of a relaid stream on its own (``lhcompile.documents``): its stretch of every
+    pyramid level is a pyramid of its own, and its entries land at its place in the output row; entries past the
+    last document's point at the stream's last position (always empty) and are in no inverse map.
+
+    ``docs`` (3, D) int32: per document, its coarsest entries before it, its coarsest entries per tile (0: no
+    document), where its entries start in the row. ``g`` is the geometry of the whole stream (batch 1)."""
+    b, h, total = s_qk.shape
+    index = torch.full((b, h, gathered_len), g.n - 1, dtype=torch.int64, device=s_qk.device)
+    used = 0
+    for first, coarse, out in docs.t().tolist():
+        if not coarse:
+            continue
+        n, start = coarse * g.tiles * g.coarsest_span, first * g.coarsest_span
+        mine = [slice(g.offsets[lvl] + start // g.p**lvl, g.offsets[lvl] + (start + n) // g.p**lvl)
+                for lvl in range(g.levels)]
+        local = cascade(torch.cat([s_qk[..., s] for s in mine], -1), torch.cat([s_kq[..., s] for s in mine], -1),
+                        n, g.levels, g.p, g.topk, g.tile_budget)
+        lvl = entry_levels(local, n, g.levels, g.p)
+        shift = torch.tensor([s.start - o for s, o in zip(mine, level_offsets(n, g.levels, g.p))], device=local.device)
+        index[:, :, out : out + local.shape[2]] = local + shift[lvl]
+        used = max(used, out + local.shape[2])
+    inv = index.new_full((b, h, total), -1, dtype=torch.int32)
+    return index, inv.scatter(2, index[:, :, :used], torch.arange(used, dtype=torch.int32,
+                                                                    device=index.device).expand(b, h, used))
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (M, W) -> (len(rows), W): row ``rows[i]`` of x, or zeros where it is -1."""
+    return torch.where((rows >= 0)[:, None], x.index_select(0, rows.clamp(min=0)), 0)

@@ -1,34 +1,58 @@
-"""What the pass found and did at each SDPA site: the report that ``lhcompile.inspect`` returns."""
+"""What the pass found and did at each attention site: the report that ``lhcompile.inspect`` returns."""
 
 from __future__ import annotations
 
+import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
+
+
+REASON_WIDTH = 72
+"""Characters per line of a reason in the report's table."""
 
 
 class LighthouseWarning(UserWarning):
     """Something lhcompile did not do, or did on a guess (filter with warnings.filterwarnings)."""
 
 
+@dataclass
+class Once:
+    """Says each kind of thing once: a ``LighthouseWarning`` the first time a key is said, nothing after."""
+
+    said: set[str] = field(default_factory=set)
+
+    def warn(self, key: str, message: str, stacklevel: int = 2) -> bool:
+        """Warn with ``message`` unless ``key`` was said already; returns whether it warned."""
+        if key in self.said:
+            return False
+        self.said.add(key)
+        warnings.warn(message, LighthouseWarning, stacklevel=stacklevel + 1)
+        return True
+
+
 @dataclass(frozen=True)
 class SiteReport:
-    """One SDPA call found in a captured graph, and whether it was rewritten (or every reason why not)."""
+    """One attention call found in a captured graph, and whether it was rewritten (or every reason why not)."""
 
     graph: int
     index: int
     module_path: str
-    target: str
+    op: str
+    """The call, e.g. 'F.scaled_dot_product_attention', 'flex_attention', 'varlen_attn'."""
     q_shape: tuple | None
     kv_heads: int | None
     rewritten: bool
     reason: str
     training: bool = True
     """Whether the graph was captured for training (a graph for eval mode rewrites nothing)."""
+    documents: bool = False
+    """Whether the call attends within packed documents (Lighthouse then runs per document)."""
 
 
 @dataclass
 class Report:
-    """Every SDPA site lhcompile has seen in a model, graph by graph, and what it could not do elsewhere.
+    """Every attention site lhcompile has seen in a model, graph by graph, and what it could not do elsewhere.
 
     It is a sequence of its ``SiteReport`` rows: ``for site in report``, ``len(report)``, ``report[0]``."""
 
@@ -36,8 +60,10 @@ class Report:
     graphs: int = 0
     notes: list[str] = field(default_factory=list)
     """Graphs in which the pass found nothing to rewrite, and why (also warned about)."""
-    warned: set[str] = field(default_factory=set)
-    """Kinds of warning already given for this model (each is given once)."""
+    once: Once = field(default_factory=Once)
+    """What was said about this model (each kind of warning once)."""
+    state: str = "applied"
+    """'applied', 'restored' (the model is dense again: the rows say what the pass did before) or 'not applied'."""
 
     def __iter__(self) -> Iterator[SiteReport]:
         return iter(self.sites)
@@ -56,24 +82,38 @@ class Report:
     def dense(self) -> list[SiteReport]:
         return [s for s in self.sites if not s.rewritten]
 
-    def table(self, sites: list[SiteReport] | None = None) -> str:
+    def table(self, sites: list[SiteReport] | None = None, reason_width: int = REASON_WIDTH) -> str:
+        """The rows as a table; reasons are wrapped at ``reason_width`` characters, so a row stays readable in a
+        terminal."""
         rows = [("graph", "#", "module", "op", "q shape", "kv heads", "lighthouse", "reason")]
         for s in self.sites if sites is None else sites:
             shape = "x".join(map(str, s.q_shape)) if s.q_shape else "?"
             rows.append(
-                (str(s.graph), str(s.index), s.module_path or "<top>", s.target, shape, str(s.kv_heads or "?"),
+                (str(s.graph), str(s.index), s.module_path or "<top>", s.op, shape, str(s.kv_heads or "?"),
                  "yes" if s.rewritten else "no", s.reason)
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        indent = " " * (sum(widths) + 2 * len(widths))
+        lines = []
+        for r in rows:
+            reason = textwrap.wrap(r[-1], reason_width, break_on_hyphens=False) or [""]
+            lines.append("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), reason[0]]).rstrip())
+            lines += [indent + more for more in reason[1:]]
+        lines.insert(1, "  ".join("-" * w for w in (*widths, min(reason_width, max(len(r[-1]) for r in rows)))))
         return "\n".join(lines)
 
     def __str__(self) -> str:
+        head = {"restored": "lhcompile: restored, the model runs its dense attention again; before restore:\n",
+                "applied": ""}.get(self.state, "")
+        if self.state == "not applied":
+            return "lhcompile: not applied to this model (lhcompile.apply rewrites it; see also a callback's report)"
         if not self.sites and not self.notes:
             if self.graphs:
-                return (f"lhcompile: the {self.graphs} graph(s) captured from this model call no SDPA: nothing to "
-                        "rewrite (its attention, if any, is not torch.nn.functional.scaled_dot_product_attention)")
-            return "lhcompile: no SDPA site seen yet (a module is captured on its first forward call)"
-        summary = f"lhcompile: {len(self.rewritten)} of {len(self.sites)} SDPA sites rewritten in {self.graphs} graph(s)"
+                return (f"{head}lhcompile: the {self.graphs} graph(s) captured from this model call no attention that "
+                        "lhcompile rewrites (scaled_dot_product_attention, varlen_attn, FlexAttention, "
+                        "lhcompile.document_attention)")
+            return f"{head}lhcompile: no attention site seen yet (a module is captured on its first forward call)"
+        with_sites = sorted({s.graph for s in self.sites})
+        summary = (f"{head}lhcompile: {len(self.rewritten)} of {len(self.sites)} attention sites rewritten, in graph"
+                   f"{'s' if len(with_sites) > 1 else ''} {', '.join(map(str, with_sites))} ({self.graphs} captured)")
         return "\n".join([summary, *(self.table().splitlines() if self.sites else []), *self.notes])

@@ -11,6 +11,7 @@ every RoPE variant (scaled, YaRN, Llama-3, long-RoPE) is rotated as the model do
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,6 +85,18 @@ class Rotary:
             raise ValueError(f"Rotary: tables for a batch of {self.batch}, but q has a batch of {q.shape[0]}")
         if self.length < q.shape[2]:
             raise ValueError(f"Rotary: tables of {self.length} positions for a sequence of {q.shape[2]}")
+
+    @property
+    def width(self) -> int:
+        """Entries per table row."""
+        return self.rotary_dim // 2 if self.form in HALF_WIDTH_FORMS else self.rotary_dim
+
+    def by_token(self, batch: int, length: int) -> Rotary:
+        """The tables as rows of a batch's tokens laid end to end (row b * length + t), batch 1: the rows that a
+        stream of a packed batch's documents, relaid, reads (``lhcompile.documents``). Works on traced values."""
+        cos, sin = (t[:, :length].expand(batch, length, self.width).reshape(1, batch * length, self.width)
+                    for t in (self.cos, self.sin))
+        return dataclasses.replace(self, cos=cos, sin=sin, batch=1, length=batch * length)
 
     def rotate(self, positions: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
         """Each of xs (B, H or H_kv, S, d) rotated at ``positions`` (B, H, S, or broadcastable to it): the table rows

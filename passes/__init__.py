@@ -1,35 +1,43 @@
-"""Pure FX graph transformations for lhcompile: find SDPA sites, rewrite them, restore them.
+"""Pure FX graph transformations for lhcompile: find attention sites of every kind, rewrite them, restore them.
 
 Nothing here knows about kernels: the rewrite takes the replacement as a callable. Installed as
 ``lhcompile.passes``.
 """
 
 from .causal_mask import MaskProof, Proofs, Resolve
-from .match import SdpaSite, attention_like_calls, count_sdpa_calls, find_sdpa_sites, module_path
-from .restore import restore_sdpa
+from .kinds import KINDS, SDPA_PARAMS, SDPA_TARGETS, attention_like_calls, count_sites, find_sites, kind_of
+from .restore import restore_sites
 from .rope import RopeMatch, find_qk_rotation, find_rotation, unrotated
-from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sdpa
+from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sites
+from .site import DocumentSource, Site, SiteKind, bind_arguments, module_path
 from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
 
 __all__ = [
+    "KINDS",
     "METADATA_TO_PORT",
     "MaskProof",
     "Proofs",
     "REWRITE_TAG",
     "Resolve",
     "RopeMatch",
-    "SdpaSite",
+    "SDPA_PARAMS",
+    "SDPA_TARGETS",
+    "DocumentSource",
+    "Site",
+    "SiteKind",
     "Subgraph",
     "attention_like_calls",
-    "count_sdpa_calls",
+    "bind_arguments",
+    "count_sites",
     "erase_unused",
     "find_qk_rotation",
     "find_rotation",
-    "find_sdpa_sites",
+    "find_sites",
+    "kind_of",
     "module_path",
     "prune_unused_inputs",
-    "restore_sdpa",
-    "rewrite_sdpa",
+    "restore_sites",
+    "rewrite_sites",
     "subgraph_calls",
     "unrotated",
 ]

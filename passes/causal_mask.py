@@ -174,3 +174,14 @@ def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
         if not bool((allowed[..., start:stop, :] == causal).all()):
             return MaskProof("explicit attn_mask is not the causal mask (sliding window, packing or padding?)")
     return MaskProof(None, tuple(kinds.get("buffer", ())))
+
+
+def constant_value(node: fx.Node, resolve: Resolve | None = None) -> Any:
+    """The value of ``node`` when the graph computes it from no input at all (e.g. positions made by arange in the
+    graph), without stateful operations; else None."""
+    nodes, inputs = _ancestors(node, resolve)
+    if inputs or any(n.op not in ("call_function", "call_method", "get_attr", "call_module", "placeholder")
+                     or n.target in _STATEFUL for n in nodes):
+        return None
+    with torch.no_grad():
+        return _evaluate(node, resolve)

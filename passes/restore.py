@@ -1,4 +1,4 @@
-"""The inverse of the rewrite: put back the exact SDPA nodes that the rewrite replaced."""
+"""The inverse of the rewrite: put back the exact attention calls that the rewrite replaced."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.fx as fx
 from .rewrite import REWRITE_TAG
 
 
-def restore_sdpa(gm: fx.GraphModule) -> int:
+def restore_sites(gm: fx.GraphModule) -> int:
     """Replace every rewritten subgraph of gm, and of the graphs nested in it, by the nodes it replaced;
     returns how many were restored.
 

@@ -1,4 +1,4 @@
-"""Replace SDPA calls by a subgraph built by a caller-supplied function, keeping what restore needs."""
+"""Replace attention calls by a subgraph built by a caller-supplied function, keeping what restore needs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from .match import SdpaSite
+from .site import Site
 
 REWRITE_TAG = "lhcompile"
 """node.meta key on every node of a rewritten subgraph: {"site": int, and on the output node "original"}."""
@@ -35,16 +35,16 @@ def _record(node: fx.Node) -> NodeRecord:
     return NodeRecord(node, node.op, node.target, node.args, dict(node.kwargs), node.name, node.type, node.meta)
 
 
-Build = Callable[[SdpaSite, dict[str, Any]], fx.Proxy]
+Build = Callable[[Site, dict[str, Any]], fx.Proxy]
 """Called with a site and its bound arguments (graph values as fx.Proxy); returns the replacement's output."""
 
 
-def rewrite_sdpa(gm: fx.GraphModule, sites: list[SdpaSite], build: Build) -> list[fx.Node]:
-    """Rewrite each of ``sites`` (found in gm.graph) into ``build(site, arguments)``, traced in place; returns the
+def rewrite_sites(gm: fx.GraphModule, sites: list[Site], build: Build) -> list[fx.Node]:
+    """Rewrite each of ``sites`` (attention calls found in gm.graph) into ``build(site, arguments)``, traced in place; returns the
     nodes the erased calls read (a causal mask among them may now be unused: see ``erase_unused``).
 
     The new nodes carry ``meta[REWRITE_TAG]``; the subgraph's output node also records the erased
-    nodes (the SDPA call and its getitems), so that ``restore_sdpa`` can put them back unchanged.
+    nodes (the attention call and its getitems), so that ``restore_sites`` can put them back unchanged.
     """
     graph = gm.graph
     read: list[fx.Node] = []

@@ -357,11 +357,47 @@ def _reshaped(node: fx.Node, axes: _Axes, out: tuple[int, ...]) -> _Axes | str:
     return _Axes(out, position, None if batch == "lost" else batch)
 
 
+_VIEWS = _GETITEM | _SLICE | _TRANSPOSE | _PERMUTE | _UNSQUEEZE | _EXPAND | _RESHAPE | _FLATTEN | _UNFLATTEN | _ops(
+    "narrow", "select", "view_as", "unbind", "split", "chunk", torch.narrow, torch.select, aten.select.int,
+    aten.narrow.default, aten.as_strided.default, aten.split.Tensor, aten.unbind.int)
+"""Ops whose result may share storage with their first argument: a write into it writes into that argument."""
+
+
+def _written_in_place(node: fx.Node) -> fx.Node | None:
+    """An op that writes into node's value, or into a view of it (``x[..., :4] = 0``, ``x.mul_(3)``,
+    ``x[..., :1].copy_(y)``), or None."""
+    stack, seen = [node], set()
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        for user in value.users:
+            if user.op not in ("call_function", "call_method") or not user.args or user.args[0] is not value:
+                continue
+            name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+            mutable = isinstance(user.target, torch._ops.OpOverload) and any(
+                a.alias_info is not None and a.alias_info.is_write for a in user.target._schema.arguments[:1])
+            if user.target is operator.setitem or (name.endswith("_") and not name.startswith("_")) or mutable:
+                return user
+            if _is(user, _VIEWS):
+                stack.append(user)
+    return None
+
+
 def find_rotation(sdpa_input: fx.Node, seq_len: int) -> RopeMatch | str:
-    """How the SDPA input ``sdpa_input`` (B, H, seq_len, d) was rotated, or why no rotation was found."""
+    """How the SDPA input ``sdpa_input`` (B, H, seq_len, d) was rotated, or why no rotation was found (also when
+    the rotated value is written into in place before SDPA: replaying the carriers on the unrotated value would
+    drop the write)."""
     carriers: list[fx.Node] = []
     node = sdpa_input
     while True:
+        written = _written_in_place(node)
+        if written is not None:
+            what = written.target if isinstance(written.target, str) else getattr(written.target, "__name__",
+                                                                                   written.target)
+            return (f"going up from {sdpa_input.name}, {node.name} is written into in place ({written.name}: {what}) "
+                    "after the rotation, so q or k cannot be taken unrotated")
         found = _rotation(node)
         if found is not None:
             return _match(found[0], found[1], node, carriers[::-1], seq_len)
@@ -384,6 +420,10 @@ def _carried_input(node: fx.Node) -> Any:
 
 def _match(rotation: _Rotation, rotary_dim: int, rotated: fx.Node, carriers: list[fx.Node], seq_len: int
            ) -> RopeMatch | str:
+    written = _written_in_place(rotation.raw)
+    if written is not None:
+        return (f"the value before the rotation, {rotation.raw.name}, is written into in place ({written.name}), so "
+                "it cannot be read unrotated at the attention call")
     shape = _shape(rotated)
     if shape is None or len(shape) < 3:
         return f"the rotation {rotated.name} has no static shape of rank >= 3"
@@ -432,6 +472,21 @@ def find_qk_rotation(q: fx.Node, k: fx.Node, seq_len: int) -> tuple[RopeMatch, R
         return "; ".join(problems)
     mq, mk = found["query"], found["key"]
     if (mq.form, mq.rotary_dim, mq.table_shape) != (mk.form, mk.rotary_dim, mk.table_shape) \
-            or mq.tables != mk.tables:
+            or not all(_same_value(a, b) for a, b in zip(mq.tables, mk.tables)):
         return "query and key are rotated differently (other tables, form or rotary dims)"
     return mq, mk
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two graph values are computed alike from the same inputs (Llama 4 indexes its complex table
+    ``freqs_cis[:, :, None, :]`` once for q and once for k: two nodes, one value)."""
+    if a is b:
+        return True
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        return a.op == b.op and a.op in ("call_function", "call_method") and a.target == b.target \
+            and _same_value(a.args, b.args) and _same_value(a.kwargs, b.kwargs)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[key], b[key]) for key in a)
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b

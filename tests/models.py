@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lhcompile.passes.match import bind_arguments
+from lhcompile.passes import SDPA_PARAMS, bind_arguments
 
 VOCAB = 97
 
@@ -19,7 +19,7 @@ def hf_model(kind: str, layers: int = 4, attention: str = "sdpa", **extra) -> nn
     (partial rotary), Cohere (RoPE on adjacent pairs)."""
     import transformers
 
-    import lhcompile.hf  # noqa: F401  (registers attention="causal_sdpa")
+    import lhcompile.integrations.hf  # noqa: F401  (registers attention="causal_sdpa")
 
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -224,7 +224,7 @@ class SdpaAt(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             i, self.count = self.count, self.count + 1
             if i in self.sites:
-                a = bind_arguments(func, args, kwargs)
+                a = bind_arguments(func, args, kwargs, SDPA_PARAMS)
                 return self.attention(a["query"], a["key"], a["value"], a["scale"])
         return func(*args, **kwargs)
 
@@ -310,7 +310,7 @@ class RopeMoved(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        a = bind_arguments(func, args, kwargs)
+        a = bind_arguments(func, args, kwargs, SDPA_PARAMS)
         q, k, v, scale = a["query"], a["key"], a["value"], a["scale"]
         site, self.count = self.count, self.count + 1
         rotate = self.rotation(*self.calls[site])

@@ -139,7 +139,9 @@ def _per_layer_fsdp(rank, part):
     fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites}
     assert fates == {
         "model.layers.0.self_attn": "dense layer (layer 0 of 4 is in dense_layers=(0, -1))",
-        "model.layers.1.self_attn": "lighthouse",
+        # position_ids are an input of a layer compiled alone: causal_sdpa keeps documents apart (here one per row)
+        "model.layers.1.self_attn": "lighthouse per document (the documents lhcompile.document_attention is given, "
+                                    "read at run time)",
         "model.layers.2.self_attn": "excluded by filter_fn",
         "model.layers.3.self_attn": "dense layer (layer 3 of 4 is in dense_layers=(0, -1))",
     }, str(lhcompile.inspect(model))
@@ -172,3 +174,36 @@ def _sub_layer_fsdp(rank):
 
 def test_sharding_outside_the_layer_stack_is_warned_about(tmp_path):
     spawn(_sub_layer_fsdp, tmp_path)
+
+
+def test_a_group_of_one_rank_runs_without_a_collective_and_a_too_large_ring_exchange_is_refused(tmp_path):
+    # torchrun --nproc-per-node 1 (CP=1): the shard is the whole sequence in order, so attention is local; a
+    # dense site whose keys and values reach 2^31 elements would otherwise crash NCCL's all-to-all at 1M tokens
+    from lhcompile.placements import ContextParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = hf_model("llama", attention="causal_sdpa")
+        twin = copy.deepcopy(model)
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        lhcompile.apply(model, CFG, compiler=keep, context_parallel=dist.group.WORLD)
+        ids, positions = torch.randint(0, VOCAB, (2, N)), torch.arange(N).expand(2, -1)
+        got = model(input_ids=ids, position_ids=positions).logits
+        with SdpaAt({1, 2}, lambda q, k, v, scale: cp_reference(q, k, v, CFG, 1, scale=scale)):
+            want = twin(input_ids=ids, position_ids=positions).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not [n for g in graphs for n in g.graph.nodes if "ring_attention" in str(n.target)]
+
+        class Site:  # a dense site of one shard at 1M tokens, 8 heads of 128 (the shapes of the crash)
+            index, module_path, q_shape, k_shape = 0, "layers.0", (1, 8, 1 << 20, 128), (1, 8, 1 << 20, 128)
+
+        two = ContextParallel(type("Pair", (), {"size": lambda self: 2})())  # a group of two ranks, by its size
+        with pytest.raises(ValueError, match="would exchange 2147483648 elements .* fewer than 2\\^31"):
+            two.dense(Site(), lhcompile.placements.Inputs(None, None, None, None, None, 1, 1 << 20))
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 import lhcompile
 from lhcompile import LighthouseConfig
-from lhcompile.passes import REWRITE_TAG, find_sdpa_sites
+from lhcompile.passes import REWRITE_TAG, find_sites
 
 from .models import MODELS, VOCAB, logits
 
@@ -78,7 +78,7 @@ def test_backend_specific_aten_op_with_tuple_output_is_rewritten_and_restored():
 
     q, k, v = (torch.randn(2, 4, N, 8) for _ in range(3))
     gm = make_fx(f)(q, k, v)
-    [site] = find_sdpa_sites(gm.graph)
+    [site] = find_sites(gm.graph)
     assert str(site.node.target) == "aten._scaled_dot_product_flash_attention_for_cpu.default"
     before, dense_out = _structure(gm), gm(q, k, v)
     lhcompile.apply(gm, LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=()))
@@ -98,7 +98,7 @@ def test_every_sdpa_spelling_is_matched():
         return a + b + c + d + e + g
 
     gm = fx.symbolic_trace(f)
-    sites = find_sdpa_sites(gm.graph)
+    sites = find_sites(gm.graph)
     assert [s.args["is_causal"] for s in sites] == [True, True, True, False, True, False]
     assert sites[1].args["scale"] == 0.3
     assert [s.problem is None for s in sites] == [True, True, True, False, False, False]

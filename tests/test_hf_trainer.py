@@ -77,7 +77,7 @@ def test_trainer_switches_to_dense_at_the_recovery_share_and_evaluates_dense(tmp
     assert [(step, mode) for step, _, _, mode in check.seen] == [(4, "lighthouse"), (8, "dense"), (10, "dense")]
     for _, reported, dense, _ in check.seen:
         assert reported == pytest.approx(dense, rel=1e-5)
-    assert lhcompile.inspect(model).sites == []  # the untouched model again
+    assert lhcompile.inspect(model).state == "restored"  # the untouched model again; the report says so
     twin = copy.deepcopy(model)
     ids = eval_data[0]["input_ids"][None]
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 import lhcompile
 from lhcompile import LighthouseConfig, LighthouseWarning
 
-from .models import GPT, VOCAB, logits
+from .models import GPT, VOCAB, hf_model, logits
 from .test_no_silent_failures import CFG, N, assert_same_training_step
 
 
@@ -55,7 +55,7 @@ def test_a_pickled_copy_is_plainly_not_applied_and_the_pickling_says_so(how):
             torch.save(model, buffer)
             buffer.seek(0)
             loaded = torch.load(buffer, weights_only=False)
-    assert not lhcompile.inspect(loaded) and "seen yet" in str(lhcompile.inspect(loaded))
+    assert not lhcompile.inspect(loaded) and "not applied to this model" in str(lhcompile.inspect(loaded))
     ids = torch.randint(0, VOCAB, (2, N))
     torch.testing.assert_close(logits(loaded, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)  # dense, uncompiled
     with warnings.catch_warnings():
@@ -95,7 +95,7 @@ def test_more_lengths_than_dynamos_recompile_limit_are_said_to_run_dense():
     model, _ = _applied()
     lengths = [N + 16 * i for i in range(5)]
     with torch._dynamo.config.patch(recompile_limit=3), \
-            pytest.warns(LighthouseWarning, match="reached its recompile limit") as record:
+            pytest.warns(LighthouseWarning, match="has reached its recompile limit") as record:
         for n in lengths:
             logits(model, torch.randint(0, VOCAB, (1, n)))
         for n in lengths:  # lengths seen before: not said again
@@ -103,6 +103,17 @@ def test_more_lengths_than_dynamos_recompile_limit_are_said_to_run_dense():
     [warning] = [w for w in record if "recompile limit" in str(w.message)]
     assert f"(1, {lengths[3]})" in str(warning.message)
     assert lhcompile.inspect(model).graphs == 3
+
+
+def test_a_call_past_the_recompile_limit_through_another_guard_is_said_to_run_dense():
+    model, _ = _applied()
+    ids = torch.randint(0, VOCAB, (1, N))
+    with torch._dynamo.config.patch(recompile_limit=1), \
+            pytest.warns(LighthouseWarning, match="shapes it had seen, but something else Dynamo guards on changed"):
+        logits(model, ids)
+        with torch.no_grad():  # a training-mode forward without gradients (a teacher pass): grad mode is guarded
+            logits(model, ids)
+    assert "none of the graphs lhcompile compiled ran" in str(lhcompile.inspect(model))
 
 
 def test_lengths_within_the_limit_say_nothing():
@@ -118,9 +129,29 @@ def test_lengths_within_the_limit_say_nothing():
 
 def test_arguments_that_cannot_work_fail_or_warn_at_apply(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "flash_attn", None)  # `import flash_attn` fails
-    with pytest.raises(ValueError, match="inner_backend='flash_attn'.*cannot be imported"):
-        lhcompile.apply(GPT(), LighthouseConfig(inner_backend="flash_attn"))
+    with pytest.raises(ValueError, match="inner_attention='flash_attn'.*cannot be imported"):
+        lhcompile.apply(GPT(), LighthouseConfig(inner_attention="flash_attn"))
     # torchrun started 2 processes, and dist.group.WORLD is None until init_process_group
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.warns(LighthouseWarning, match="before torch.distributed is initialized"):
         lhcompile.apply(GPT(), CFG, compiler="eager", context_parallel=None)
+
+
+@pytest.mark.parametrize("around", ["model.forward", "a submodule"])
+def test_running_the_model_around_its_compiled_call_is_said_to_run_dense(around):
+    model = hf_model("llama")
+    lhcompile.apply(model, CFG, compiler="eager")
+    ids = torch.randint(0, VOCAB, (1, N))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        model(input_ids=ids)  # through the compiled call: nothing to say
+    with pytest.warns(LighthouseWarning, match="ran outside the compiled call"):
+        if around == "model.forward":
+            model.forward(input_ids=ids)
+        else:
+            model.lm_head(model.model(input_ids=ids).last_hidden_state)
+    assert "ran outside the compiled call" in str(lhcompile.inspect(model))
+    lhcompile.restore(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        model.forward(input_ids=ids)  # dense by choice now: nothing to say

@@ -206,17 +206,16 @@ def test_a_model_that_gets_nothing_rewritten_is_warned_with_every_reason_per_sit
     # the README's snippet on a small model: the default dense_layers cover all 4 layers, and k=2048 needs N >= 32K
     model = GPT()
     lhcompile.apply(model, LighthouseConfig(), compiler="eager")
-    with pytest.warns(LighthouseWarning, match="no SDPA site was rewritten") as record:
+    with pytest.warns(LighthouseWarning, match="no attention site was rewritten") as record:
         logits(model, torch.randint(0, VOCAB, (1, N)))
         logits(model, torch.randint(0, VOCAB, (1, N)))  # warned once
-    [warning] = [w for w in record if "no SDPA site" in str(w.message)]
-    text = str(warning.message)
-    for layer in range(4):
-        assert f"blocks.{layer}" in text
-    assert text.count("sequence too short: N=64 < min_lighthouse_len=32768") == 4
-    assert text.count("dense layer (site") == 4
-    assert "dense layer" in lhcompile.inspect(model).sites[1].reason
-    assert "sequence too short" in lhcompile.inspect(model).sites[1].reason
+    [warning] = [w for w in record if "no attention site" in str(w.message)]
+    text, report = str(warning.message), lhcompile.inspect(model)
+    assert report.table() in text  # the table holds every site with every reason
+    assert [s.module_path for s in report] == [f"blocks.{layer}" for layer in range(4)]
+    for site in report:
+        assert "sequence too short: N=64 < min_lighthouse_len=32768" in site.reason
+        assert "dense layer (site" in site.reason
 
 
 def test_backend_says_it_takes_the_mode_from_grad_mode():
@@ -224,7 +223,7 @@ def test_backend_says_it_takes_the_mode_from_grad_mode():
     torch._dynamo.reset()
     model = torch.compile(GPT(), backend=lighthouse)
     ids = torch.randint(0, VOCAB, (1, N))
-    with pytest.warns(LighthouseWarning, match="gradients disabled, so it is taken for evaluation: its 4 SDPA"):
+    with pytest.warns(LighthouseWarning, match="gradients disabled, so it is taken for evaluation: its 4 attention"):
         with torch.no_grad():
             model(ids)
     assert lighthouse.report.sites and not lighthouse.report.rewritten
@@ -233,23 +232,22 @@ def test_backend_says_it_takes_the_mode_from_grad_mode():
     assert len(lighthouse.report.rewritten) == 4
 
 
-def test_a_graph_with_attention_but_no_sdpa_call_is_warned_about():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    class FlexModel(torch.nn.Module):  # torchtitan's llama3 attends with FlexAttention by default
+def test_a_graph_with_attention_but_no_call_the_pass_knows_is_warned_about():
+    class EagerAttention(torch.nn.Module):  # attention written out, as models without SDPA support do
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(16, 16)
 
         def forward(self, x):
             q = self.proj(x).view(1, 2, N, 8)
-            return flex_attention(q, q, q)
+            scores = (q @ q.transpose(-1, -2)).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+            return torch.softmax(scores, -1) @ q
 
-    model = FlexModel()
+    model = EagerAttention()
     lhcompile.apply(model, CFG, compiler="eager")
-    with pytest.warns(LighthouseWarning, match="flex_attention x1"), torch.no_grad():  # no CPU backward for flex
+    with pytest.warns(LighthouseWarning, match="softmax x1"):
         model(torch.randn(1, N, 16))
-    assert "no SDPA call to rewrite" in str(lhcompile.inspect(model))
+    assert "no attention call to rewrite" in str(lhcompile.inspect(model))
 
 
 def test_settings_that_can_never_engage_are_warned_about():
@@ -259,7 +257,7 @@ def test_settings_that_can_never_engage_are_warned_about():
     torch._dynamo.reset()
     model = GPT()
     lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager")
-    with pytest.warns(LighthouseWarning, match=r"dense_layers entries \[7, -9\] are outside the 4 SDPA sites"):
+    with pytest.warns(LighthouseWarning, match=r"dense_layers entries \[7, -9\] are outside the 4 attention sites"):
         logits(model, torch.randint(0, VOCAB, (1, N)))
 
 
@@ -334,10 +332,10 @@ def test_replacement_nodes_keep_the_user_module_of_the_sdpa_call_they_replace():
 
 def test_passes_install_inside_lhcompile_not_as_a_top_level_package(tmp_path):
     code = ("import importlib.util, lhcompile.passes; "
-            "print(importlib.util.find_spec('passes') is None, lhcompile.passes.find_sdpa_sites.__module__)")
+            "print(importlib.util.find_spec('passes') is None, lhcompile.passes.find_sites.__module__)")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin"})
-    assert run.stdout.split() == ["True", "lhcompile.passes.match"], run.stderr
+    assert run.stdout.split() == ["True", "lhcompile.passes.kinds"], run.stderr
 
 
 def test_the_quiet_path_stays_quiet():
@@ -376,7 +374,7 @@ def test_a_sliced_lower_triangular_buffer_is_proven_causal_and_the_assumption_sa
 def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are():
     model = NanoGPT(mask="bias")
     lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
-    with pytest.warns(LighthouseWarning, match="no SDPA site was rewritten"):
+    with pytest.warns(LighthouseWarning, match="no attention site was rewritten"):
         logits(model, torch.randint(0, VOCAB, (1, N)))
     assert [s.reason for s in lhcompile.inspect(model)] == [
         f"explicit attn_mask is a learned bias, computed from parameters (h.{i}.learned), e.g. a relative position "
@@ -391,7 +389,7 @@ def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are():
     lhcompile.apply(bert, CFG, compiler="eager")
     mask = torch.ones(2, N, dtype=torch.long)
     mask[1, 40:] = 0
-    with pytest.warns(LighthouseWarning, match="no SDPA site was rewritten"):
+    with pytest.warns(LighthouseWarning, match="no attention site was rewritten"):
         bert(input_ids=torch.randint(0, VOCAB, (2, N)), attention_mask=mask)
     for site in lhcompile.inspect(bert):
         assert "computed from the graph's inputs (attention_mask)" in site.reason, site.reason
@@ -441,7 +439,19 @@ def test_the_report_is_a_sequence_of_its_sites_and_says_when_a_model_has_no_sdpa
 
     mlp = MLP()
     lhcompile.apply(mlp, CFG, compiler="eager")
-    assert "no SDPA site seen yet" in str(lhcompile.inspect(mlp))
+    assert "no attention site seen yet" in str(lhcompile.inspect(mlp))
     mlp(torch.randn(4, 8)).sum().backward()
     text = str(lhcompile.inspect(mlp))
-    assert "call no SDPA: nothing to rewrite" in text and "seen yet" not in text
+    assert "call no attention that lhcompile rewrites" in text and "seen yet" not in text
+
+
+def test_a_graph_captured_with_a_dynamic_length_is_warned_to_run_dense():
+    model = GPT()
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    logits(model, torch.randint(0, VOCAB, (1, N)))  # static: Lighthouse
+    ids = torch.randint(0, VOCAB, (1, N + 16))
+    torch._dynamo.mark_dynamic(ids, 1)
+    with pytest.warns(LighthouseWarning, match="captured with a dynamic sequence length .* 4 of its attention sites "
+                                               "stay dense"):
+        logits(model, ids)
+    assert sum("sequence length is dynamic" in s.reason for s in lhcompile.inspect(model)) == 4

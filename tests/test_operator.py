@@ -178,7 +178,7 @@ def test_bad_inputs_are_rejected_with_a_reason():
         ("topk", 100, "multiple of tile_budget=128"),
         ("tile_budget", 5, "even"),
         ("scorer", "dilated", "not implemented"),
-        ("inner_backend", "xformers", "'sdpa' or 'flash_attn'"),
+        ("inner_attention", "xformers", "'sdpa' or 'flash_attn'"),
         ("dense_layers", [0, 1], "tuple of ints"),
         ("min_seq_len", -1, ">= 0"),
         ("rope", "after_pooling", "'before_pooling' (the paper's order) or 'after_selection'"),
@@ -239,7 +239,7 @@ def test_flash_attn_backend_calls_flash_attn_in_its_own_layout(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
     q, k, v = qkv(2, 4, 2, SMALL.min_lighthouse_len * 2, 8)
-    flash = dataclasses.replace(SMALL, inner_backend="flash_attn")
+    flash = dataclasses.replace(SMALL, inner_attention="flash_attn")
     out = lighthouse_attention(q, k, v, flash, scale=0.3)
     torch.testing.assert_close(out, lighthouse_attention(q, k, v, SMALL, scale=0.3), rtol=1e-6, atol=1e-6)
     assert calls == [((2, SMALL.gathered_len(q.shape[2]), 4, 8), True, 0.3)]
@@ -248,5 +248,5 @@ def test_flash_attn_backend_calls_flash_attn_in_its_own_layout(monkeypatch):
 def test_flash_attn_backend_without_the_package_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` fail
     q, k, v = qkv(1, 2, 2, SMALL.min_lighthouse_len, 8)
-    with pytest.raises(RuntimeError, match="install flash-attn or use inner_backend='sdpa'"):
-        lighthouse_attention(q, k, v, dataclasses.replace(SMALL, inner_backend="flash_attn"))
+    with pytest.raises(RuntimeError, match="install flash-attn or use inner_attention='sdpa'"):
+        lighthouse_attention(q, k, v, dataclasses.replace(SMALL, inner_attention="flash_attn"))

@@ -267,3 +267,72 @@ def test_kernels_and_inductor_match_the_oracle_on_a_gpu(dtype, compiled, form):
     for name, mine, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
         err = ((mine.double() - ref).norm() / ref.norm()).item()
         assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+class _RotatedThenWritten(torch.nn.Module):
+    """Hugging Face's rotate_half RoPE, then (optionally) a write into the rotated query or key before SDPA; with
+    ``twice`` the table is indexed once for q and once for k (Llama 4: two nodes, one value)."""
+
+    def __init__(self, write=None, twice=False):
+        super().__init__()
+        self.proj, self.write, self.twice = torch.nn.Linear(8, 3 * 2 * 8), write, twice
+
+    def forward(self, x, cos, sin):
+        b, n, _ = x.shape
+        q, k, v = self.proj(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+
+        def rotate(t, c, s):
+            return t * c + torch.cat([-t[..., 4:], t[..., :4]], dim=-1) * s
+
+        tables = cos[:, None], sin[:, None]
+        q = rotate(q, *tables)
+        k = rotate(k, *((cos[:, None], sin[:, None]) if self.twice else tables))
+        if self.write == "setitem":
+            q[..., :4] = 0
+        elif self.write == "mul_":
+            q.mul_(3)
+        elif self.write == "copy_ into a view":
+            k[..., :1].copy_(q[..., :1])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("write", ["setitem", "mul_", "copy_ into a view"])
+def test_a_write_into_the_rotated_query_or_key_keeps_the_papers_order_and_says_why(write):
+    torch.manual_seed(0)
+    n, config = 64, dataclasses.replace(CFG, dense_layers=())
+    cos, sin = (t.repeat(1, 1, 2) for t in _tables(n, 4))
+    x = torch.randn(1, n, 8)
+    model = _RotatedThenWritten(write)
+    lhcompile.apply(model, config, compiler="eager")
+    with pytest.warns(LighthouseWarning, match="no RoPE rotation was recognised"):
+        out = model(x, cos, sin)
+    [site] = lhcompile.inspect(model)
+    assert site.rewritten and "written into in place" in site.reason, site.reason
+    with lhcompile_off(model), models.SdpaAt({0}, lambda q, k, v, scale: lighthouse_attention(
+            q, k, v, dataclasses.replace(config, rope="before_pooling"), scale=scale)):
+        want = model(x, cos, sin)  # the model's own code, the write included, in the paper's order
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_query_and_key_rotated_by_two_nodes_of_one_table_are_rotated_after_selection():
+    torch.manual_seed(0)
+    n = 64
+    cos, sin = (t.repeat(1, 1, 2) for t in _tables(n, 4))
+    model = _RotatedThenWritten(twice=True)
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    model(torch.randn(1, n, 8), cos, sin)
+    [site] = lhcompile.inspect(model)
+    assert "RoPE after selection (rotate_half, 8 of 8 dims)" in site.reason, site.reason
+
+
+class lhcompile_off:
+    """Run an applied module's own code eagerly for a while (its compiled call set aside)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.call, self.module._compiled_call_impl = self.module._compiled_call_impl, None
+
+    def __exit__(self, *exc):
+        self.module._compiled_call_impl = self.call

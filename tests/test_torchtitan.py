@@ -3,7 +3,7 @@ layer) on 2 CPU processes, with lhcompile.integrations.torchtitan: the pass afte
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import importlib
 import os
 import re
@@ -54,7 +54,7 @@ def _parallelize(spec, model, world):
     model = spec.parallelize_fn(
         model, parallel_dims=dims, training=TrainingConfig(mixed_precision_param="float32"),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
-        compile_config=CompileConfig(enable=True, backend="eager"), ac_config=SelectiveAC.Config(),
+        compile_config=CompileConfig(enable=True, backend="aot_eager"), ac_config=SelectiveAC.Config(),
         dump_folder=tempfile.mkdtemp(),
     )
     for module in model.modules():  # torchtitan sums gradients over ranks (factor 1), which gloo can only do so
@@ -70,52 +70,89 @@ def _built(spec):
     return model
 
 
+DOCUMENTS = [[20, 5, 39], [64]]  # per row: packed documents, positions restarting at 0 with each
+
+
+def _operator_attention(model, positions, config, dense, dtype=None):
+    """The model's own code with each layer's inner attention computed by the operator: Lighthouse per document,
+    or dense attention within documents for the layers in ``dense`` (FlexAttention has no CPU backward); in
+    ``dtype`` where the model's attention casts to it (torchtitan's varlen computes in bf16)."""
+    documents = lhcompile.Documents.from_positions(positions)
+
+    def attend(i):
+        def forward(q, k, v, *, attention_masks, scale=None, enable_gqa=False, **kwargs):
+            given = q.dtype
+            q, k, v = (t.transpose(1, 2).to(dtype or given) for t in (q, k, v))
+            out = lhcompile.document_attention(q, k, v, documents, scale=scale) if i in dense else \
+                lighthouse_attention(q, k, v, config, scale=scale, documents=documents)
+            return out.transpose(1, 2).to(given)
+        return forward
+
+    for i, layer in enumerate(model.layers.values()):
+        layer.attention.inner_attention.forward = attend(i)
+
+
 def _debug_model(rank):
     from torchtitan.models.llama3 import model_registry
 
     from lhcompile.integrations import torchtitan as titan
 
     stock = model_registry("debugmodel")
-    spec = titan.lighthouse(stock, CFG)
-    model = _built(spec)
-    twin = copy.deepcopy(model)  # SDPA, never parallelized: the reference
-    model = _parallelize(spec, model, WORLD)
+    assert {type(layer.attention.inner_attention).__qualname__ for layer in stock.model.layers} == \
+        {"FlexAttention.Config"}, "torchtitan's llama3 attends with FlexAttention by default"
     tokens = torch.randint(0, VOCAB, (2, N))  # the same batch on both ranks
-    positions = torch.arange(N).expand(2, -1)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
 
-    # the model's own code with the Lighthouse layers' SDPA calls sent to the operator
-    with SdpaAt({2, 3}, lambda q, k, v, scale: lighthouse_attention(q, k, v, CFG, scale=scale)):
-        want = twin(tokens, positions)
-    F.cross_entropy(want.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
-    out = model(tokens, positions)
-    F.cross_entropy(out.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
-    close(out, want, "logits")
-    for (name, p), (_, p_ref) in zip(model.named_parameters(), twin.named_parameters()):
-        close(p.grad.full_tensor() / WORLD, p_ref.grad, f"grad of {name}")  # the same batch on both ranks
-
+    # FlexAttention with the paper's dense layers: which layers run Lighthouse per document, said per layer
+    # (forward only: FlexAttention has neither a CPU backward nor a trace on CPU with gradients)
+    spec = titan.lighthouse(stock, CFG)
+    model = _parallelize(spec, _built(spec), WORLD)
+    twin = _built(spec)
+    _operator_attention(twin, positions, CFG, dense={0, 1, 4, 5})
+    with torch.no_grad():
+        close(model(tokens, positions, model.get_attention_masks(positions)), twin(tokens, positions),
+              "logits, paper's dense layers")
     fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites if s.training}
     assert fates == {
         **{f"layers.{i}.attention.inner_attention": f"dense layer (layer {i} of 6 is in dense_layers=(0, 1, -2, -1))"
            for i in (0, 1, 4, 5)},
-        "layers.2.attention.inner_attention": "lighthouse",
-        "layers.3.attention.inner_attention": "lighthouse",
+        **{f"layers.{i}.attention.inner_attention": "lighthouse per document (document ends of the FlexAttention "
+                                                   "mask)" for i in (2, 3)},
     }, str(lhcompile.inspect(model))
+    # recovery: torchtitan's stock model again, its checkpoint keys unchanged
+    lhcompile.restore(model)
+    stock_model = _built(stock)
+    stock_model.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        close(model(tokens, positions, model.get_attention_masks(positions)),
+              stock_model(tokens, positions, stock_model.get_attention_masks(positions)), "logits after restore")
+    assert list(_built(titan.dense(stock)).state_dict()) == list(stock_model.state_dict()) \
+        == list(model.state_dict())
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # a train step moves the sharded weights
+    # varlen, every layer Lighthouse per document (varlen has no CPU kernel: no layer may stay dense here): logits
+    # and every gradient equal the operator's, and a step moves the sharded weights
+    torch._dynamo.reset()  # the first model's compiled blocks count towards Dynamo's recompile limit
+    every = dataclasses.replace(CFG, dense_layers=())
+    spec = titan.lighthouse(model_registry("debugmodel", attn_backend="varlen"), every)
+    model = _parallelize(spec, _built(spec), WORLD)
+    twin = _built(spec)
+    _operator_attention(twin, positions, every, dense=set(), dtype=torch.bfloat16)
+    want = twin(tokens, positions)
+    F.cross_entropy(want.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    out = model(tokens, positions, model.get_attention_masks(positions))
+    F.cross_entropy(out.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    close(out, want, "logits")
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), twin.named_parameters()):
+        close(p.grad.full_tensor() / WORLD, p_ref.grad, f"grad of {name}")  # the same batch on both ranks
+    assert {s.reason for s in lhcompile.inspect(model).sites if s.training} == \
+        {"lighthouse per document (cu_seq_q of varlen_attn)"}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = [p.detach().full_tensor().clone() for p in model.parameters()]
     opt.step()
     assert all(not torch.equal(a, p.detach().full_tensor()) for a, p in zip(before, model.parameters()))
 
-    # recovery: dense again, and its checkpoint keys are the stock Flex model's
-    lhcompile.restore(model)
-    twin.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
-    with torch.no_grad():
-        close(model(tokens, positions), twin(tokens, positions), "logits after restore")
-    assert list(_built(titan.dense(stock)).state_dict()) == list(_built(stock).state_dict()) \
-        == list(model.state_dict())
 
-
-def test_llama3_debug_model_through_parallelize_llama_equals_the_operator_and_restores(tmp_path):
+def test_llama3_debug_model_through_parallelize_llama_runs_lighthouse_per_document_and_restores(tmp_path):
     spawn(_debug_model, tmp_path)
 
 
@@ -142,7 +179,7 @@ def test_the_example_registry_loads_through_torchtitans_own_config_manager(monke
     assert stage["llama3_8b_lighthouse"].training.steps == 7000 and stage["llama3_8b_recovery"].training.steps == 10000
     for config in stage.values():
         inner = {type(layer.attention.inner_attention).__qualname__ for layer in config.model_spec.model.layers}
-        assert inner == {"ScaledDotProductAttention.Config"}
+        assert inner == {"FlexAttention.Config"}  # torchtitan's own attention in every stage
         assert config.checkpoint.enable and config.training.seq_len == 32768
 
 
@@ -161,8 +198,8 @@ def test_torchtitans_trainer_runs_the_lighthouse_config_offline_and_logs_which_l
                HF_DATASETS_CACHE=str(tmp_path / "datasets"))
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "torchtitan_trainer_on_cpu.py"), "--module", "lighthouse_llama3",
-         "--config", "llama3_debugmodel_32k_lighthouse", "--training.steps=2", "--training.seq_len=8192",
-         "--training.local_batch_size=1", "--compile.backend=eager",
+         "--config", "llama3_debugmodel_cpu_lighthouse", "--training.steps=2", "--training.seq_len=8192",
+         "--training.local_batch_size=1", "--compile.backend=aot_eager",
          f"--dataloader.dataset_path={ROOT / 'lhcompile'}"],  # lhcompile's own sources: enough for 2 steps
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
@@ -171,11 +208,10 @@ def test_torchtitans_trainer_runs_the_lighthouse_config_offline_and_logs_which_l
     assert sorted(steps) == [1, 2], log[-3000:]
     assert steps[2][0] < steps[1][0], f"the loss did not move down: {steps}"
     report = throughput.site_report(log)
-    assert "lhcompile: 4 of 6 SDPA sites rewritten" in report, log[-3000:]
+    assert "lhcompile: 6 of 6 attention sites rewritten" in report, log[-3000:]
     rows = [re.split(r"\s{2,}", line) for line in report.splitlines() if "inner_attention" in line]
     assert {row[2]: row[-1] for row in rows} == {
-        f"layers.{i}.attention.inner_attention":
-            "lighthouse" if i in (1, 2, 3, 4) else f"dense layer (layer {i} of 6 is in dense_layers=(0, -1))"
+        f"layers.{i}.attention.inner_attention": "lighthouse per document (cu_seq_q of varlen_attn)"
         for i in range(6)}, report
 
 

@@ -1,8 +1,9 @@
 """A torchtitan config registry for the two-stage Lighthouse recipe on llama3 (torchtitan 0.3.0).
 
-Stage 1 trains with Lighthouse attention, stage 2 resumes stage 1's checkpoint (same folder, optimizer state
-included) with dense SDPA; the baseline is dense SDPA from scratch. Launch with torchtitan's own entry point,
-this folder on PYTHONPATH:
+Stage 1 trains with Lighthouse attention per document (torchtitan's own FlexAttention and its block-causal document
+mask, rewritten by the pass), stage 2 resumes stage 1's checkpoint (same folder, optimizer state included) with
+torchtitan's stock dense attention; the baseline is the stock model from scratch. Launch with torchtitan's own
+entry point, this folder on PYTHONPATH:
 
     PYTHONPATH=examples/torchtitan torchrun --nproc-per-node 8 -m torchtitan.train \\
         --module lighthouse_llama3 --config llama3_8b_lighthouse          # stage 1: steps 0 .. 70%
@@ -18,11 +19,15 @@ line as usual, e.g. ``--dataloader.dataset``, ``--hf_assets_path``).
 
 ``llama3_debugmodel_32k_lighthouse`` / ``llama3_debugmodel_32k_dense`` need no hub: torchtitan's debug model
 (6 layers, d_model 256, 16 heads of 16) at 32K context on one GPU, fed the byte-level tokenizer and the
-``local_files`` dataset of ``offline_data``. ``throughput.py``
-runs the pair and prints tokens/s and peak memory.
+``local_files`` dataset of ``offline_data``. ``throughput.py`` runs the pair and prints tokens/s and peak memory.
+``llama3_debugmodel_cpu_lighthouse`` runs on a CPU: torchtitan's varlen attention with every layer Lighthouse per
+document (neither FlexAttention, which has no CPU backward, nor varlen, which has no CPU kernel, can stay dense
+there).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from offline_data import LOCAL_FILES, byte_tokenizer, register_local_files
 from torchtitan.models.llama3 import config_registry, model_registry
@@ -87,6 +92,12 @@ def _debug_32k(spec, folder: str) -> Trainer.Config:
 
 def llama3_debugmodel_32k_lighthouse() -> Trainer.Config:
     return _debug_32k(lighthouse(model_registry("debugmodel"), DEBUG_LIGHTHOUSE), "./outputs/debug_32k_lighthouse")
+
+
+def llama3_debugmodel_cpu_lighthouse() -> Trainer.Config:
+    every = dataclasses.replace(DEBUG_LIGHTHOUSE, dense_layers=())
+    return _debug_32k(lighthouse(model_registry("debugmodel", attn_backend="varlen"), every),
+                      "./outputs/debug_cpu_lighthouse")
 
 
 def llama3_debugmodel_32k_dense() -> Trainer.Config:

@@ -61,7 +61,7 @@ def run(config: str, args: argparse.Namespace, extra: list[str], out: Path) -> t
 def site_report(log: str) -> str:
     """The lhcompile report torchtitan logged: its line and the table lines after it (they carry no log prefix)."""
     lines = ANSI.sub("", log).splitlines()
-    first = next((i for i, line in enumerate(lines) if "lhcompile: " in line and "SDPA sites" in line), None)
+    first = next((i for i, line in enumerate(lines) if "lhcompile: " in line and "attention sites" in line), None)
     if first is None:
         return ""
     end = next((i for i in range(first + 1, len(lines)) if "[titan]" in lines[i]), len(lines))

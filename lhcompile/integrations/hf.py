@@ -1,31 +1,184 @@
-"""lhcompile in the Hugging Face Trainer: a callback that runs the two-stage recipe inside ``Trainer.train()``.
+"""lhcompile in Hugging Face transformers: ``attn_implementation="causal_sdpa"`` and the Trainer callback.
+
+Importing this module registers ``causal_sdpa``. It computes what ``"sdpa"`` computes without the N x N mask:
+
+- a plainly causal call (the module is causal, so never an encoder or a cross-attention; no padding mask, no
+  sliding or chunked window shorter than the keys, as many queries as keys, no position bias) gets SDPA with
+  is_causal=True;
+- packed documents (``position_ids`` that restart at 0, as ``DataCollatorWithFlattening`` makes them) are kept
+  apart with ``lhcompile.document_attention``, in every mode: eager, compiled, applied (Lighthouse per document)
+  and restored. A document begins where the positions restart at 0; positions that jump without restarting
+  (context-parallel shards carry global positions) stay one document, where "sdpa" would cut them;
+- every other call (padding, sliding windows, decoding with a cache, overlays such as Gemma 3's bidirectional
+  image blocks) goes to transformers' own sdpa path with the mask transformers builds for it.
+
+Why a mask-free call matters: transformers 5.x under torch.compile builds an explicit N x N mask otherwise (from
+``position_ids``, which it cannot look at while compiling), and no pass can prove a mask made from inputs causal:
+dense layers would keep N^2 memory and SDPA off its flash and cuDNN kernels, and layers compiled on their own
+(per-layer FSDP2, context parallelism) would stay dense. Under torch.compile transformers wraps every causal mask
+in its packed-sequence functions; their closures are hidden from Dynamo, so an overlay inside such a wrapper
+cannot be seen there (it is in eager mode): that one guess is said once per process. Call the model without
+``attention_mask`` when every token is real: a mask of ones is data, and under torch.compile transformers builds
+the full mask from it.
+
+``LighthouseCallback`` runs the two-stage recipe inside ``Trainer.train()``::
 
     trainer = Trainer(model, args, train_dataset=...,
                       callbacks=[LighthouseCallback(LighthouseConfig(topk=1536), recovery_start=0.7)])
     trainer.train()
-
-At the start of training the callback applies the Lighthouse pass to the model; at ``recovery_start`` of the
-run's steps it restores the dense model, which trains on with the same optimizer and scheduler state (the
-Trainer keeps both; only the attention changes). Evaluation always runs dense (eval mode). Gradient
-checkpointing (``gradient_checkpointing=True``) and ``torch_compile=True`` work: the pass rewrites
-checkpointed layers, and the Trainer's compiled wrapper calls the model's own compiled call. At the end of
-training the model is dense again, so what the Trainer saves is the untouched model.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-from transformers import TrainerCallback
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, TrainerCallback, masking_utils
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import and_masks, causal_mask_function, or_masks, sdpa_mask
 
 import lhcompile
 
 from ..config import LighthouseConfig
-from ..report import Report
+from ..documents import Documents, document_attention
+from ..report import Once, Report
+
+PROCESS = Once()
+"""What causal_sdpa has said in this process (each thing once)."""
+
+COMPILED_NOTE = (
+    "attn_implementation='causal_sdpa' under torch.compile cannot see inside transformers' packed-sequence mask "
+    "functions (Dynamo hides their closures), so it takes the causal mask they wrap to carry no overlay: a "
+    "bidirectional block overlay (Gemma 3's image tokens, token_type_ids) would be dropped there. Packed documents "
+    "are kept apart (from position_ids). Use attn_implementation='sdpa' for inputs with such overlays"
+)
+
+
+@torch._dynamo.assume_constant_result  # Dynamo runs it while tracing instead of breaking the graph on the warning
+def _note_overlays_assumed_absent() -> bool:
+    PROCESS.warn("compiled packing", f"lhcompile: {COMPILED_NOTE}", stacklevel=2)
+    return True
+
+
+def _inner_code(factory: Any, name: str) -> Any:
+    return next(c for c in factory.__code__.co_consts if getattr(c, "co_name", None) == name)
+
+
+_AND = _inner_code(and_masks, "and_mask")
+_OR = _inner_code(or_masks, "or_mask")
+_PACKED = _inner_code(masking_utils.packed_sequence_mask_function, "inner_mask")
+_REMAP = (_inner_code(masking_utils.remap_positions_for_packed_sequence, "inner_mask")
+          if hasattr(masking_utils, "remap_positions_for_packed_sequence") else None)  # transformers >= 5.2x
+_PACKING_CODES = {causal_mask_function.__code__, _AND, _PACKED, _REMAP} - {None}
+
+
+def _causal_up_to_packing_eager(fn: Any) -> bool:
+    """Eagerly, where closures can be read: whether fn is the causal mask, possibly and-ed with packed-sequence
+    masks and its positions remapped per document, and nothing else (no or_masks overlay, no other mask)."""
+    code = getattr(fn, "__code__", None)
+    if fn is causal_mask_function or code is _PACKED:
+        return True
+    if code not in (_AND, _REMAP):
+        return False
+    inner = [cell.cell_contents for cell in fn.__closure__ or ()]
+    functions = [f for c in inner for f in (c if isinstance(c, tuple) else (c,)) if callable(f)]
+    return bool(functions) and all(_causal_up_to_packing_eager(f) for f in functions)
+
+
+def _causal_up_to_packing(fn: Any, request: dict[str, Any]) -> bool:
+    """Whether a mask request is the causal one, possibly wrapped in the packed-sequence functions that transformers
+    adds where position_ids restart. A causal request never carries allow_is_bidirectional_skip; custom overlays
+    passed as or/and_mask_function set use_vmap. Under torch.compile only the outer function's code is visible."""
+    if request.get("use_vmap") or "allow_is_bidirectional_skip" in request:
+        return False
+    if not torch.compiler.is_compiling():
+        return _causal_up_to_packing_eager(fn)
+    if getattr(fn, "__code__", None) not in _PACKING_CODES:
+        return False
+    _note_overlays_assumed_absent()
+    return True
+
+
+def _query_length(kwargs: dict[str, Any]) -> int | None:
+    if "q_length" in kwargs:
+        return kwargs["q_length"]
+    cache_position = kwargs.get("cache_position")  # transformers versions that pass positions instead
+    return None if cache_position is None else cache_position.shape[0]
+
+
+def _plainly_causal(kwargs: dict[str, Any]) -> bool:
+    """Whether a mask request is the lower triangle over as many queries as keys within each packed document
+    (documents are then kept apart by the attention function, from position_ids)."""
+    kv_length, window = kwargs.get("kv_length"), kwargs.get("local_size")
+    function = kwargs.get("mask_function", causal_mask_function)
+    return (
+        kwargs.get("attention_mask") is None
+        and (function is causal_mask_function or _causal_up_to_packing(function, kwargs))
+        and kv_length is not None and _query_length(kwargs) == kv_length and not kwargs.get("kv_offset")
+        and (window is None or window >= kv_length)
+    )
+
+
+def causal_sdpa_mask(*args: Any, **kwargs: Any):
+    """No mask where the request is plainly causal (within packed documents); transformers' sdpa mask otherwise."""
+    if not args and _plainly_causal(kwargs):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def _packed(position_ids: torch.Tensor | None) -> bool:
+    """Whether position ids may restart inside a row: always under torch.compile (values are not known while
+    tracing), from their values eagerly."""
+    if position_ids is None:
+        return False
+    return torch.compiler.is_compiling() or bool((position_ids[..., 1:] == 0).any())
+
+
+def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is not None or query.shape[2] != key.shape[2] or not is_causal \
+            or kwargs.get("position_bias") is not None:
+        # a real mask (padding, window, overlay), decoding with a cache, an encoder's or a cross-attention's module
+        # (is_causal False), a position bias: transformers' own sdpa path, exactly as "sdpa"
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        # only reachable when a model passes a window without asking the mask interface for its mask
+        raise ValueError(
+            f"attn_implementation='causal_sdpa': {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) "
+            f"has sliding_window={window} < {key.shape[2]} keys but no mask was built for it; plain causal attention "
+            "would ignore the window. Use attn_implementation='sdpa' for this model"
+        )
+    position_ids = kwargs.get("position_ids")
+    if _packed(position_ids):
+        if dropout:
+            raise ValueError(f"attn_implementation='causal_sdpa': {type(module).__name__} has attention dropout "
+                             f"{dropout}, which lhcompile.document_attention (packed documents) does not compute; "
+                             "use attn_implementation='sdpa' or set attention_dropout=0")
+        positions = position_ids.expand(query.shape[0], query.shape[2])
+        out = document_attention(query, key, value, Documents.from_positions(positions), scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("causal_sdpa", causal_sdpa)
+AttentionMaskInterface.register("causal_sdpa", causal_sdpa_mask)
 
 
 class LighthouseCallback(TrainerCallback):
     """Lighthouse attention for the first ``recovery_start`` of the training steps, dense after that.
+
+    At the start of training the callback applies the Lighthouse pass to the model; at ``recovery_start`` of the
+    run's steps it restores the dense model, which trains on with the same optimizer and scheduler state (the
+    Trainer keeps both; only the attention changes). Evaluation always runs dense (eval mode). Gradient
+    checkpointing (``gradient_checkpointing=True``) and ``torch_compile=True`` work. At the end of training the
+    model is dense again, so what the Trainer saves is the untouched model. ``report`` keeps what the pass found
+    and did, as it stood when the model went dense (``lhcompile.inspect`` on the restored model is empty).
 
     ``compiler`` defaults to the Trainer's ``torch_compile_backend`` when ``torch_compile`` is on, else "eager"
     (the rewritten graph runs op by op; pass "inductor" to compile it anyway).

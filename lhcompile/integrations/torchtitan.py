@@ -1,22 +1,23 @@
-"""lhcompile in torchtitan (0.3.0): SDPA attention for its language models, the pass on the parallelized model,
-and the dense recovery stage.
+"""lhcompile in torchtitan (0.3.0): the pass on the parallelized model, and the dense recovery stage.
 
-torchtitan's language models attend with FlexAttention (causal and packed-document masks); lhcompile rewrites
-SDPA calls only. So a Lighthouse run takes two changes to a ``ModelSpec``, both from a user's config registry
-(``--module my_pkg --config NAME``):
+torchtitan's language models attend with FlexAttention (``flex``, ``flex_flash``) or ``VarlenAttention``, always
+block-causal by document: the trainer builds the document masks from the per-document positions. The pass
+rewrites both into Lighthouse per document (``lhcompile.passes.kinds``), so a Lighthouse run changes the model
+spec in one place, from a user's config registry (``--module my_pkg --config NAME``):
 
-- ``SdpaAttention``: a ``ModelConfigConverter`` that gives every attention layer torchtitan's own
-  ``ScaledDotProductAttention`` (``is_causal=True``). That is plain causal attention, as the Lighthouse paper
-  trained: documents packed into one sequence attend across their boundaries (RoPE still sees per-document
-  positions), where FlexAttention's document mask keeps them apart.
-- ``lighthouse(spec, config)``: that converter, plus ``lhcompile.apply`` on the model that ``parallelize_fn``
-  returns, i.e. after torchtitan's activation checkpointing, per-block compile and per-layer FSDP2, so
-  ``dense_layers`` counts layers (the paper's ``(0, 1, -2, -1)``). After the first training step the site
-  report (which layers run Lighthouse, which stay dense and why) goes to torchtitan's log.
+- ``lighthouse(spec, config)``: ``lhcompile.apply`` on the model that ``parallelize_fn`` returns, i.e. after
+  torchtitan's activation checkpointing, per-block compile and per-layer FSDP2, so ``dense_layers`` counts layers
+  (the paper's ``(0, 1, -2, -1)``). Each document of at least ``config.min_lighthouse_len`` tokens gets Lighthouse
+  as if it were the whole sequence, each shorter one dense attention; nothing crosses a document boundary. After
+  the first training step the site report (which layers run Lighthouse, which stay dense and why) goes to
+  torchtitan's log.
+- ``dense(spec)``: the recovery stage and the dense baseline, which is torchtitan's stock spec: the same
+  attention, the same state_dict keys, so the recovery run resumes stage 1's checkpoint, optimizer state included.
 
-``dense(spec)`` is the recovery stage: the same SDPA model without the pass. The state_dict keys are those of the
-stock model (inner attention has no parameters), so the recovery run resumes stage 1's checkpoint, optimizer
-state included, from the same checkpoint folder. ``examples/torchtitan/`` has a registry module and commands.
+``attention="sdpa"`` (both functions) instead gives every attention layer torchtitan's own
+``ScaledDotProductAttention`` (``SdpaAttention``, a ``ModelConfigConverter``): plain causal attention over the
+packed sequence, documents attending across their boundaries, as the Lighthouse paper trained; only for users who
+want exactly that. ``examples/torchtitan/`` has a registry module and commands.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -62,18 +63,27 @@ class SdpaAttention(ModelConfigConverter):
         return model_config
 
 
-def _sdpa_model(spec: ModelSpec):
-    return SdpaAttention(SdpaAttention.Config()).convert(copy.deepcopy(spec.model))
+Attention = Literal["model", "sdpa"]
+"""The model's own attention (FlexAttention or varlen, documents kept apart), or plain causal SDPA."""
 
 
-def dense(spec: ModelSpec) -> ModelSpec:
-    """The recovery stage: ``spec`` with SDPA attention and no pass."""
-    return dataclasses.replace(spec, model=_sdpa_model(spec))
+def _model(spec: ModelSpec, attention: Attention):
+    if attention not in ("model", "sdpa"):
+        raise ValueError(f"lhcompile.integrations.torchtitan: attention={attention!r}; use 'model' (torchtitan's own, "
+                         "documents kept apart) or 'sdpa' (plain causal over the packed sequence)")
+    return spec.model if attention == "model" else SdpaAttention(SdpaAttention.Config()).convert(
+        copy.deepcopy(spec.model))
+
+
+def dense(spec: ModelSpec, *, attention: Attention = "model") -> ModelSpec:
+    """The recovery stage and the dense baseline: ``spec`` itself (or with plain causal SDPA), no pass."""
+    return dataclasses.replace(spec, model=_model(spec, attention))
 
 
 def lighthouse(spec: ModelSpec, config: LighthouseConfig | None = None, *, compiler: str | None = None,
-               filter_fn: Callable[[str], bool] | None = None) -> ModelSpec:
-    """``spec`` with SDPA attention and its ``parallelize_fn`` followed by ``lhcompile.apply``.
+               filter_fn: Callable[[str], bool] | None = None, attention: Attention = "model") -> ModelSpec:
+    """``spec`` with its ``parallelize_fn`` followed by ``lhcompile.apply``: Lighthouse per document on
+    torchtitan's own attention (``attention="sdpa"``: on plain causal SDPA across documents).
 
     ``compiler`` defaults to the job's ``--compile.backend`` when the model is compiled, else "inductor" (the
     pass captures the model with Dynamo either way).
@@ -90,7 +100,7 @@ def lighthouse(spec: ModelSpec, config: LighthouseConfig | None = None, *, compi
         _log_report_after_first_training_step(model)
         return model
 
-    return dataclasses.replace(spec, model=_sdpa_model(spec), parallelize_fn=parallelize_then_lighthouse)
+    return dataclasses.replace(spec, model=_model(spec, attention), parallelize_fn=parallelize_then_lighthouse)
 
 
 def _log_report_after_first_training_step(model: torch.nn.Module) -> None:

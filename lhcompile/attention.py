@@ -1,0 +1,79 @@
+"""The operator users call directly: ``lighthouse_attention``, with SDPA's signature, over one sequence per row or
+over packed documents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import LighthouseConfig
+from .documents import Documents, document_attention, lighthouse_documents
+from .ops import lighthouse_stages
+from .rotary import Rotary
+
+
+def check_sdpa_inputs(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool) -> None:
+    """Reject inputs the operator cannot compute exactly, saying what is wrong and what to do."""
+    if not is_causal:
+        raise ValueError(
+            "lighthouse_attention is causal-only (is_causal=False was passed); use "
+            "torch.nn.functional.scaled_dot_product_attention for non-causal or masked attention"
+        )
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected (B, H, N, d) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head dims differ ({q.shape[3]} vs {k.shape[3]}); SDPA needs them equal")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree in batch, heads and length")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q{tuple(q.shape)} and k{tuple(k.shape)} must share batch and sequence length "
+            "(Lighthouse is self-attention over one sequence)"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def lighthouse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: LighthouseConfig | None = None,
+    *,
+    is_causal: bool = True,
+    scale: float | None = None,
+    rope: Rotary | None = None,
+    documents: Documents | None = None,
+) -> Tensor:
+    """Lighthouse attention with SDPA's signature and layout: (B, H, N, d) in, (B, H, N, d_v) out.
+
+    k and v may have fewer heads than q (GQA, as SDPA's enable_gqa). Sequences shorter than
+    ``config.min_lighthouse_len`` run dense causal SDPA instead. With ``rope`` (the model's rotation tables,
+    ``Rotary.of``), q and k are taken unrotated and rotated after selection, whatever ``config.rope`` says;
+    ``config.rope='after_selection'`` without it is refused (there would be no tables to rotate with).
+
+    ``documents`` (``lhcompile.Documents``): the rows are packed documents, kept apart. Each document of at least
+    ``config.min_lighthouse_len`` tokens gets Lighthouse as if it were the whole sequence, each shorter one dense
+    causal attention within it; the tables of ``rope`` are then the rows of the packed tokens, their positions
+    restarting with each document. Changing the documents changes no shape (no recompilation under compile)."""
+    config = config or LighthouseConfig()
+    check_sdpa_inputs(q, k, v, is_causal=is_causal)
+    Rotary.check_for(rope, config.rope, q, "lighthouse_attention")
+    b, n = q.shape[0], q.shape[2]
+    if documents is not None:
+        documents.check(q, "lighthouse_attention")
+        scale = q.shape[3] ** -0.5 if scale is None else scale
+        if n >= config.min_lighthouse_len:
+            return lighthouse_documents(q, k, v, documents.starts, batch=b, length=n, scale=scale, config=config,
+                                        rotary=rope)
+        if rope is not None:
+            q, k = rope.by_token(b, n).rotate(torch.arange(b * n, device=q.device).view(b, 1, n), q, k)
+        return document_attention(q, k, v, documents, scale=scale)
+    if n < config.min_lighthouse_len:
+        if rope is not None:
+            q, k = rope.rotate(torch.arange(n, device=q.device).expand(b, 1, n), q, k)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return lighthouse_stages(q, k, v, n=n, scale=scale, config=config, rotary=rope)

@@ -1,0 +1,598 @@
+"""Packed documents: where they begin, dense attention within each, and Lighthouse per document.
+
+A packed batch (B, N) holds documents one after another; ``Documents`` says where each begins. Lighthouse per
+document (``lighthouse_documents``) computes, for every document of at least ``config.min_lighthouse_len``
+tokens, what ``lighthouse_attention`` computes on that document alone (its own pyramid, tiles and scatter), and
+for every shorter one dense causal attention within it; nothing crosses a boundary. Document lengths are data,
+not shapes: every tensor here has a size fixed by (B, N) and the configuration, so a compiled graph serves every
+mix of documents. How:
+
+- ``Layout`` (a few integer ops over the tokens, once per batch) relays the long documents into one stream,
+  batch rows one after another: each starts on a coarsest-block boundary, is zero-padded to whole tiles as the
+  single-sequence operator pads, and is followed by one empty coarsest block, so that no pooled entry spans two
+  documents and the causal shift of a document's last entries lands in its own gap. The unchanged score, gather
+  and scatter stages run on that stream; ``select_documents`` runs each document's tiles on their own.
+- The gathered entries of all long documents and the tokens of all short ones go through ``document_attention``
+  (dense causal attention within each document: flash varlen on a GPU, a masked reference elsewhere), one call
+  each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .config import LighthouseConfig
+from .rotary import Rotary, entry_positions
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Where the documents of a packed batch begin: ``starts`` (B, N) bool, True at each document's first token.
+
+    Every row begins a document; a document never spans two rows. Build it from what the data pipeline has:
+    ``from_cu_seqlens`` (varlen's cumulative lengths over the batch's rows laid end to end), ``from_ids`` (a
+    document id per token; a document is a run of equal ids) or ``from_positions`` (position ids that restart at
+    0 with each document, as torchtitan and Hugging Face's DataCollatorWithFlattening make them). The constructors
+    check their argument's values (one host sync), except while torch.compile traces them."""
+
+    starts: Tensor
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Tensor, length: int, batch: int = 1) -> Documents:
+        """From cumulative lengths (D+1,) over ``batch`` rows of ``length`` tokens laid end to end."""
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            raise ValueError(f"Documents.from_cu_seqlens: cu_seqlens must be a 1-D integer tensor, got "
+                             f"{_describe(cu_seqlens)}")
+        total = batch * length
+        if not torch.compiler.is_compiling():
+            values = cu_seqlens.tolist()
+            rule = ("must start at 0" if not values or values[0] != 0 else
+                    f"must end at batch * length = {total}" if values[-1] != total else
+                    "must not decrease" if any(a > b for a, b in zip(values, values[1:])) else
+                    f"must hold every row's start (multiples of length={length}): a document cannot span two rows"
+                    if not set(range(0, total, length)) <= set(values) else None)
+            if rule:
+                raise ValueError(f"Documents.from_cu_seqlens: cu_seqlens={_short(values)} {rule}")
+        return cls(starts_of("cu_seqlens", [cu_seqlens], batch, length))
+
+    @classmethod
+    def from_ids(cls, ids: Tensor) -> Documents:
+        """From a document id per token, (B, N) or (N,); ids must not decrease along a row (a run is a document)."""
+        ids = _rows("Documents.from_ids", "ids", ids)
+        if not torch.compiler.is_compiling() and bool((ids[:, 1:] < ids[:, :-1]).any()):
+            raise ValueError("Documents.from_ids: ids decrease along a row; a document is a run of equal ids, so "
+                             "give each document its own, increasing id")
+        return cls(starts_of("ids", [ids], *ids.shape))
+
+    @classmethod
+    def from_positions(cls, position_ids: Tensor) -> Documents:
+        """From position ids, (B, N) or (N,): a document begins where they restart at 0. Positions that jump without
+        restarting (context-parallel shards carry global positions) stay in one document."""
+        positions = _rows("Documents.from_positions", "position_ids", position_ids)
+        return cls(starts_of("starts", [positions == 0], *positions.shape))
+
+    def check(self, q: Tensor, caller: str) -> None:
+        """Reject documents that do not fit these (B, H, N, d) q."""
+        if self.starts.dtype != torch.bool or self.starts.shape != (q.shape[0], q.shape[2]):
+            raise ValueError(f"{caller}: documents.starts must be a bool (B, N) = ({q.shape[0]}, {q.shape[2]}) tensor "
+                             f"for q{tuple(q.shape)}, got {_describe(self.starts)}")
+        if self.starts.device != q.device:
+            raise ValueError(f"{caller}: documents are on {self.starts.device}, q on {q.device}; move them to one device")
+
+
+def starts_of(form: str, tensors: list[Tensor], batch: int, length: int) -> Tensor:
+    """(B, N) bool document starts from a site's own tensors in one of ``passes.DocumentForm``'s forms (traceable)."""
+    t = torch.arange(length, device=tensors[0].device)
+    if form == "starts":
+        starts = tensors[0]
+    elif form == "ids":
+        ids = tensors[0].reshape(-1, length)
+        torch._assert_async((ids[:, 1:] >= ids[:, :-1]).all(), "lhcompile: the document ids of an attention mask "
+                            "decrease along a row; Lighthouse per document takes a document to be a run of equal ids")
+        starts = F.pad(ids[:, 1:] != ids[:, :-1], (1, 0))
+    elif form == "cu_seqlens":
+        total = batch * length
+        flags = torch.zeros(total + 1, dtype=torch.bool, device=t.device)
+        starts = flags.scatter(0, tensors[0].long().clamp(0, total), True)[:total].view(batch, length)
+    elif form == "first_token":
+        table, index = tensors
+        starts = (table[index.long()] == t).unsqueeze(0)
+    elif form == "last_token":
+        ends = tensors[0].reshape(-1, length)
+        starts = F.pad(ends[:, :-1] == t[:-1], (1, 0))
+    else:
+        raise ValueError(f"starts_of: unknown document form {form!r}")
+    return starts.expand(batch, length) | (t == 0)
+
+
+def _describe(x: object) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _short(values: list[int]) -> str:
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:4]))}, ..., {values[-1]}]"
+
+
+def _rows(caller: str, name: str, x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.is_floating_point():
+        raise ValueError(f"{caller}: {name} must be an integer (B, N) or (N,) tensor, got {_describe(x)}")
+    return x if x.dim() == 2 else x.unsqueeze(0)
+
+
+# -- the layout of the long documents --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each long document of a packed (B, N) batch lies in the relaid stream and in the gathered entries.
+
+    Sizes are bounds fixed by (B, N) and the configuration; the tensors say what of them a batch uses."""
+
+    batch: int
+    length: int
+    relaid_len: int
+    """Length of the relaid stream: its last coarsest block is never used (entries past the last document's
+    point there)."""
+    gathered_len: int
+    """Gathered entries of all long documents at most."""
+    long: Tensor
+    """(B, N) bool: the token belongs to a long document (Lighthouse), else to a short one (dense)."""
+    relaid: Tensor
+    """(B, N) int64: each long document's token's position in the relaid stream (0 for short documents')."""
+    source: Tensor
+    """(relaid_len,) int64: the packed token (b * N + t) at each relaid position, or -1 (padding, gaps)."""
+    last_token: Tensor
+    """(relaid_len,) int64: the packed token whose RoPE row rotates an entry ending at each relaid position (the
+    document's last token for its zero padding, as the single-sequence operator clips)."""
+    docs: Tensor
+    """(3, slots) int32 for ``select_documents``: per document slot, the coarsest entries before it, its coarsest
+    entries per tile (0: an unused slot), where its gathered entries start."""
+    gathered_starts: Tensor
+    """(1, gathered_len) bool: where each document's gathered entries begin."""
+    gathered_used: Tensor
+    """(1, gathered_len) bool: the entries some document uses."""
+
+    @classmethod
+    def of(cls, starts: Tensor, batch: int, length: int, config: LighthouseConfig) -> Layout:
+        """The layout of a batch whose documents begin at ``starts`` (B, N) bool (traceable: sizes are static)."""
+        g = config.geometry(0)
+        span, unit, need = g.coarsest_span, g.unit, config.min_lighthouse_len
+        per_row = torch.sym_max(length // need, 1)  # one slot at least: a dynamic length may be short
+        slots = batch * per_row
+        entries = g.top * g.children_per_tile * g.tiles  # a long document's entries beyond n / p^(L-1)
+        relaid_len = -(-(batch * length + slots * (unit + span)) // span) * span + span
+        gathered_len = (batch * length + slots * (unit - 1)) // span + slots * entries
+        device = starts.device
+        t = torch.arange(length, device=device)
+        rows = torch.arange(batch, device=device).unsqueeze(1)
+        starts = starts | (t == 0)
+        doc = starts.long().cumsum(1) - 1  # each token's document, counted along its row
+        # each document's first token (length for documents a row does not have), and its length
+        first = torch.full((batch, length + 1), length, device=device).scatter(
+            1, torch.where(starts, doc, length), torch.where(starts, t, length))
+        n = first[:, 1:] - first[:, :-1]
+        long = n >= need
+        slot = torch.where(long, long.long().cumsum(1) - 1 + rows * per_row, slots)  # slot of each long document
+
+        def per_slot(values: Tensor) -> Tensor:
+            return torch.zeros(slots + 1, dtype=torch.long, device=device).scatter(
+                0, slot.flatten(), values.flatten())[:slots]
+
+        s_len = per_slot(torch.where(long, n, 0))
+        s_pad = -(-s_len // unit) * unit
+        s_first = per_slot(first[:, :-1] + rows * length)
+        region = torch.where(s_len > 0, s_pad + span, 0)
+        s_relaid = region.cumsum(0) - region
+        s_entries = torch.where(s_len > 0, s_pad // span + entries, 0)
+        s_gathered = s_entries.cumsum(0) - s_entries
+
+        token_slot = slot.gather(1, doc)
+        token_long = token_slot < slots
+        offset = t - first.gather(1, doc)
+        relaid = torch.where(token_long, F.pad(s_relaid, (0, 1))[token_slot] + offset, 0)
+        flat = t + rows * length
+        source = torch.full((relaid_len + 1,), -1, dtype=torch.long, device=device).scatter(
+            0, torch.where(token_long, relaid, relaid_len).flatten(), flat.flatten())[:relaid_len]
+        r = torch.arange(relaid_len, device=device)
+        owner = (torch.searchsorted(s_relaid, r, right=True) - 1).clamp(0, slots - 1)
+        last_token = (s_first[owner] + torch.minimum(r - s_relaid[owner], s_len[owner] - 1)).clamp(0, batch * length - 1)
+        docs = torch.stack([s_relaid // span, s_pad // unit, s_gathered]).int()
+        used = s_entries.sum()
+        g_pos = torch.arange(gathered_len, device=device)
+        gathered_starts = torch.zeros(gathered_len + 1, dtype=torch.bool, device=device).scatter(
+            0, torch.where(s_entries > 0, s_gathered, gathered_len), True)[:gathered_len] | (g_pos == used)
+        return cls(batch, length, relaid_len, gathered_len, token_long, relaid, source, last_token, docs,
+                   gathered_starts.unsqueeze(0), (g_pos < used).unsqueeze(0))
+
+    def relay(self, x: Tensor) -> Tensor:
+        """The long documents of x (B, H, N, d) relaid: (1, H, relaid_len, d), zeros between them."""
+        return _relay(x, self.source, self.relaid, self.long)
+
+    def unrelay(self, o: Tensor) -> Tensor:
+        """Relaid rows (1, H, relaid_len, d) back at their packed tokens: (B, H, N, d), zeros at short documents'."""
+        return _unrelay(o, self.source, self.relaid, self.long)
+
+
+# relay and unrelay are each other's adjoint (source and relaid are inverse maps between the long documents' tokens
+# and the relaid positions that hold them), so each one's gradient is a gather by the other: no scatter-add, whose
+# many rows landing on one index (every gap, every short token) would serialize on a GPU
+
+
+@torch.library.custom_op("lhcompile::relay", mutates_args=())
+def _relay(x: Tensor, source: Tensor, relaid: Tensor, long: Tensor) -> Tensor:
+    b, h, n, d = x.shape
+    tokens = x.transpose(1, 2).reshape(b * n, h * d)  # a free view of a model's (B, N, H, d) projections
+    return ops.take_rows(tokens, source).view(1, -1, h, d).transpose(1, 2)
+
+
+@_relay.register_fake
+def _(x, source, relaid, long):
+    return x.new_empty(1, source.shape[0], x.shape[1], x.shape[3]).transpose(1, 2)
+
+
+@torch.library.custom_op("lhcompile::unrelay", mutates_args=())
+def _unrelay(o: Tensor, source: Tensor, relaid: Tensor, long: Tensor) -> Tensor:
+    b, n = long.shape
+    h, d = o.shape[1], o.shape[3]
+    rows = ops.take_rows(o[0].transpose(0, 1).reshape(-1, h * d), torch.where(long, relaid, -1).flatten())
+    return rows.view(b, n, h, d).transpose(1, 2)
+
+
+@_unrelay.register_fake
+def _(o, source, relaid, long):
+    return o.new_empty(long.shape[0], long.shape[1], o.shape[1], o.shape[3]).transpose(1, 2)
+
+
+def _relay_backward(ctx, grad):
+    return _unrelay(grad, *ctx.saved_tensors), None, None, None
+
+
+def _unrelay_backward(ctx, grad):
+    return _relay(grad, *ctx.saved_tensors), None, None, None
+
+
+def _save_maps(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[1:])
+
+
+_relay.register_autograd(_relay_backward, setup_context=_save_maps)
+_unrelay.register_autograd(_unrelay_backward, setup_context=_save_maps)
+
+
+# -- dense causal attention within documents -------------------------------------------------------------------
+
+
+def _token_major(b: int, h: int, n: int, d: int, like: Tensor) -> Tensor:
+    """An empty (B, H, N, d) tensor laid out as (B, N, H, d), as a model's projections give q, k and v."""
+    return like.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
+    """t with the strides of ``like`` (what the op's fake promises the compiler), copied only if they differ."""
+    return t if t.stride() == like.stride() else like.copy_(t)
+
+
+@torch.library.custom_op("lhcompile::document_attention", mutates_args=())
+def _document_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, keep: Tensor | None, scale: float
+                        ) -> tuple[Tensor, Tensor]:
+    out, lse = _implementation(q)[0](q, k, v, starts, keep, scale)
+    return _laid_out_as(out, _token_major(*q.shape[:3], v.shape[3], q)), lse.contiguous()
+
+
+@_document_attention.register_fake
+def _(q, k, v, starts, keep, scale):
+    return _token_major(*q.shape[:3], v.shape[3], q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("lhcompile::document_attention_backward", mutates_args=())
+def _document_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 starts: Tensor, keep: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _implementation(q)[1](grad, q, k, v, out, lse, starts, keep, scale)
+    return tuple(_laid_out_as(g, torch.empty_like(x)) for g, x in zip(grads, (q, k, v)))
+
+
+@_document_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, starts, keep, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, starts, keep, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output, starts, keep)
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, starts, keep = ctx.saved_tensors
+    return (*_document_attention_backward(grad.contiguous(), q, k, v, out, lse, starts, keep, ctx.scale),
+            None, None, None)
+
+
+_document_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *, scale: float | None = None,
+                       keep: Tensor | None = None) -> Tensor:
+    """Dense causal attention within each document: (B, H, N, d) in SDPA's layout, k/v may have fewer heads (GQA).
+
+    ``keep`` (B, N) bool, the same for every token of a document, leaves whole documents out (their outputs are 0
+    and cost nothing on a GPU). On CUDA in bf16/fp16: cuDNN's attention on padded batches of documents of similar
+    lengths (or flash varlen, ``VARLEN_KERNEL``), the documents found with one host sync per call; elsewhere (CPU, fp32): a reference, document by document, that
+    holds each document's score matrix (for tests and modest lengths)."""
+    documents.check(q, "document_attention")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"document_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
+                         f"({k.shape[1]})")
+    return _document_attention(q, k, v, documents.starts, keep, q.shape[3] ** -0.5 if scale is None else scale)[0]
+
+
+def _implementation(q: Tensor):
+    fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return (_varlen_forward, _varlen_backward) if fast else (_reference_forward, _reference_backward)
+
+
+def _grouped(x: Tensor, heads: int) -> Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def _wide(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _causal_probabilities(q: Tensor, k: Tensor, scale: float, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax of one document's causal scores (and its log-sum-exp), in fp32 at least."""
+    n = q.shape[2]
+    scores = (_wide(q) @ _wide(_grouped(k, q.shape[1])).transpose(-1, -2) * scale).masked_fill(
+        ~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse = torch.logsumexp(scores, -1) if lse is None else lse
+    return (scores - lse[..., None]).exp(), lse
+
+
+def _documents(starts: Tensor, keep: Tensor | None) -> list[tuple[int, slice]]:
+    """Each document computed: its row and its tokens."""
+    segments = _Segments.of(starts, keep)
+    n = starts.shape[1]
+    return [] if segments is None else [(first // n, slice(first % n, first % n + size))
+                                        for first, size in zip(segments.firsts, segments.lengths)]
+
+
+def _one_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal attention of one document (1, H, n, d), k and v with all of q's heads: output and log-sum-exp."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+    p, lse = _causal_probabilities(q, k, scale)
+    return (p @ _wide(v)).to(q.dtype), lse
+
+
+def _one_backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, o, lse, 0.0, True, scale=scale)
+    p, _ = _causal_probabilities(q, k, scale, _wide(lse))
+    g, o = _wide(g), _wide(o)
+    ds = p * (g @ _wide(v).transpose(-1, -2) - (g * o).sum(-1, keepdim=True))
+    return ((ds @ _wide(k) * scale).to(q.dtype), (ds.transpose(-1, -2) @ _wide(q) * scale).to(k.dtype),
+            (p.transpose(-1, -2) @ g).to(v.dtype))
+
+
+def _reference_forward(q, k, v, starts, keep, scale):
+    h = q.shape[1]
+    out = q.new_zeros(*q.shape[:3], v.shape[3])
+    lse = q.new_full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q))
+    for b, t in _documents(starts, keep):
+        o, m = _one_forward(*(x[b : b + 1, :, t].contiguous() for x in (q, _grouped(k, h), _grouped(v, h))), scale)
+        out[b, :, t], lse[b, :, t] = o[0], m[0].to(lse.dtype)
+    return out, lse
+
+
+def _reference_backward(grad, q, k, v, out, lse, starts, keep, scale):
+    h, group = q.shape[1], q.shape[1] // k.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def ungroup(x: Tensor) -> Tensor:
+        return x if group == 1 else x.view(x.shape[0], -1, group, *x.shape[2:]).sum(2)
+
+    for b, t in _documents(starts, keep):
+        part = [x[b : b + 1, :, t].contiguous() for x in (grad, q, _grouped(k, h), _grouped(v, h), out)]
+        m = lse[b : b + 1, :, t].contiguous()
+        if q.device.type == "cpu":
+            m = m.to(torch.promote_types(q.dtype, torch.float32))
+        gq, gk, gv = _one_backward(*part, m, scale)
+        dq[b, :, t], dk[b, :, t], dv[b, :, t] = gq[0], ungroup(gk)[0].to(k.dtype), ungroup(gv)[0].to(v.dtype)
+    return dq, dk, dv
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """The documents a GPU kernel computes, found on the host from one copy of the flags (the one sync of a call):
+    per document its first token among the batch's rows laid end to end, and its length. Every device tensor built
+    from them travels from pinned memory without waiting for the GPU, and every placement goes through indices,
+    never through a boolean mask (whose nonzero would wait for the GPU once more)."""
+
+    firsts: list[int]
+    lengths: list[int]
+    tokens: int
+    """Tokens of the rows laid end to end."""
+
+    @classmethod
+    def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments | None:
+        flags = starts.flatten() if keep is None else torch.stack([starts.flatten(), keep.flatten()])
+        host = flags.cpu()
+        begins = host if keep is None else host[0]
+        first = begins.nonzero().squeeze(1)
+        lengths = torch.diff(first, append=torch.tensor([begins.numel()]))
+        if keep is not None:
+            kept = host[1][first]
+            first, lengths = first[kept], lengths[kept]
+        if not len(first):
+            return None
+        return cls(first.tolist(), lengths.tolist(), begins.numel())
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    def flash_maps(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Cumulative lengths (D+1,) int32 and the segments' tokens in the rows laid end to end (None: all)."""
+        first, lengths = _to_device([self.firsts, self.lengths], device)
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        total = sum(self.lengths)
+        tokens = None if total == self.tokens else (
+            torch.repeat_interleave(first - cu[:-1], lengths, output_size=total) + torch.arange(total, device=device))
+        return cu.int(), tokens
+
+    def batches(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """The documents as padded batches of similar lengths, longest first: per batch the (G, L) token of each
+        position (a document's last token repeated past its end) and which positions are its own. Right padding
+        never reaches a document's own rows in causal attention, and a batch's lengths differ by at most
+        ``1 - PADDED_SHARE`` of its longest, so the padding costs at most (1/PADDED_SHARE)^2 of its attention."""
+        order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
+        groups, group = [], []
+        for i in order + [None]:
+            if i is not None and (not group or self.lengths[i] >= PADDED_SHARE * self.lengths[group[0]]):
+                group.append(i)
+                continue
+            groups.append(group)
+            group = [i]
+        tables = _to_device([[self.firsts[j] for j in g] + [self.lengths[j] for j in g] for g in groups], device)
+        batches = []
+        for group, table in zip(groups, tables):
+            first, size = table.view(2, -1, 1)
+            offset = torch.arange(max(self.lengths[group[0]], MIN_WIDTH), device=device)[None]
+            batches.append((first + torch.minimum(offset, size - 1), offset < size))
+        return batches
+
+
+def _to_device(rows: list[list[int]], device: torch.device) -> list[Tensor]:
+    """Host integers as int64 device tensors, in one copy from pinned memory that does not wait for the GPU."""
+    flat = torch.tensor([x for row in rows for x in row], dtype=torch.int64)
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    return list(flat.split([len(row) for row in rows]))
+
+
+def _place(buffer: Tensor, index: Tensor, own: Tensor, values: Tensor) -> None:
+    """buffer[index[own]] = values[own] for (G, L) index and own and (G, L, ...) values: positions that are not a
+    document's own go to the buffer's last row, which the caller drops."""
+    dump = buffer.shape[0] - 1
+    buffer.index_put_((torch.where(own, index, dump).flatten(),), values.reshape(-1, *values.shape[2:]))
+
+
+PADDED_SHARE = 0.9
+"""Documents batched together for cuDNN are at least this share of the batch's longest."""
+MIN_WIDTH = 16
+"""Shortest padded batch: cuDNN refuses a sequence of one token."""
+
+VARLEN_KERNEL = "cudnn"
+"""The GPU kernel of ``document_attention`` in bf16/fp16: "cudnn" (cuDNN's attention on padded batches of documents
+of similar lengths) or "flash" (flash varlen). Both are exact causal attention within each document; they differ in
+speed (BENCHMARKS.md)."""
+
+
+def _token_rows(x: Tensor) -> Tensor:
+    """(B, H, N, d) -> (B * N, H, d): the layout a model's projections give, in which tokens are gathered."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def _take(x: Tensor, tokens: Tensor | None) -> Tensor:
+    """(B, H, N, d) -> the tokens (T, H, d) of the segments (all where ``tokens`` is None)."""
+    rows = _token_rows(x)
+    return (rows if tokens is None else rows[tokens]).contiguous()
+
+
+def _put(rows: Tensor, tokens: Tensor | None, b: int, n: int) -> Tensor:
+    """(T, H, d) at ``tokens`` -> (B, H, N, d), zeros elsewhere."""
+    if tokens is not None:
+        rows = rows.new_zeros(b * n, *rows.shape[1:]).index_copy(0, tokens, rows)
+    return rows.view(b, n, rows.shape[1], -1).transpose(1, 2)
+
+
+def _varlen_forward(q, k, v, starts, keep, scale):
+    segments = _Segments.of(starts, keep)
+    b, h, n = q.shape[:3]
+    if segments is None:
+        return q.new_zeros(*q.shape[:3], v.shape[3]), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    if VARLEN_KERNEL == "flash":
+        cu, tokens = segments.flash_maps(q.device)
+        qt, kt, vt = (_take(t, tokens) for t in (q, _grouped(k, h), _grouped(v, h)))
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(qt, kt, vt, cu, cu, segments.longest, segments.longest,
+                                                               0.0, True, False, scale=scale)
+        return _put(out, tokens, b, n), _put(lse.t().unsqueeze(-1), tokens, b, n)[..., 0].contiguous()
+    rows = [_token_rows(t) for t in (q, _grouped(k, h), _grouped(v, h))]
+    out = q.new_zeros(b * n + 1, h, v.shape[3])
+    lse = q.new_full((b * n + 1, h), float("-inf"), dtype=torch.float32)
+    for index, own in segments.batches(q.device):
+        o, m, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            *(r[index].transpose(1, 2) for r in rows), None, True, 0.0, True, False, scale=scale)
+        _place(out, index, own, o.transpose(1, 2))
+        _place(lse, index, own, m.reshape(*index.shape[:1], h, -1).transpose(1, 2))  # cuDNN's is (G, H, L, 1)
+    return out[:-1].view(b, n, h, -1).transpose(1, 2), lse[:-1].view(b, n, h).transpose(1, 2).contiguous()
+
+
+def _varlen_backward(grad, q, k, v, out, lse, starts, keep, scale):
+    segments = _Segments.of(starts, keep)
+    b, h, n = q.shape[:3]
+    if segments is None:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if VARLEN_KERNEL == "flash":
+        cu, tokens = segments.flash_maps(q.device)
+        rows = [_take(t, tokens) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
+        lse_rows = _take(lse.unsqueeze(-1), tokens)[..., 0].t().contiguous()
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            *rows, lse_rows, cu, cu, segments.longest, segments.longest, 0.0, True,
+            torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device), scale=scale)
+        dq, dk, dv = (_put(t, tokens, b, n) for t in (dq, dk, dv))
+    else:
+        rows = [_token_rows(t) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
+        lse_rows = lse.transpose(1, 2).reshape(b * n, h)
+        grads = [r.new_zeros(b * n + 1, *r.shape[1:]) for r in rows[1:4]]
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        for index, own in segments.batches(q.device):
+            g, qg, kg, vg, og = (r[index].transpose(1, 2) for r in rows)
+            g = g * own[:, None, :, None]  # padded rows take no part in the gradients of the document's own
+            width = index.shape[1]
+            parts = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                g, qg, kg, vg, og, lse_rows[index].transpose(1, 2).unsqueeze(-1).contiguous(), zero, zero, None, None,
+                None, width, width, 0.0, True, scale=scale)
+            for total, part in zip(grads, parts):
+                _place(total, index, own, part.transpose(1, 2))
+        dq, dk, dv = (t[:-1].view(b, n, h, -1).transpose(1, 2) for t in grads)
+    group = h // k.shape[1]
+    if group > 1:
+        dk, dv = (t.reshape(b, k.shape[1], group, n, -1).sum(2) for t in (dk, dv))
+    return dq, dk, dv
+
+
+# -- Lighthouse per document -----------------------------------------------------------------------------------
+
+
+def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, batch: int, length: int,
+                         scale: float, config: LighthouseConfig, rotary: Rotary | None = None) -> Tensor:
+    """Lighthouse per document over a packed (B, H, N, d) batch whose documents begin at ``starts`` (B, N) bool;
+    traceable (shapes are plain ints). With ``rotary`` (the model's tables by packed token, positions restarting
+    with each document) q and k come unrotated: every gathered entry is rotated at the last token it covers, a
+    short document's tokens at their own. Any length runs (shapes may be symbolic): all documents of a row shorter
+    than ``config.min_lighthouse_len`` are dense."""
+    levels, p = config.levels, config.pooling_factor
+    layout = Layout.of(starts, batch, length, config)
+    qr, kr, vr = (layout.relay(t) for t in (q, k, v))
+    s_qk, s_kq = ops.score(qr.detach(), kr.detach(), levels, p)
+    index, inv = ops.select_documents(s_qk, s_kq, layout.docs, layout.gathered_len, layout.relaid_len, levels, p,
+                                      config.topk, config.tile_budget)
+    qg, kg, vg = (ops.gather(t, index, inv, levels, p) for t in (qr, kr, vr))
+    if rotary is not None:
+        table = rotary.by_token(batch, length)
+        qg, kg = table.rotate(layout.last_token[entry_positions(index, layout.relaid_len, levels, p)], qg, kg)
+        q, k = table.rotate(torch.arange(batch * length, device=q.device).view(batch, 1, length), q, k)
+    og = _document_attention(qg, kg, vg, layout.gathered_starts, layout.gathered_used, scale)[0]
+    long = layout.unrelay(ops.scatter(og, index, inv, layout.relaid_len, levels, p))
+    short = _document_attention(q, k, v, starts, ~layout.long, scale)[0]
+    return long + short  # each is exactly zero at the other's tokens

@@ -1,0 +1,272 @@
+"""Lighthouse per document: the operator against the loop over documents on the single-sequence operator, nothing
+crossing a boundary, the documents' constructors, and dense attention within documents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lhcompile
+import lhcompile.documents
+from lhcompile import Documents, LighthouseConfig, Rotary, document_attention, lighthouse_attention
+
+CONFIGS = [
+    LighthouseConfig(levels=3, pooling_factor=2, topk=8, tile_budget=4),  # long: >= 32 tokens, tiles of 8
+    LighthouseConfig(levels=2, pooling_factor=4, topk=16, tile_budget=4),  # long: >= 64 tokens, tiles of 16
+]
+# per batch row, its documents' lengths; each row sums to N (boundaries off p^l and tiles on purpose)
+N = 192
+MIXES = {
+    "one long": [[192], [192]],
+    "two long": [[101, 91], [64, 128]],
+    "long + many short": [[70, 3, 1, 5, 33, 80], [150, *[7] * 6]],
+    "all short": [[20, 11, 1, 30, 31, 19, 25, 30, 25], [3] * 64],
+    "shorter than a coarsest block": [[1, 2, 3, 101, 2, 83], [2] * 96],
+}
+
+
+def starts_of(rows: list[list[int]]) -> torch.Tensor:
+    starts = torch.zeros(len(rows), sum(rows[0]), dtype=torch.bool)
+    for b, lengths in enumerate(rows):
+        assert sum(lengths) == starts.shape[1]
+        starts[b, torch.tensor([0, *lengths[:-1]]).cumsum(0)] = True
+    return starts
+
+
+def per_document(q, k, v, rows, config, rotate=None):
+    """The oracle: each document on its own, Lighthouse if long enough, else dense causal attention."""
+    out = []
+    for b, lengths in enumerate(rows):
+        start, row = 0, []
+        for n in lengths:
+            qd, kd, vd = (t[b : b + 1, :, start : start + n] for t in (q, k, v))
+            rope = None if rotate is None else rotate(n)
+            row.append(lighthouse_attention(qd, kd, vd, config, rope=rope))
+            start += n
+        out.append(torch.cat(row, dim=2))
+    return torch.cat(out)
+
+
+def qkv(b, h, hkv, n, d, dtype, grad=True):
+    return tuple(torch.randn(b, heads, n, d, dtype=dtype, requires_grad=grad) for heads in (h, hkv, hkv))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["L3p2", "L2p4"])
+@pytest.mark.parametrize("mix", MIXES)
+def test_equals_the_loop_over_documents_forward_and_backward(config, mix):
+    rows = MIXES[mix]
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float64)
+    out = lighthouse_attention(q, k, v, config, documents=Documents(starts_of(rows)))
+    want = per_document(q, k, v, rows, config)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_against_the_float64_oracle(dtype):
+    config, rows = CONFIGS[0], MIXES["long + many short"]
+    q, k, v = qkv(2, 4, 4, N, 16, dtype)
+    out = lighthouse_attention(q, k, v, config, documents=Documents(starts_of(rows)))
+    assert out.dtype == dtype
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = per_document(q64, k64, v64, rows, config)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
+    g = torch.randn_like(want)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), g.to(dtype)), torch.autograd.grad(want, (q64, k64, v64), g)):
+        torch.testing.assert_close(mine.double(), ref, **tol)
+
+
+def test_changing_one_document_changes_no_other_document_bit_for_bit():
+    config, rows = CONFIGS[0], [[70, 3, 1, 40, 78], [33, 60, 99]]
+    starts = starts_of(rows)
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
+    g = torch.randn(2, 4, N, 8)
+
+    def run(q, k, v):
+        out = lighthouse_attention(q, k, v, config, documents=Documents(starts))
+        return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+    before = run(q, k, v)
+    for b, start, stop in ((0, 74, 114), (0, 73, 74), (1, 93, 192)):  # a long one, a one-token one, a row's last
+        q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+        for t in (q2, k2, v2):
+            t[b, :, start:stop] = torch.randn_like(t[b, :, start:stop]) * 3
+        after = run(*(t.requires_grad_() for t in (q2, k2, v2)))
+        outside = torch.ones(2, N, dtype=torch.bool)
+        outside[b, start:stop] = False
+        for x, y in zip(before, after):
+            assert torch.equal(x.transpose(1, 2)[outside], y.transpose(1, 2)[outside]), "another document changed"
+        assert not torch.equal(before[0][b, :, start:stop], after[0][b, :, start:stop])
+
+
+def test_rope_after_selection_restarts_with_each_document():
+    config, rows = CONFIGS[0], MIXES["long + many short"]
+    half = 4
+    inv = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+
+    def tables(positions):
+        angles = positions.double()[..., None] * inv
+        return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
+    q, k, v = qkv(2, 4, 2, N, 2 * half, torch.float64)
+    out = lighthouse_attention(q, k, v, config, rope=Rotary.of("rotate_half", *tables(positions)),
+                               documents=Documents.from_positions(positions))
+    want = per_document(q, k, v, rows, config, rotate=lambda n: Rotary.of("rotate_half", *tables(torch.arange(n))))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_document_attention_is_causal_attention_within_each_document():
+    rows = MIXES["long + many short"]
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float64)
+    out = document_attention(q, k, v, Documents(starts_of(rows)))
+    want = per_document(q, k, v, rows, LighthouseConfig(min_seq_len=10**6))  # every document dense
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_the_constructors_agree_and_refuse_bad_boundaries_naming_them():
+    rows = [[5, 20, 7], [32]]
+    starts = starts_of(rows)
+    cu = torch.tensor([0, 5, 25, 32, 64], dtype=torch.int32)
+    ids = torch.tensor([[0] * 5 + [1] * 20 + [2] * 7, [4] * 32])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in rows])
+    for documents in (Documents.from_cu_seqlens(cu, length=32, batch=2), Documents.from_ids(ids),
+                      Documents.from_positions(positions)):
+        assert torch.equal(documents.starts, starts)
+    for bad, rule in (([1, 5, 64], "must start at 0"), ([0, 5, 60], "must end at batch \\* length = 64"),
+                      ([0, 25, 5, 64], "must not decrease"), ([0, 5, 40, 64], "every row's start")):
+        with pytest.raises(ValueError, match=f"cu_seqlens=.*{rule}"):
+            Documents.from_cu_seqlens(torch.tensor(bad), length=32, batch=2)
+    with pytest.raises(ValueError, match="ids decrease along a row"):
+        Documents.from_ids(torch.tensor([[0, 0, 1, 0]]))
+    q, k, v = qkv(2, 2, 2, 32, 8, torch.float32, grad=False)
+    with pytest.raises(ValueError, match="documents are on meta, q on cpu"):
+        lighthouse_attention(q, k, v, CONFIGS[0], documents=Documents(starts.to("meta")))
+    with pytest.raises(ValueError, match=r"documents.starts must be a bool \(B, N\) = \(2, 32\)"):
+        lighthouse_attention(q, k, v, CONFIGS[0], documents=Documents(starts[:, :16]))
+
+
+def test_document_lengths_are_data_compiled_once_for_every_mix():
+    config = CONFIGS[0]
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)),
+                      backend=count, fullgraph=True, dynamic=False)
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32, grad=False)
+    for rows in MIXES.values():
+        torch.testing.assert_close(f(q, k, v, starts_of(rows)), per_document(q, k, v, rows, config))
+    assert len(graphs) == 1
+
+
+# -- on a GPU: the Triton kernels, flash varlen and Inductor at lengths that need them --------------------------
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="the Triton kernels and flash varlen at long lengths need a CUDA GPU")
+GPU_CONFIG = LighthouseConfig(topk=512)  # L3 p4: documents of 8192 tokens and more run Lighthouse
+GPU_MIXES = {"one long": [[32768]], "long + short": [[9001, 7, 100, 12000, 11660]], "all short": [[1000] * 32 + [768]],
+             "two rows": [[20000, 12768], [8192, 24576]]}
+
+
+@needs_cuda
+@pytest.mark.parametrize("mix", GPU_MIXES)
+def test_cuda_selection_of_every_document_is_exactly_the_reference(mix):
+    from lhcompile import kernels
+    from lhcompile import reference as R
+    from lhcompile.documents import Layout
+
+    rows = GPU_MIXES[mix]
+    starts = starts_of(rows).cuda()
+    q, k, _ = (t.cuda() for t in qkv(len(rows), 8, 2, sum(rows[0]), 64, torch.bfloat16, grad=False))
+    layout = Layout.of(starts, len(rows), starts.shape[1], GPU_CONFIG)
+    s_qk, s_kq = kernels.score(layout.relay(q), layout.relay(k), 3, 4)
+    g = GPU_CONFIG.geometry(0).__class__(layout.relaid_len, 3, 4, GPU_CONFIG.topk, GPU_CONFIG.tile_budget)
+    want = R.select_documents(s_qk, s_kq, layout.docs, layout.gathered_len, g)
+    got = kernels.select_documents(s_qk, s_kq, layout.docs, layout.gathered_len, g)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("mix", GPU_MIXES)
+def test_cuda_per_document_equals_the_loop_over_documents_in_bf16(mix):
+    rows = GPU_MIXES[mix]
+    q, k, v = (t.detach().cuda().requires_grad_() for t in qkv(len(rows), 8, 2, sum(rows[0]), 64, torch.bfloat16))
+    out = lighthouse_attention(q, k, v, GPU_CONFIG, documents=Documents(starts_of(rows).cuda()))
+    want = per_document(q, k, v, rows, GPU_CONFIG)  # the same kernels per document; cuDNN/flash SDPA inside
+    g = torch.randn_like(out)
+    for mine, ref in ((out, want), *zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))):
+        err = ((mine.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < 1e-2, err
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_cuda_dense_document_attention_equals_the_masked_reference(kernel, monkeypatch):
+    monkeypatch.setattr(lhcompile.documents, "VARLEN_KERNEL", kernel)
+    rows = [[700, 3, 1, 300, 650, 394], [2048]]
+    starts = starts_of(rows).cuda()
+    q, k, v = (t.detach().cuda() for t in qkv(2, 8, 2, 2048, 64, torch.float32, grad=False))
+    want = [t.requires_grad_() for t in (q.clone(), k.clone(), v.clone())]
+    got = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out_ref = document_attention(*want, Documents(starts))  # fp32 on CUDA: the masked reference
+    out = document_attention(*got, Documents(starts))  # bf16 on CUDA: the kernel
+    g = torch.randn_like(out_ref)
+    pairs = [(out, out_ref), *zip(torch.autograd.grad(out, got, g.bfloat16()), torch.autograd.grad(out_ref, want, g))]
+    for mine, ref in pairs:
+        assert ((mine.double() - ref.double()).norm() / ref.double().norm()).item() < 1e-2
+
+
+@needs_cuda
+def test_cuda_torchtitans_flex_document_mask_under_inductor_runs_lighthouse_per_document():
+    pytest.importorskip("torchtitan")
+    from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+    from torchtitan.models.common.attention import get_causal_mask_mod, get_document_mask_mod
+
+    rows = [[9001, 7, 100, 12000, 11660]]
+    positions = torch.cat([torch.arange(n) for n in rows[0]])[None].cuda()
+    block_mask = create_block_mask(and_masks(get_causal_mask_mod(), get_document_mask_mod(positions)), 1, None,
+                                   32768, 32768, device="cuda", _compile=True)
+
+    class Flex(torch.nn.Module):
+        def forward(self, q, k, v, block_mask):
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+    model = Flex()
+    lhcompile.apply(model, GPU_CONFIG, compiler="inductor")
+    q, k, v = (t.detach().cuda().requires_grad_() for t in qkv(1, 8, 2, 32768, 64, torch.bfloat16))
+    out = model(q, k, v, block_mask)
+    out.sum().backward()
+    [site] = lhcompile.inspect(model)
+    assert site.rewritten and site.documents, site.reason
+    want = lighthouse_attention(q, k, v, GPU_CONFIG, documents=Documents.from_positions(positions))
+    assert ((out.double() - want.double()).norm() / want.double().norm()).item() < 1e-2
+
+
+def test_the_documents_ops_pass_torch_librarys_checks():
+    # what the compiler is promised (fake kernels: shapes and strides, autograd registration) is what runs
+    from lhcompile import ops
+    from lhcompile.documents import Layout, _document_attention, _relay, _unrelay
+
+    config, rows = CONFIGS[0], MIXES["long + many short"]
+    starts = starts_of(rows)
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
+    layout = Layout.of(starts, 2, N, config)
+    maps = (layout.source, layout.relaid, layout.long)
+    torch.library.opcheck(_document_attention, (q, k, v, starts, ~layout.long, 0.3))
+    torch.library.opcheck(_relay, (q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(), *maps))
+    relaid = _relay(q, *maps).detach().requires_grad_()
+    torch.library.opcheck(_unrelay, (relaid, *maps))
+    s_qk, s_kq = ops.score(relaid.detach(), _relay(k, *maps).detach(), config.levels, config.pooling_factor)
+    torch.library.opcheck(ops.select_documents, (s_qk, s_kq, layout.docs, layout.gathered_len, layout.relaid_len,
+                                                 config.levels, config.pooling_factor, config.topk,
+                                                 config.tile_budget))

@@ -1,0 +1,205 @@
+"""The pass on attention that keeps packed documents apart: varlen_attn, FlexAttention with torchtitan's document
+masks, Hugging Face with packed position_ids (causal_sdpa, DataCollatorWithFlattening); restore node for node;
+what stays dense says why."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+from torch.nn.attention.varlen import varlen_attn
+
+import lhcompile
+from lhcompile import Documents, LighthouseConfig, lighthouse_attention
+
+from .models import VOCAB, hf_model
+
+CFG = LighthouseConfig(levels=3, pooling_factor=2, topk=8, tile_budget=4, dense_layers=())  # long: >= 32 tokens
+N = 192
+LENGTHS = [[70, 3, 1, 40, 78], [33, 60, 99]]
+
+
+def positions(rows=LENGTHS) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
+
+
+def structure(gm: torch.fx.GraphModule) -> list[tuple]:
+    return [(n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes]
+
+
+def captured(fn, *args) -> torch.fx.GraphModule:
+    """fn's graph as Dynamo captures it, never run (varlen_attn has no CPU kernel)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        raise RuntimeError("captured")
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="captured"):
+        torch.compile(fn, backend=keep, fullgraph=True)(*args)
+    [gm] = graphs
+    return gm
+
+
+def qkv(b, n=N, grad=False):
+    return tuple(torch.randn(b, heads, n, 8, requires_grad=grad) for heads in (4, 2, 2))
+
+
+class Varlen(torch.nn.Module):
+    """torchtitan's VarlenAttention: (B, N) rows laid end to end, documents by cumulative lengths."""
+
+    def forward(self, q, k, v, cu):
+        b, h, n, d = q.shape
+        rows = [t.transpose(1, 2).reshape(b * n, -1, d) for t in (q, k, v)]
+        out = varlen_attn(*rows, cu, cu, n, n, window_size=(-1, 0), enable_gqa=True)
+        return out.view(b, n, h, d).transpose(1, 2)
+
+
+def _cu(rows=LENGTHS) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor([n for r in rows for n in r]).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def test_varlen_attn_is_rewritten_per_document_and_restored_node_for_node():
+    q, k, v = qkv(2, grad=True)
+    model = Varlen()
+    lhcompile.apply(model, CFG, compiler="eager")
+    out = model(q, k, v, _cu())
+    want = lighthouse_attention(q, k, v, CFG, documents=Documents.from_positions(positions()))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+    [site] = lhcompile.inspect(model)
+    assert site.rewritten and site.documents and site.op == "varlen_attn"
+    assert site.reason == "lighthouse per document (cu_seq_q of varlen_attn)"
+
+    gm = captured(Varlen(), *qkv(2), _cu())
+    before, code = structure(gm), gm.code
+    lhcompile.apply(gm, CFG)
+    assert len(lhcompile.inspect(gm).rewritten) == 1 and structure(gm) != before
+    lhcompile.restore(gm)
+    assert structure(gm) == before and gm.code == code
+
+
+def _titan_masks(pos: torch.Tensor) -> dict:
+    from torchtitan.models.common.attention import (get_causal_mask_mod, get_document_mask_mod,
+                                                    get_efficient_causal_mask_mod_for_packed_document)
+
+    return {
+        "document ids": and_masks(get_causal_mask_mod(), get_document_mask_mod(pos)),
+        "document starts": and_masks(get_causal_mask_mod(), get_efficient_causal_mask_mod_for_packed_document(pos)),
+    }
+
+
+class Flex(torch.nn.Module):
+    def forward(self, q, k, v, block_mask):
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("mask", ["document ids", "document starts"])
+def test_torchtitans_document_masks_are_rewritten_per_document_and_restored_node_for_node(mask, batch):
+    pytest.importorskip("torchtitan")
+    pos = positions(LENGTHS[:batch])
+    block_mask = create_block_mask(_titan_masks(pos)[mask], batch, None, N, N, device="cpu")
+    q, k, v = qkv(batch)
+    model = Flex()
+    lhcompile.apply(model, CFG, compiler="eager")
+    out = model(q, k, v, block_mask)  # FlexAttention has no CPU backward: the operator's tests cover gradients
+    torch.testing.assert_close(out, lighthouse_attention(q, k, v, CFG, documents=Documents.from_positions(pos)),
+                               rtol=0, atol=0)
+    [site] = lhcompile.inspect(model)
+    assert site.rewritten and site.documents and "of the FlexAttention mask" in site.reason
+
+    gm = captured(Flex(), q, k, v, block_mask)
+    before, code = structure(gm), gm.code
+    lhcompile.apply(gm, CFG)
+    lhcompile.restore(gm)
+    assert structure(gm) == before and gm.code == code
+
+
+def test_flex_attention_that_is_no_causal_document_mask_stays_dense_and_says_why():
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < 16)
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx)
+
+    q, k, v = qkv(1)
+    causal = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 1, None, N, N, device="cpu")
+    cases = {
+        "window": (dict(block_mask=create_block_mask(window, 1, None, N, N, device="cpu")),
+                   "is not plain causal or document-causal"),
+        "score_mod": (dict(block_mask=causal, score_mod=bias), "FlexAttention with a score_mod"),
+        "no mask": ({}, "not causal (no q_idx >= kv_idx)"),
+    }
+    for name, (kwargs, why) in cases.items():
+        gm = captured(lambda q, k, v: flex_attention(q, k, v, enable_gqa=True, **kwargs), q, k, v)
+        lhcompile.apply(gm, CFG)
+        [site] = lhcompile.inspect(gm)
+        assert not site.rewritten and why in site.reason, (name, site.reason)
+    gm = captured(lambda q, k, v: flex_attention(q, k, v, block_mask=causal, enable_gqa=True), q, k, v)
+    lhcompile.apply(gm, CFG)
+    [site] = lhcompile.inspect(gm)
+    assert site.rewritten and not site.documents and site.reason == "lighthouse"
+
+
+def test_hf_llama_with_packed_position_ids_gives_each_document_what_it_gets_alone():
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    lhcompile.apply(model, CFG, compiler="eager")
+    rows = [[70, 3, 1, 40, 78]]
+    ids = torch.randint(0, VOCAB, (1, N))
+    packed = model(input_ids=ids, position_ids=positions(rows)).logits
+    assert len(lhcompile.inspect(model).rewritten) == 2
+    start = 0
+    for n in rows[0]:
+        alone = model(input_ids=ids[:, start : start + n], position_ids=torch.arange(n)[None]).logits
+        torch.testing.assert_close(packed[:, start : start + n], alone, rtol=1e-5, atol=1e-5)
+        start += n
+
+
+def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse():
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    lhcompile.apply(model, CFG, compiler=keep)
+    for rows in ([[70, 3, 1, 40, 78]], [[50, 110]], [[33, 12, 64]], [[9, 100, 7, 90]]):
+        n = sum(rows[0])
+        out = model(input_ids=torch.randint(0, VOCAB, (1, n)), position_ids=positions(rows)).logits
+        assert out.shape == (1, n, VOCAB)
+    assert len(graphs) == 2, "the first length, then one graph with a dynamic length for all others"
+    report = lhcompile.inspect(model)
+    assert all(s.rewritten and s.documents for s in report), str(report)
+
+
+def test_data_collator_with_flattening_trains_lighthouse_per_document_through_the_trainer(tmp_path):
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    from lhcompile.integrations.hf import LighthouseCallback
+
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    lengths = torch.randint(8, 90, (24,)).tolist()
+    data = [{"input_ids": torch.randint(0, VOCAB, (n,)).tolist()} for n in lengths]
+    callback = LighthouseCallback(dataclasses.replace(CFG, dense_layers=(0,)), recovery_start=0.75)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=8, report_to=[],
+                             learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
+                      data_collator=DataCollatorWithFlattening())
+    trainer.train()
+    assert callback.switched_at == 6
+    report = callback.report
+    rewritten = [s for s in report if s.rewritten]
+    assert rewritten and all(s.documents for s in rewritten), str(report)
+    assert report.graphs <= 3, f"{report.graphs} graphs for 6 batches of different lengths"
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
