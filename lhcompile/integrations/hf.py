@@ -17,9 +17,9 @@ Why a mask-free call matters: transformers 5.x under torch.compile builds an exp
 dense layers would keep N^2 memory and SDPA off its flash and cuDNN kernels, and layers compiled on their own
 (per-layer FSDP2, context parallelism) would stay dense. Under torch.compile transformers wraps every causal mask
 in its packed-sequence functions; their closures are hidden from Dynamo, so an overlay inside such a wrapper
-cannot be seen there (it is in eager mode): that one guess is said once per process. Call the model without
-``attention_mask`` when every token is real: a mask of ones is data, and under torch.compile transformers builds
-the full mask from it.
+cannot be read there: transformers' ``blockwise_overlay`` (Gemma 3's image tokens) is therefore noted as it is
+built, and the mask request that follows gets the full mask. Call the model without ``attention_mask`` when every
+token is real: a mask of ones is data, and under torch.compile transformers builds the full mask from it.
 
 ``LighthouseCallback`` runs the two-stage recipe inside ``Trainer.train()``::
 
@@ -42,23 +42,39 @@ import lhcompile
 
 from ..config import LighthouseConfig
 from ..documents import Documents, document_attention
-from ..report import Once, Report
+from ..report import Report
 
-PROCESS = Once()
-"""What causal_sdpa has said in this process (each thing once)."""
+class _Overlays:
+    """Block overlays transformers has built whose mask it has not asked for yet. Under torch.compile the closures
+    of its mask functions are hidden from Dynamo, so an overlay inside the packed-sequence ``and_masks`` (Gemma 3's
+    ``or_masks(causal, blockwise_overlay)``) is noted as it is built, and the mask request that follows it (in the
+    same ``create_causal_mask``) reads the note. Both run while Dynamo traces (assume_constant_result), so the
+    note decides the graph being traced, as an overlay's presence does (transformers builds it when
+    ``token_type_ids`` is given)."""
 
-COMPILED_NOTE = (
-    "attn_implementation='causal_sdpa' under torch.compile cannot see inside transformers' packed-sequence mask "
-    "functions (Dynamo hides their closures), so it takes the causal mask they wrap to carry no overlay: a "
-    "bidirectional block overlay (Gemma 3's image tokens, token_type_ids) would be dropped there. Packed documents "
-    "are kept apart (from position_ids). Use attn_implementation='sdpa' for inputs with such overlays"
-)
+    pending = False
 
 
-@torch._dynamo.assume_constant_result  # Dynamo runs it while tracing instead of breaking the graph on the warning
-def _note_overlays_assumed_absent() -> bool:
-    PROCESS.warn("compiled packing", f"lhcompile: {COMPILED_NOTE}", stacklevel=2)
+@torch._dynamo.assume_constant_result
+def _note_overlay() -> bool:
+    _Overlays.pending = True
     return True
+
+
+@torch._dynamo.assume_constant_result
+def _take_overlay_note() -> bool:
+    pending, _Overlays.pending = _Overlays.pending, False
+    return pending
+
+
+if hasattr(masking_utils, "blockwise_overlay"):  # transformers >= 5.2x builds overlays inside create_causal_mask
+    _blockwise_overlay = masking_utils.blockwise_overlay
+
+    def _noted_blockwise_overlay(block_sequence_ids: torch.Tensor) -> Callable:
+        _note_overlay()
+        return _blockwise_overlay(block_sequence_ids)
+
+    masking_utils.blockwise_overlay = _noted_blockwise_overlay
 
 
 def _inner_code(factory: Any, name: str) -> Any:
@@ -89,15 +105,13 @@ def _causal_up_to_packing_eager(fn: Any) -> bool:
 def _causal_up_to_packing(fn: Any, request: dict[str, Any]) -> bool:
     """Whether a mask request is the causal one, possibly wrapped in the packed-sequence functions that transformers
     adds where position_ids restart. A causal request never carries allow_is_bidirectional_skip; custom overlays
-    passed as or/and_mask_function set use_vmap. Under torch.compile only the outer function's code is visible."""
+    passed as or/and_mask_function set use_vmap. Under torch.compile only the outer function's code is visible (an
+    overlay inside it was noted as it was built: see ``_Overlays``)."""
     if request.get("use_vmap") or "allow_is_bidirectional_skip" in request:
         return False
     if not torch.compiler.is_compiling():
         return _causal_up_to_packing_eager(fn)
-    if getattr(fn, "__code__", None) not in _PACKING_CODES:
-        return False
-    _note_overlays_assumed_absent()
-    return True
+    return getattr(fn, "__code__", None) in _PACKING_CODES
 
 
 def _query_length(kwargs: dict[str, Any]) -> int | None:
@@ -112,8 +126,10 @@ def _plainly_causal(kwargs: dict[str, Any]) -> bool:
     (documents are then kept apart by the attention function, from position_ids)."""
     kv_length, window = kwargs.get("kv_length"), kwargs.get("local_size")
     function = kwargs.get("mask_function", causal_mask_function)
+    overlay = _take_overlay_note()
     return (
-        kwargs.get("attention_mask") is None
+        not overlay
+        and kwargs.get("attention_mask") is None
         and (function is causal_mask_function or _causal_up_to_packing(function, kwargs))
         and kv_length is not None and _query_length(kwargs) == kv_length and not kwargs.get("kv_offset")
         and (window is None or window >= kv_length)
