@@ -37,6 +37,10 @@ class Corpus:
     files: int
     duplicates: int
     roots: tuple[str, ...]
+    documents: torch.Tensor
+    """int64 offsets in ``train`` where a document begins: one directory's training files, concatenated in path
+    order (a package's modules, a test folder): lengths from a few bytes to megabytes, as packed pre-training
+    sees them."""
 
     def describe(self) -> str:
         return (f"corpus: {self.train.numel() / 1e6:.1f} MB train, {self.heldout.numel() / 1e6:.1f} MB held out, "
@@ -52,6 +56,7 @@ def python_corpus(holdout_every: int = 20) -> Corpus:
     seen: set[bytes] = set()
     train, held = bytearray(), bytearray()
     files = duplicates = 0
+    documents, folder = [], None
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             try:
@@ -63,10 +68,16 @@ def python_corpus(holdout_every: int = 20) -> Corpus:
                 duplicates += 1
                 continue
             seen.add(digest)
-            (held if files % holdout_every == 0 else train).extend(text)
+            if files % holdout_every:
+                if path.parent != folder:
+                    folder = path.parent
+                    documents.append(len(train))
+                train.extend(text)
+            else:
+                held.extend(text)
             files += 1
     return Corpus(torch.frombuffer(train, dtype=torch.uint8), torch.frombuffer(held, dtype=torch.uint8), files,
-                  duplicates, tuple(map(str, roots)))
+                  duplicates, tuple(map(str, roots)), torch.tensor(documents, dtype=torch.long))
 
 
 class Batches(torch.utils.data.Dataset):
@@ -85,6 +96,26 @@ class Batches(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
         starts = torch.randint(0, self.data.numel() - self.length, (self.batch,), generator=generator).tolist()
         return torch.stack([self.data[s : s + self.length] for s in starts]).long()
+
+
+class PackedBatches(Batches):
+    """Batch i as ``Batches`` makes it, with the position ids of packed documents: they restart at 0 where a document
+    of ``documents`` (offsets in ``data``) begins inside a crop, as DataCollatorWithFlattening makes them."""
+
+    def __init__(self, data: torch.Tensor, documents: torch.Tensor, batch: int, length: int, seed: int) -> None:
+        super().__init__(data, batch, length, seed)
+        self.begins = torch.zeros(data.numel(), dtype=torch.bool)
+        self.begins[documents] = True
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        starts = torch.randint(0, self.data.numel() - self.length, (self.batch,), generator=generator).tolist()
+        tokens = torch.stack([self.data[s : s + self.length] for s in starts]).long()
+        begins = torch.stack([self.begins[s : s + self.length] for s in starts])
+        begins[:, 0] = True
+        t = torch.arange(self.length).expand_as(begins)
+        first = torch.cummax(torch.where(begins, t, 0), dim=1).values  # each token's document's first token
+        return tokens, t - first
 
 
 WINDOW = 32

@@ -6,7 +6,9 @@ Both models come from the same Hugging Face LlamaConfig and seed and are compile
 ``model.compile()``; Lighthouse: ``lhcompile.apply``). Both use attn_implementation="causal_sdpa" (SDPA with
 is_causal=True and no mask; see lhcompile/integrations/hf.py), or with ``--attention sdpa`` transformers' own, whose mask
 Dynamo builds inside the graph (N x N): lhcompile proves it causal, so its dense layers run is_causal=True too.
-Prints tokens/s and peak memory.
+With ``--packed`` the sequences are packed documents (``corpus.PackedBatches``: a directory's source files make a
+document, position ids restart with each) and both models keep them apart with causal_sdpa: dense attention within
+each document against Lighthouse per document. Prints tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import lhcompile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train  # noqa: E402
-from corpus import Batches, python_corpus  # noqa: E402
+from corpus import Batches, PackedBatches, python_corpus  # noqa: E402
 
 
 def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
@@ -37,10 +39,15 @@ def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float
         model.compile()
     else:
         lhcompile.apply(model, size.lighthouse)
-    batches = iter(Batches(data, 1, seq_len + 1, seed=0))
+    if args.packed:
+        batches = (tuple(t.cuda() for t in batch) for batch in PackedBatches(data.train, data.documents, 1,
+                                                                               seq_len + 1, seed=0))
+    else:
+        batches = ((batch.cuda(), None) for batch in Batches(data.train, 1, seq_len + 1, seed=0))
 
     def step():
-        loss = train.loss_of(model, next(batches).cuda())
+        tokens, positions = next(batches)
+        loss = train.loss_of(model, tokens, positions)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -75,14 +82,26 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (both models)")
     ap.add_argument("--attention", choices=["causal_sdpa", "sdpa"], default="causal_sdpa",
                     help="Hugging Face attention of both models (default: causal_sdpa)")
+    ap.add_argument("--packed", action="store_true",
+                    help="packed documents (a directory's files each), kept apart by both models")
     ap.add_argument("--size", choices=list(train.SIZES), default="paper",
                     help="model dims and Lighthouse setting, examples/train.py's presets (default: paper)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("throughput.py measures CUDA training steps; no CUDA device is visible")
-    data = python_corpus().train
+    data = python_corpus()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size} dims, attention {args.attention}, "
           f"bf16, AdamW, batch 1, {args.steps} timed steps after {args.warmup}")
+    if args.packed:
+        need = train.SIZES[args.size].lighthouse.min_lighthouse_len
+        for n in args.seq_len:
+            batches = PackedBatches(data.train, data.documents, 1, n + 1, seed=0)
+            lengths = [torch.diff(torch.cat([(p == 0).nonzero()[:, 1], torch.tensor([n + 1])]))
+                       for _, p in (batches[i] for i in range(args.warmup + args.steps))]
+            lengths = torch.cat(lengths)
+            print(f"packed documents at N={n}: {lengths.numel() / (args.warmup + args.steps):.1f} per sequence, "
+                  f"{lengths[lengths >= need].sum() / lengths.sum():.0%} of tokens in documents of at least "
+                  f"min_lighthouse_len={need}")
     print(f"{'N':>7} {'dense tok/s':>12} {'peak GiB':>9} {'Lighthouse tok/s':>17} {'peak GiB':>9} {'speed-up':>9}")
     for n in args.seq_len:
         dense, dense_mem, _ = measure("dense", n, args, data)

@@ -103,8 +103,9 @@ def bucket_name(lo: int, hi: int) -> str:
     return f"{short(lo)}-{short(hi)}"
 
 
-def loss_of(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1]).logits
+def loss_of(model, batch: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-byte cross-entropy; ``positions`` (packed documents) are the batch's position ids."""
+    logits = model(input_ids=batch[:, :-1], position_ids=None if positions is None else positions[:, :-1]).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 

@@ -425,6 +425,12 @@ class _Segments:
 
     @classmethod
     def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments | None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
+                "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
+                "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
+                "'reduce-overhead')")
         flags = starts.flatten() if keep is None else torch.stack([starts.flatten(), keep.flatten()])
         host = flags.cpu()
         begins = host if keep is None else host[0]

@@ -131,6 +131,15 @@ def test_dense_document_attention_is_causal_attention_within_each_document():
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_inside_a_cuda_graph_capture_it_says_it_cannot_be_captured_and_what_to_do(monkeypatch):
+    # torchtitan captures its whole training step in a CUDA graph by default; per document syncs with the host
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="CUDA graph cannot capture.*--training.disable_cuda_graphs"):
+        document_attention(q, k, v, Documents(starts_of(MIXES["two long"])))
+
+
 def test_the_constructors_agree_and_refuse_bad_boundaries_naming_them():
     rows = [[5, 20, 7], [32]]
     starts = starts_of(rows)

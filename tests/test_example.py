@@ -101,6 +101,26 @@ def test_batches_depend_on_seed_and_index_alone():
     assert a[3].shape == (2, 300) and a[3].dtype == torch.long
 
 
+def test_packed_batches_restart_positions_where_a_directorys_files_begin():
+    corpus = _example("corpus")
+    c = corpus.python_corpus()
+    begins = set(c.documents.tolist())
+    assert c.documents[0] == 0 and len(begins) == c.documents.numel() > 1
+    batches = corpus.PackedBatches(c.train, c.documents, 2, 4096, seed=0)
+    inside = 0
+    for i in range(20):
+        tokens, positions = batches[i]
+        assert torch.equal(tokens, corpus.Batches(c.train, 2, 4096, seed=0)[i])  # the same crops
+        generator = torch.Generator().manual_seed(i)
+        start = torch.randint(0, c.train.numel() - 4096, (2,), generator=generator)  # Batches' own draw, seed 0
+        for row, s in enumerate(start.tolist()):
+            want = [t for t in range(4096) if t == 0 or s + t in begins]
+            assert (positions[row] == 0).nonzero().flatten().tolist() == want
+            assert torch.equal(positions[row][1:] - positions[row][:-1] == 1, positions[row][1:] != 0)
+            inside += len(want) - 1
+    assert inside  # some crops hold a document start
+
+
 def test_copies_are_the_bytes_that_continue_a_span_seen_earlier():
     corpus = _example("corpus")
     text = b"import numpy as np\nfrom collections import OrderedDict\n" + b"x = 1\n" * 3

@@ -17,12 +17,14 @@ Each 8B config starts from torchtitan's own llama3 config and changes the model 
 tokenizer, optimizer, activation checkpointing and parallelism stay torchtitan's (override them on the command
 line as usual, e.g. ``--dataloader.dataset``, ``--hf_assets_path``).
 
-``llama3_debugmodel_32k_lighthouse`` / ``llama3_debugmodel_32k_dense`` need no hub: torchtitan's debug model
-(6 layers, d_model 256, 16 heads of 16) at 32K context on one GPU, fed the byte-level tokenizer and the
-``local_files`` dataset of ``offline_data``. ``throughput.py`` runs the pair and prints tokens/s and peak memory.
-``llama3_debugmodel_cpu_lighthouse`` runs on a CPU: torchtitan's varlen attention with every layer Lighthouse per
-document (neither FlexAttention, which has no CPU backward, nor varlen, which has no CPU kernel, can stay dense
-there).
+``llama3_{debugmodel,100m}_{flex,varlen}_{lighthouse,dense}`` need no hub: torchtitan's debug model (6 layers,
+d_model 256, 16 heads of 16) or a ~100M model built the same way (12 layers, d_model 768, 6 heads of 128), with
+torchtitan's FlexAttention or varlen attention (its block-causal document masks), at 32K context by default
+(``--training.seq_len`` to change it) on one GPU, fed the byte-level tokenizer and the ``local_files`` dataset of
+``offline_data`` (every stdlib source file a document). ``throughput.py`` runs such pairs and prints tokens/s,
+peak memory and loss. ``llama3_debugmodel_cpu_lighthouse`` runs on a CPU: torchtitan's varlen attention with every
+layer Lighthouse per document (neither FlexAttention, which has no CPU backward, nor varlen, which has no CPU
+kernel, can stay dense there).
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def _stage1_steps() -> int:
 
 
 def llama3_8b_lighthouse() -> Trainer.Config:
-    return _configured(config_registry.llama3_8b(), lighthouse(model_registry("8B"), LIGHTHOUSE),
-                       steps=_stage1_steps(), folder="./outputs/lighthouse")
+    config = _configured(config_registry.llama3_8b(), lighthouse(model_registry("8B"), LIGHTHOUSE),
+                         steps=_stage1_steps(), folder="./outputs/lighthouse")
+    config.training.disable_cuda_graphs = True  # Lighthouse per document finds each batch's documents on the host
+    return config
 
 
 def llama3_8b_recovery() -> Trainer.Config:
@@ -75,14 +79,36 @@ def llama3_8b_dense() -> Trainer.Config:
                        folder="./outputs/dense")
 
 
-# 4 of the debug model's 6 layers Lighthouse (the paper's (0, 1, -2, -1) would leave 2 of 6); issue 11's 32K
-# geometry: L3 p4, k=512 in tiles of 128
+# Lighthouse in 4 of the debug model's 6 layers and 10 of the ~100M model's 12; L3 p4, k=512 in tiles of 128 (S/N
+# 18.75% at 32K, 9.4% at 128K); documents of at least 16 * 512 = 8192 tokens get Lighthouse
 DEBUG_LIGHTHOUSE = LighthouseConfig(levels=3, pooling_factor=4, topk=512, tile_budget=128, dense_layers=(0, -1))
 
 
-def _debug_32k(spec, folder: str) -> Trainer.Config:
+def _model_100m(attn_backend: str):
+    """~100M parameters, torchtitan's llama3 built as its own flavors are (12 layers, d_model 768, 6 heads of 128,
+    byte-sized vocabulary of the debug model)."""
+    from torchtitan.models.llama3 import _build_llama3_layers, compute_ffn_hidden_dim, llama3_configs
+
+    config = llama3_configs["debugmodel"](attn_backend=attn_backend)
+    rope = dataclasses.replace(config.layers[0].attention.rope, dim=128)
+    dim, heads = 768, 6
+    layers = _build_llama3_layers(fuse_qkv=True, n_layers=12, dim=dim, n_heads=heads,
+                                  hidden_dim=compute_ffn_hidden_dim(dim, multiple_of=256), rope=rope,
+                                  attn_backend=attn_backend)
+    return dataclasses.replace(
+        config, dim=dim, layers=layers, tok_embeddings=dataclasses.replace(config.tok_embeddings, embedding_dim=dim),
+        norm=dataclasses.replace(config.norm, normalized_shape=dim),
+        lm_head=dataclasses.replace(config.lm_head, in_features=dim))
+
+
+def _spec(size: str, attn_backend: str):
+    spec = model_registry("debugmodel", attn_backend=attn_backend)
+    return spec if size == "debugmodel" else dataclasses.replace(spec, model=_model_100m(attn_backend))
+
+
+def _offline(spec, folder: str) -> Trainer.Config:
     config = _configured(config_registry.llama3_debugmodel(), spec, steps=20, folder=folder)
-    config.training.local_batch_size = 2
+    config.training.local_batch_size = 1
     config.checkpoint.enable = False  # a throughput run: nothing to resume
     config.validator.enable = False
     config.dataloader.dataset = LOCAL_FILES
@@ -90,15 +116,27 @@ def _debug_32k(spec, folder: str) -> Trainer.Config:
     return config
 
 
-def llama3_debugmodel_32k_lighthouse() -> Trainer.Config:
-    return _debug_32k(lighthouse(model_registry("debugmodel"), DEBUG_LIGHTHOUSE), "./outputs/debug_32k_lighthouse")
+def _register(size: str, attn_backend: str) -> None:
+    name = f"llama3_{size}_{attn_backend}"
+
+    def lighthouse_config() -> Trainer.Config:
+        config = _offline(lighthouse(_spec(size, attn_backend), DEBUG_LIGHTHOUSE), f"./outputs/{name}_lighthouse")
+        config.training.disable_cuda_graphs = True  # Lighthouse per document finds each batch's documents on the host
+        return config
+
+    def dense_config() -> Trainer.Config:
+        return _offline(dense(_spec(size, attn_backend)), f"./outputs/{name}_dense")
+
+    globals()[f"{name}_lighthouse"], globals()[f"{name}_dense"] = lighthouse_config, dense_config
+
+
+for _size in ("debugmodel", "100m"):
+    for _attention in ("flex", "varlen"):
+        _register(_size, _attention)
 
 
 def llama3_debugmodel_cpu_lighthouse() -> Trainer.Config:
     every = dataclasses.replace(DEBUG_LIGHTHOUSE, dense_layers=())
-    return _debug_32k(lighthouse(model_registry("debugmodel", attn_backend="varlen"), every),
-                      "./outputs/debug_cpu_lighthouse")
-
-
-def llama3_debugmodel_32k_dense() -> Trainer.Config:
-    return _debug_32k(dense(model_registry("debugmodel")), "./outputs/debug_32k_dense")
+    config = _offline(lighthouse(_spec("debugmodel", "varlen"), every), "./outputs/debug_cpu_lighthouse")
+    config.training.disable_cuda_graphs = True
+    return config

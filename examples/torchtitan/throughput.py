@@ -1,12 +1,14 @@
-"""torchtitan's own trainer, Lighthouse against its dense SDPA baseline: tokens/s and peak memory.
+"""torchtitan's own trainer, Lighthouse per document against its stock dense attention: tokens/s, memory, loss.
 
 Runs ``torchrun -m torchtitan.train --module lighthouse_llama3 --config <name>`` for each config (one GPU by
 default), reads torchtitan's per-step log lines and prints a table: median tokens/s per GPU over the steps after
 ``--warmup`` (compilation happens in the first), the largest ``max_reserved`` memory, the last loss, and the
-lhcompile site report the Lighthouse run logged. Every run's whole log is kept beside the table.
+lhcompile site report the Lighthouse run logged. Every run's whole log is kept beside the table. On a torch older
+than torchtitan 0.3.0 targets, the runs start through ``older_torch.py`` (it says what it shims).
 
-    python examples/torchtitan/throughput.py                    # the debug model at 32K, offline data
-    python examples/torchtitan/throughput.py --steps 30 -- --training.local_batch_size 4
+    python examples/torchtitan/throughput.py                    # the debug model, FlexAttention, 32K, offline data
+    python examples/torchtitan/throughput.py --configs llama3_100m_varlen_dense llama3_100m_varlen_lighthouse \
+        -- --training.seq_len 131072
 """
 
 from __future__ import annotations
@@ -46,9 +48,15 @@ def summarize(steps: dict, warmup: int) -> dict:
 
 def run(config: str, args: argparse.Namespace, extra: list[str], out: Path) -> tuple[dict, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    import torch.distributed as dist
+
+    # an older torch starts through older_torch.py's shims, and without torchtitan's CUDA graphs, whose capture of
+    # the stock dense step fails in its backward there (torch 2.11)
+    older = not hasattr(dist, "set_timeout")
+    entry = [str(HERE / "older_torch.py")] if older else ["-m", "torchtitan.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-           "-m", "torchtitan.train", "--module", "lighthouse_llama3", "--config", config,
-           f"--training.steps={args.steps}", *extra]
+           *entry, "--module", "lighthouse_llama3", "--config", config, f"--training.steps={args.steps}",
+           *(["--training.disable_cuda_graphs"] if older else []), *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log = done.stdout + done.stderr
@@ -71,8 +79,8 @@ def site_report(log: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["llama3_debugmodel_32k_dense",
-                                                         "llama3_debugmodel_32k_lighthouse"],
+    parser.add_argument("--configs", nargs="+", default=["llama3_debugmodel_flex_dense",
+                                                         "llama3_debugmodel_flex_lighthouse"],
                         help="config names of lighthouse_llama3; the first is the baseline")
     parser.add_argument("--steps", type=int, default=20, help="training steps of each run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s (compilation)")
