@@ -38,7 +38,8 @@ class LighthouseConfig:
     """Attention sites (in graph order; negative counts from the end) that stay dense SDPA; with per-layer
     ``fully_shard``, the layers of the layer stack (see ``lhcompile.apply``)."""
     min_seq_len: int = 0
-    """Sequences shorter than this use dense SDPA (the tile rule may set a higher floor)."""
+    """Sequences (and packed documents) shorter than this stay dense; the tiles set a floor of p^(L-1) * topk of
+    their own, and ``min_lighthouse_len`` reads the larger of the two."""
     inner_attention: InnerAttention = "sdpa"
     """Dense attention on the gathered sub-sequence: PyTorch SDPA, or the flash_attn package."""
     rope: RopeOrder = "before_pooling"
@@ -49,6 +50,13 @@ class LighthouseConfig:
     rotary), gives Lighthouse the unrotated q and k with the model's tables, and rotates each gathered entry at the
     last position it covers. A site where no rotation is recognised keeps the paper's order, and the report and a
     warning say why."""
+
+    def __new__(cls, *args, **kwargs):
+        if "min_lighthouse_len" in kwargs:  # the name README and the reports use for the derived floor
+            raise TypeError(
+                "LighthouseConfig: min_lighthouse_len is derived, not set: it is the larger of min_seq_len (your "
+                "floor, default 0) and the tiles' own p^(L-1) * topk; pass min_seq_len=... to raise it")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         def reject(field: str, rule: str) -> None:

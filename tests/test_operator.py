@@ -190,6 +190,14 @@ def test_config_rejects_bad_values_naming_field_value_rule(field, value, rule):
     assert f"{field}={value!r}" in str(err.value) and rule in str(err.value)
 
 
+def test_the_derived_minimum_length_says_which_field_sets_it():
+    with pytest.raises(TypeError, match="min_lighthouse_len is derived.*pass min_seq_len"):
+        LighthouseConfig(min_lighthouse_len=16)
+    assert LighthouseConfig(min_seq_len=10**6).min_lighthouse_len == 10**6
+    assert LighthouseConfig().min_lighthouse_len == 16 * 2048  # p^(L-1) * topk
+    assert dataclasses.replace(LighthouseConfig(), topk=1024).min_lighthouse_len == 16 * 1024
+
+
 def test_config_is_frozen_and_hashable():
     cfg = LighthouseConfig()
     with pytest.raises(AttributeError):
