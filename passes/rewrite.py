@@ -40,8 +40,9 @@ Build = Callable[[Site, dict[str, Any]], fx.Proxy]
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[Site], build: Build) -> list[fx.Node]:
-    """Rewrite each of ``sites`` (attention calls found in gm.graph) into ``build(site, arguments)``, traced in place; returns the
-    nodes the erased calls read (a causal mask among them may now be unused: see ``erase_unused``).
+    """Rewrite each of ``sites`` (attention calls found in gm.graph) into ``build(site, arguments)``, traced in
+    place; returns the nodes the erased calls read (a causal mask among them may now be unused: see
+    ``erase_unused``).
 
     The new nodes carry ``meta[REWRITE_TAG]``; the subgraph's output node also records the erased
     nodes (the attention call and its getitems), so that ``restore_sites`` can put them back unchanged.

@@ -82,8 +82,9 @@ class SiteKind(Protocol):
 
     name: str
     query: str
-    """Names of its query and key arguments among the bound ones."""
+    """Names of its query, key and value arguments among the bound ones."""
     key: str
+    value: str
     rope: bool
     """Whether the rotation upstream of its query and key can be found (its inputs are in SDPA's layout)."""
 
@@ -105,6 +106,23 @@ class SiteKind(Protocol):
 
     def op_name(self, target: Any) -> str:
         """The op's name in the report."""
+
+
+class SdpaLayout:
+    """What most kinds share: query, key and value already in SDPA's (B, H, N, d) layout under the argument names
+    ``query``, ``key`` and ``value``, the attention output returned as the call returns it, and a ``scale``
+    argument (None: 1/sqrt(d)). A kind laid out otherwise overrides ``inputs`` and ``output_from``."""
+
+    query, key, value = "query", "key", "value"
+
+    def inputs(self, site: Site, args: dict[str, Any]) -> tuple[Any, Any, Any]:
+        return args[self.query], args[self.key], args[self.value]
+
+    def output_from(self, site: Site, out: Any, args: dict[str, Any]) -> Any:
+        return out
+
+    def scale(self, site: Site, args: dict[str, Any]) -> Any:
+        return args.get("scale")
 
 
 def bind_arguments(target: Any, args: tuple, kwargs: dict, params: tuple[tuple[str, Any], ...] = ()

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from ..causal_mask import Proofs, Resolve, constant_value
 from ..meta import node_shape
-from ..site import DocumentSource, Site, bind_arguments, module_path, tuple_outputs
+from ..site import DocumentSource, SdpaLayout, Site, bind_arguments, module_path, tuple_outputs
 
 
 def _target() -> Any:
@@ -22,9 +22,9 @@ def _target() -> Any:
         return None
 
 
-class DocumentOp:
+class DocumentOp(SdpaLayout):
     name = "document_attention"
-    query, key = "q", "k"
+    query, key, value = "q", "k", "v"
     rope = True
 
     def matches(self, node: fx.Node) -> bool:
@@ -42,17 +42,9 @@ class DocumentOp:
         if known is not None and not bool(known[:, 1:].any()):
             site.causal_proven = site.problem is None  # one document per row, known at capture
         else:
-            site.documents = DocumentSource("starts", (starts,), "the documents lhcompile.document_attention is given, read at run time")
+            site.documents = DocumentSource("starts", (starts,),
+                                            "the documents lhcompile.document_attention is given, read at run time")
         return site
-
-    def inputs(self, site: Site, args: dict[str, Any]) -> tuple[Any, Any, Any]:
-        return args["q"], args["k"], args["v"]
-
-    def output_from(self, site: Site, out: Any, args: dict[str, Any]) -> Any:
-        return out
-
-    def scale(self, site: Site, args: dict[str, Any]) -> Any:
-        return args.get("scale")
 
     def op_name(self, target: Any) -> str:
         return "lhcompile.document_attention"

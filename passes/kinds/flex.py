@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from ..causal_mask import Proofs, Resolve
 from ..meta import node_shape
-from ..site import DocumentSource, Site, module_path, tuple_outputs
+from ..site import DocumentSource, SdpaLayout, Site, module_path, tuple_outputs
 
 aten = torch.ops.aten
 
@@ -116,9 +116,8 @@ _DESCRIPTIONS = {
 }
 
 
-class Flex:
+class Flex(SdpaLayout):
     name = "flex"
-    query, key = "query", "key"
     rope = True
 
     def matches(self, node: fx.Node) -> bool:
@@ -169,15 +168,6 @@ class Flex:
         if site.q_shape is not None and site.k_shape is not None and site.q_shape[2] != site.k_shape[2]:
             return f"query length {site.q_shape[2]} differs from key length {site.k_shape[2]} (not self-attention)"
         return None
-
-    def inputs(self, site: Site, args: dict[str, Any]) -> tuple[Any, Any, Any]:
-        return args["query"], args["key"], args["value"]
-
-    def output_from(self, site: Site, out: Any, args: dict[str, Any]) -> Any:
-        return out
-
-    def scale(self, site: Site, args: dict[str, Any]) -> Any:
-        return args.get("scale")
 
     def op_name(self, target: Any) -> str:
         return "flex_attention"

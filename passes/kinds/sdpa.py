@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..causal_mask import Proofs, Resolve, prove_causal
 from ..meta import node_shape
-from ..site import Site, bind_arguments, module_path, tuple_outputs
+from ..site import SdpaLayout, Site, bind_arguments, module_path, tuple_outputs
 
 aten = torch.ops.aten
 
@@ -44,12 +44,11 @@ def _mask(args: dict[str, Any]) -> Any:
     return args.get("attn_mask", args.get("attn_bias"))
 
 
-class Sdpa:
+class Sdpa(SdpaLayout):
     """SDPA: ``F.scaled_dot_product_attention`` / ``torch._C._nn``, ``aten.scaled_dot_product_attention`` and the
     backend ops (flash, flash-for-cpu, efficient, cuDNN), with positional or keyword arguments."""
 
     name = "sdpa"
-    query, key = "query", "key"
     rope = True
 
     def matches(self, node: fx.Node) -> bool:
@@ -88,15 +87,6 @@ class Sdpa:
         if site.q_shape[2] != site.k_shape[2]:
             return f"query length {site.q_shape[2]} differs from key length {site.k_shape[2]} (not self-attention)"
         return None
-
-    def inputs(self, site: Site, args: dict[str, Any]) -> tuple[Any, Any, Any]:
-        return args["query"], args["key"], args["value"]
-
-    def output_from(self, site: Site, out: Any, args: dict[str, Any]) -> Any:
-        return out
-
-    def scale(self, site: Site, args: dict[str, Any]) -> Any:
-        return args.get("scale")
 
     def op_name(self, target: Any) -> str:
         return str(target) if isinstance(target, torch._ops.OpOverload) else f"F.{target.__name__}"

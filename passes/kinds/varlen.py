@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..causal_mask import Proofs, Resolve
 from ..meta import node_shape
-from ..site import DocumentSource, Site, bind_arguments, module_path, tuple_outputs
+from ..site import DocumentSource, SdpaLayout, Site, bind_arguments, module_path, tuple_outputs
 
 
 def _varlen_targets() -> tuple[Any, ...]:
@@ -20,9 +20,8 @@ def _varlen_targets() -> tuple[Any, ...]:
     return () if packet is None else (packet, packet.default)
 
 
-class Varlen:
+class Varlen(SdpaLayout):
     name = "varlen"
-    query, key = "query", "key"
     rope = False  # its tokens are rows laid end to end: no position axis to follow the rotation along
 
     def matches(self, node: fx.Node) -> bool:
@@ -54,13 +53,10 @@ class Varlen:
         return None
 
     def inputs(self, site: Site, args: dict[str, Any]) -> tuple[Any, Any, Any]:
-        return tuple(args[name].transpose(0, 1).unsqueeze(0) for name in ("query", "key", "value"))
+        return tuple(args[name].transpose(0, 1).unsqueeze(0) for name in (self.query, self.key, self.value))
 
     def output_from(self, site: Site, out: Any, args: dict[str, Any]) -> Any:
         return out.squeeze(0).transpose(0, 1).contiguous()
-
-    def scale(self, site: Site, args: dict[str, Any]) -> Any:
-        return args.get("scale")
 
     def op_name(self, target: Any) -> str:
         return "varlen_attn"
