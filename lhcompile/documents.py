@@ -162,7 +162,9 @@ class Layout:
         """The layout of a batch whose documents begin at ``starts`` (B, N) bool (traceable: sizes are static)."""
         g = config.geometry(0)
         span, unit, need = g.coarsest_span, g.unit, config.min_lighthouse_len
-        per_row = torch.sym_max(length // need, 1)  # one slot at least: a dynamic length may be short
+        # one slot at least: a dynamic length may be short. torch.sym_max keeps a symbolic length unguarded; on plain
+        # ints it is Python's max (Dynamo of torch 2.11 refuses torch.sym_max returning an int)
+        per_row = max(length // need, 1) if isinstance(length, int) else torch.sym_max(length // need, 1)
         slots = batch * per_row
         entries = g.top * g.children_per_tile * g.tiles  # a long document's entries beyond n / p^(L-1)
         relaid_len = -(-(batch * length + slots * (unit + span)) // span) * span + span
