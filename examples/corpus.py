@@ -92,10 +92,13 @@ class Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def crops(self, i: int) -> list[int]:
+        """Where batch i's crops start in ``data``."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
-        starts = torch.randint(0, self.data.numel() - self.length, (self.batch,), generator=generator).tolist()
-        return torch.stack([self.data[s : s + self.length] for s in starts]).long()
+        return torch.randint(0, self.data.numel() - self.length, (self.batch,), generator=generator).tolist()
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.stack([self.data[s : s + self.length] for s in self.crops(i)]).long()
 
 
 class PackedBatches(Batches):
@@ -108,14 +111,11 @@ class PackedBatches(Batches):
         self.begins[documents] = True
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
-        starts = torch.randint(0, self.data.numel() - self.length, (self.batch,), generator=generator).tolist()
-        tokens = torch.stack([self.data[s : s + self.length] for s in starts]).long()
-        begins = torch.stack([self.begins[s : s + self.length] for s in starts])
+        begins = torch.stack([self.begins[s : s + self.length] for s in self.crops(i)])
         begins[:, 0] = True
         t = torch.arange(self.length).expand_as(begins)
         first = torch.cummax(torch.where(begins, t, 0), dim=1).values  # each token's document's first token
-        return tokens, t - first
+        return super().__getitem__(i), t - first
 
 
 WINDOW = 32

@@ -13,8 +13,8 @@ mix of documents. How:
   documents and the causal shift of a document's last entries lands in its own gap. The unchanged score, gather
   and scatter stages run on that stream; ``select_documents`` runs each document's tiles on their own.
 - The gathered entries of all long documents and the tokens of all short ones go through ``document_attention``
-  (dense causal attention within each document: flash varlen on a GPU, a masked reference elsewhere), one call
-  each.
+  (dense causal attention within each document: on a GPU cuDNN on padded batches of documents of similar lengths,
+  or flash varlen, ``VARLEN_KERNEL``; a reference document by document elsewhere), one call each.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from ..config import LighthouseConfig
 from ..documents import Documents, document_attention
 from ..report import Report
 
+
 class _Overlays:
     """Block overlays transformers has built whose mask it has not asked for yet. Under torch.compile the closures
     of its mask functions are hidden from Dynamo, so an overlay inside the packed-sequence ``and_masks`` (Gemma 3's
