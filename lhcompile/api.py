@@ -50,6 +50,7 @@ def apply(
     debug: bool | None = None,
     example_inputs: Sequence[Any] | None = None,
     context_parallel: dist.ProcessGroup | None = None,
+    regional: bool = True,
 ) -> torch.nn.Module:
     """Rewrite the model's causal SDPA calls into Lighthouse attention, in place; returns the model.
 
@@ -57,7 +58,11 @@ def apply(
       ``example_inputs`` through it).
     - any other ``nn.Module``: compiled in place with Dynamo, once per mode: in training mode its graphs are
       rewritten as they are captured on the first forward call, in eval mode they stay dense; the module's
-      ``training`` flag picks the graph at every call. Each graph then goes to ``compiler`` ("inductor", "eager"
+      ``training`` flag picks the graph at every call. With ``regional`` (the default) and a layer stack (a
+      ModuleList/ModuleDict of two layers or more), each layer is compiled on its own and Dynamo reuses one graph
+      per kind of layer (class, dense or not), so the compile costs about one layer's whatever the depth; the
+      rest of the model (embeddings, head, loss) runs as written, and attention outside the layer stack stays
+      dense. ``regional=False`` compiles the whole model as one graph (across-layer fusion, longer compile). Each graph then goes to ``compiler`` ("inductor", "eager"
       to run the rewritten graph op by op, any registered torch.compile backend name, or a backend callable).
       Parameters, buffers and state_dict keys stay the module's own. A later ``torch.compile(model)`` is
       harmless: Dynamo defers to the module's own compiled call. ``torch.compile(model)`` (an OptimizedModule)
@@ -66,16 +71,16 @@ def apply(
       and 2W-1-r of 2W (PyTorch's head-tail layout; cut inputs with ``lhcompile.context_parallel.shard``).
       Lighthouse then runs per chunk with half the budget and its gathered tokens join PyTorch's ring
       attention; every site kept dense becomes ring attention too (see ``lhcompile.context_parallel``).
-    - layers compiled on their own (per-layer ``fully_shard``, or ``block.compile()`` in place, inside the items
-      of a ModuleList/ModuleDict): ``apply`` compiles them itself, one backend per kind of layer, and
+    - layers compiled on their own (regional, per-layer ``fully_shard``, or ``block.compile()`` in place, inside
+      the items of a ModuleList/ModuleDict): ``apply`` compiles them itself, one backend per kind of layer, and
       ``dense_layers`` counts layers (see ``lhcompile.blocks``); ``restore`` gives back their own compiled calls.
     Applying twice with the same settings changes nothing; use ``restore`` to go back to dense SDPA.
     """
     options = Options.make(config, filter_fn=filter_fn, compiler=compiler, debug=debug,
-                           context_parallel=context_parallel)
+                           context_parallel=context_parallel, regional=regional)
     if isinstance(model, OptimizedModule):
         apply(model._orig_mod, config, filter_fn=filter_fn, compiler=compiler, debug=debug,
-              example_inputs=example_inputs, context_parallel=context_parallel)
+              example_inputs=example_inputs, context_parallel=context_parallel, regional=regional)
         return model
     if isinstance(model, fx.GraphModule):
         return _apply_to_graph(model, options, example_inputs)
@@ -108,11 +113,13 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
                       LighthouseWarning, stacklevel=3)
         return model
     _warn_if_never_long_enough(model, options)
-    groups = group_blocks(find_blocks(model, options.config), options.filter_fn)
+    groups = group_blocks(find_blocks(model, options.config, options.regional), options.filter_fn)
     kinds = tuple(Kind(tuple(block for block, _ in members), tuple(module for _, module in members))
                   for members in groups)
     model.__dict__.pop(RESTORED, None)
-    Applied.install(model, options, (*kinds, Kind((), (model,))))
+    # regionally compiled, the model's own call runs as written around its compiled layers; its call is still
+    # taken over, so that a later torch.compile(model) or model.compile() cannot trace the layers into a dense graph
+    Applied.install(model, options, (*kinds, Kind((), (model,), compiled=not (options.regional and kinds))))
     return model
 
 

@@ -1,14 +1,16 @@
 """The modules of a model's layer stack that are compiled on their own, and the kinds they fall into.
 
-Two setups compile each layer (or a part of it) apart from the model: per-layer FSDP2 (Dynamo does not trace
-``fully_shard``'s hooks, so it compiles each sharded module on its own) and per-block compilation in place
-(``block.compile()``, as torchtitan's ``apply_compile`` does). Dynamo then reuses one graph for every module of
-a class, so ``apply`` compiles these blocks itself, with one backend per kind of block (same class, dense or not
+A model's layers are compiled apart from it in three setups: regional compilation (``apply``'s default: each
+item of a layer stack, so that a 30-layer model costs one layer's compile), per-layer FSDP2 (Dynamo does not
+trace ``fully_shard``'s hooks, so it compiles each sharded module on its own) and per-block compilation in place
+(``block.compile()``, as torchtitan's ``apply_compile`` does). Dynamo reuses one graph for every module of a
+class, so ``apply`` compiles these blocks itself, with one backend per kind of block (same class, dense or not
 under ``dense_layers``, alike under ``filter_fn``), and ``dense_layers`` counts layers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 from .config import LighthouseConfig
+from .report import LighthouseWarning
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class Block:
     """Module path of the block in the model, e.g. 'model.layers.3'."""
     dense_reason: str | None
     """Why its layer stays dense (the layer is in ``dense_layers``), or None."""
+    layer: int
+    """Its layer's place in the model's layer stacks: what ``dense_layers`` counts."""
 
 
 def join_path(prefix: str, path: str) -> str:
@@ -38,8 +43,11 @@ def compiled_alone(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule) or module._compiled_call_impl is not None
 
 
-def find_blocks(model: torch.nn.Module, config: LighthouseConfig) -> list[tuple[Block, torch.nn.Module]]:
-    """The top-most modules compiled on their own inside the items of the model's ModuleLists/ModuleDicts."""
+def find_blocks(model: torch.nn.Module, config: LighthouseConfig, regional: bool
+                ) -> list[tuple[Block, torch.nn.Module]]:
+    """Per item of the model's top-most ModuleLists/ModuleDicts (its layer stacks): the top-most modules in it
+    that are compiled on their own, or with ``regional`` the item itself where none is and the stack has two
+    items or more."""
     layers: list[tuple[str, list[tuple[str, torch.nn.Module]]]] = []
     for path, container in model.named_modules():
         if not isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict)):
@@ -52,13 +60,19 @@ def find_blocks(model: torch.nn.Module, config: LighthouseConfig) -> list[tuple[
             for inner, module in item.named_modules(prefix=item_path):
                 if compiled_alone(module) and not any(inner.startswith(f"{p}.") for p, _ in alone):
                     alone.append((inner, module))
+            if not alone and regional and len(container) > 1:
+                alone.append((item_path, item))
             if alone:
                 layers.append((item_path, alone))
     n = len(layers)
     dense = config.dense_indices(n)
+    outside = [i for i in config.dense_layers if not -n <= i < n]
+    if n and outside:
+        warnings.warn(f"lhcompile.apply: dense_layers entries {outside} are outside the {n} layers of the model's layer "
+                      "stack; they keep nothing dense", LighthouseWarning, stacklevel=4)
     return [
-        (Block(path, f"dense layer (layer {i} of {n} is in dense_layers={config.dense_layers})" if i in dense else None),
-         module)
+        (Block(path, f"dense layer (layer {i} of {n} is in dense_layers={config.dense_layers})" if i in dense else None,
+               i), module)
         for i, (_, alone) in enumerate(layers)
         for path, module in alone
     ]

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from .backend import Backend
 from .blocks import Block
-from .lighthouse_pass import Scope
+from .lighthouse_pass import Scope, warn_if_nothing_rewritten
 from .options import Options
 from .report import LighthouseWarning, Report
 
@@ -43,6 +43,8 @@ class Kind:
 
     blocks: tuple[Block, ...]
     modules: tuple[torch.nn.Module, ...]
+    compiled: bool = True
+    """False: the model's own call runs as written around its layers compiled on their own (regional)."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Applied:
         """Compile every module of ``kinds`` in place, per mode, and keep the state on ``model``; with ``hooks``,
         hook the model's children to notice them run outside its compiled call (a deep copy copies the hooks)."""
         state = cls(model, options, Report(), kinds, {})
-        if hooks:
+        if hooks and any(not kind.blocks and kind.compiled for kind in kinds):
             # a block compiled on its own runs Lighthouse wherever it is called; a hook on it would also make Dynamo
             # call its compiled call instead of inlining it into the model's graph
             blocks = {module for kind in kinds if kind.blocks for module in kind.modules}
@@ -73,7 +75,11 @@ class Applied:
             backends = _backends(options, state.report, kind, model)
             for module in kind.modules:
                 state.previous[module] = module.__dict__.get("_compiled_call_impl")
-                _compile_per_mode(module, backends)
+                whole = None if kind.blocks else state.report  # the model's own call: it sees every layer run
+                if kind.compiled:
+                    _compile_per_mode(module, backends, whole, sum(k.compiled for k in kinds))
+                else:
+                    _run_as_written(module, whole)
                 # Module.compile would overwrite the compiled call: this instance attribute answers instead
                 object.__setattr__(module, "compile", functools.partial(_compile_after_apply, model, module))
         object.__setattr__(model, STATE, state)
@@ -94,7 +100,8 @@ class Applied:
         # deepcopy makes the model's copy (kept in memo) before it copies the model's attributes, this state last
         # among them: the copies of the compiled layers are whole by now, the model's is being filled in
         model = copy.deepcopy(self.model, memo)
-        kinds = tuple(Kind(kind.blocks, tuple(copy.deepcopy(m, memo) for m in kind.modules)) for kind in self.kinds)
+        kinds = tuple(Kind(kind.blocks, tuple(copy.deepcopy(m, memo) for m in kind.modules), kind.compiled)
+                      for kind in self.kinds)
         state = Applied.install(model, self.options, kinds, hooks=False)
         state.previous = dict.fromkeys(state.previous)  # torch drops compiled calls from copies
         return state
@@ -152,13 +159,16 @@ def applied(model: torch.nn.Module) -> Applied | None:
 
 def _backends(options: Options, report: Report, kind: Kind, model: torch.nn.Module) -> dict[bool, Backend]:
     root = kind.modules[0] if kind.blocks else model
-    return {training: Backend(options, Scope(training=training, root=root, blocks=kind.blocks), report)
+    return {training: Backend(options, Scope(training=training, root=root, blocks=kind.blocks, model=model), report)
             for training in (True, False)}
 
 
-def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend]) -> None:
+def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], whole: Report | None, kinds: int
+                      ) -> None:
     """Compile the module in place twice, for training (rewritten) and for eval (dense), and let its ``training``
-    flag choose at every call: Dynamo guards on the flag only where the model's code reads it."""
+    flag choose at every call: Dynamo guards on the flag only where the model's code reads it. ``whole``: the
+    model's report, where the module is the model (said after a training call if it rewrote nothing); ``kinds``:
+    how many kinds of module are compiled in place."""
     # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly. Where sites run
     # per document (their lengths are data), new inputs go to Dynamo's automatic dynamic shapes instead: the sizes
     # and ints that changed (a packed batch's total length, varlen's longest document) become dynamic, so one more
@@ -184,17 +194,41 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend]) ->
         new = shapes not in seen[mode]
         packed[mode] = packed[mode] or (new and bool(seen[mode]) and backend.documents)
         runs = backend.runs
-        out = (dynamic if packed[mode] else compiled)[mode](*args, **kwargs)
+        # Dynamo counts its recompile limit per code, and every module compiled here shares nn.Module's call: each
+        # kind of layer gets the limit the user set
+        limit = torch._dynamo.config.recompile_limit
+        with torch._dynamo.config.patch(recompile_limit=limit * kinds):
+            out = (dynamic if packed[mode] else compiled)[mode](*args, **kwargs)
         if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
             return out
         if new:
             seen[mode].append(shapes)
         if backend.runs == runs:
             _warn_ran_eagerly(module, backend, shapes, new)
+        if whole is not None and mode:
+            _warn_if_nothing_rewritten(whole)
         return out
 
     # object.__setattr__: also on a deep copy whose attributes are not set yet (see Applied.__deepcopy__)
     object.__setattr__(module, "_compiled_call_impl", call)
+
+
+def _run_as_written(module: torch.nn.Module, whole: Report) -> None:
+    """The model's own call, uncompiled: a torch.compile of the model around it defers to it, so that Dynamo does
+    not trace the layers it holds, each compiled on its own, into one dense graph."""
+
+    @torch.compiler.disable
+    def call(*args, **kwargs):
+        out = module._call_impl(*args, **kwargs)
+        if module.training:
+            _warn_if_nothing_rewritten(whole)
+        return out
+
+    object.__setattr__(module, "_compiled_call_impl", call)
+
+
+def _warn_if_nothing_rewritten(report: Report) -> None:
+    warn_if_nothing_rewritten(report, [s for s in report.sites if s.training])
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:

@@ -44,6 +44,8 @@ class Scope:
     """The module compiled with it; a site path that does not resolve in it means a graph of a submodule."""
     blocks: tuple[Block, ...] = ()
     """The modules of the layer stack it serves (one graph per kind of layer), or () for the root's own graph."""
+    model: torch.nn.Module | None = None
+    """The model ``apply`` was called on (the root, or the model of the blocks)."""
 
 
 @dataclass
@@ -90,15 +92,16 @@ class Decision:
     site: Site
     position: int
     """Among the sites of the whole captured graph, in execution order (what ``dense_layers`` counts)."""
-    rows: list[tuple[str, list[str]]]
-    """Per layer block the graph serves (one for the model's own graph): the site's path and every reason it stays
-    dense there (none: Lighthouse). The first block decides for the graph that serves them all."""
+    rows: list[tuple[int, str, list[str]]]
+    """Per layer block the graph serves (one for the model's own graph): the site's place among the model's sites,
+    its path and every reason it stays dense there (none: Lighthouse). The first block decides for the graph that
+    serves them all."""
     rotation: tuple[RopeMatch, RopeMatch] | str | None = None
     """With rope='after_selection', at a Lighthouse site: the rotation found, or why none was."""
 
     @property
     def lighthouse(self) -> bool:
-        return not self.rows[0][1]
+        return not self.rows[0][2]
 
     def rewrites(self, options: Options) -> bool:
         return self.lighthouse or options.placement.rewrites_dense or self.site.causal_proven
@@ -117,7 +120,9 @@ def decide(graphs: list[_Graph], options: Options, scope: Scope, numbering: Numb
     decisions = []
     for position, (g, site) in enumerate(sites, start=first):
         options.placement.check(site)
-        rows = [(path := join_path(block.path if block else "", site.module_path),
+        # a block's graph holds its layer's sites: the model's sites before them are those of the layers before
+        rows = [(block.layer * total + position if block else position,
+                 path := join_path(block.path if block else "", site.module_path),
                  _reasons(site, position, total, options, scope, block, path)) for block in scope.blocks or (None,)]
         decision = Decision(g, site, position, rows)
         if decision.lighthouse and options.config.rope == "after_selection":
@@ -194,8 +199,8 @@ def report_rows(decisions: list[Decision], graph_id: int, options: Options, scop
     for d in decisions:
         site = d.site
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
-        for path, reasons in d.rows:
-            rows.append(SiteReport(graph_id, d.position, path, site.op, site.q_shape, kv_heads, not reasons,
+        for index, path, reasons in d.rows:
+            rows.append(SiteReport(graph_id, index, path, site.op, site.q_shape, kv_heads, not reasons,
                                    _reason(d, reasons, options), scope.training, site.documents is not None))
     return rows
 
@@ -275,7 +280,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     report.graphs += 1
     graphs = list(_graphs(gm, f"graph {graph_id}", {}, {}))
     decisions = decide(graphs, options, scope, numbering)
-    if scope.root is not None and not scope.blocks:
+    if scope.root is not None:
         _warn_if_captured_below(gm, scope.root, [d.site for d in decisions], report)
     before = gm.print_readable(print_output=False) if options.debug else ""
     report.sites += report_rows(decisions, graph_id, options, scope)
@@ -308,10 +313,11 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
     """Say what this graph left undone, or took on a guess, that a user would not see otherwise."""
     if scope.mode_from_grad and total:
         report.once.warn(f"mode from grad {scope.training}", _mode_guess(graph_id, total, scope.training))
-    buffers = sorted({b for g in graphs for site in g.sites if site.mask_proof for b in site.mask_proof.buffers})
+    buffers = sorted({join_path(block.path if block else "", b) for g in graphs for site in g.sites if site.mask_proof
+                      for b in site.mask_proof.buffers for block in scope.blocks or (None,)})
     if buffers:
-        report.once.warn(
-            "mask buffers",
+        report.once.warn(  # once per graph: each kind of layer has its own
+            f"mask buffers {buffers}",
             f"lhcompile: the attention mask read from the module buffer(s) {', '.join(buffers)} was proven causal "
             "from its values at capture, so its sites run as causal attention (Lighthouse, or SDPA with "
             "is_causal=True) without reading it; if you change the buffer, call lhcompile.restore and apply again")
@@ -324,7 +330,7 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
             note = (f"lhcompile: graph {graph_id} has no attention call to rewrite, but calls that look like "
                     f"attention: {', '.join(f'{name} x{c}' for name, c in counts.items())}. lhcompile rewrites "
                     "scaled_dot_product_attention, varlen_attn, FlexAttention and lhcompile.document_attention only: "
-                    f"{_switch_to_sdpa(scope.root)}")
+                    f"{_switch_to_sdpa(scope.model or scope.root)}")
             report.notes.append(note)
             report.once.warn(f"no sdpa {graph_id}", note)
         return
@@ -347,12 +353,15 @@ def _warn_about(graphs: list[_Graph], graph_id: int, total: int, options: Option
                          f"dynamic=True, or Dynamo's automatic dynamic shapes), so {len(dynamic)} of its attention "
                          "sites stay dense: Lighthouse over one sequence needs a static length (per packed document "
                          f"it does not). First: {dynamic[0].module_path or '<top>'}: {dynamic[0].reason}")
-    # a graph that serves dense layers only rewrites nothing by design; the root's own graph should rewrite some
-    expected = any(b.dense_reason is None for b in scope.blocks) if scope.blocks else not report.rewritten
-    if expected and not any(s.rewritten for s in rows):
+    if scope.model is None:  # apply says it after the model's call, when every kind of layer has been captured
+        warn_if_nothing_rewritten(report, rows)
+
+
+def warn_if_nothing_rewritten(report: Report, rows: list[SiteReport]) -> None:
+    if rows and not any(s.rewritten for s in rows):
         report.once.warn("nothing rewritten",
                          "lhcompile: no attention site was rewritten, so this model trains with dense attention. "
-                         f"Every reason, per site:\n{report.table(rows)}")
+                         f"Every reason, per site:\n{report.table(rows)}", stacklevel=3)
 
 
 def _switch_to_sdpa(root: torch.nn.Module | None) -> str:

@@ -32,11 +32,15 @@ class Options:
     debug: bool
     placement: Placement
     """Where the rewritten attention runs: one device, or a context-parallel group."""
+    regional: bool = True
+    """``apply`` compiles each layer of a layer stack on its own (one compile per kind of layer), not the whole
+    model."""
 
     @classmethod
     def make(cls, config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
              compiler: Compiler = "inductor", debug: bool | None = None,
-             context_parallel: dist.ProcessGroup | None = None, caller: str = "lhcompile.apply") -> Options:
+             context_parallel: dist.ProcessGroup | None = None, regional: bool = True,
+             caller: str = "lhcompile.apply") -> Options:
         """Check every argument now, naming it and what is accepted, rather than at the first forward call."""
         config = LighthouseConfig() if config is None else config
         if not isinstance(config, LighthouseConfig):
@@ -68,7 +72,10 @@ class Options:
                           "the model runs single-device Lighthouse; call dist.init_process_group first if you meant "
                           "context parallelism", LighthouseWarning, stacklevel=3)
         placement = SingleDevice() if context_parallel is None else ContextParallel.make(context_parallel, config)
-        return cls(config, filter_fn, compiler, debug_enabled(debug), placement)
+        if not isinstance(regional, bool):
+            raise TypeError(f"{caller}: regional must be True (compile each layer of the layer stack on its own) or "
+                            f"False (compile the whole model as one graph), got {regional!r}")
+        return cls(config, filter_fn, compiler, debug_enabled(debug), placement, regional)
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """Hand a rewritten graph to the compiler."""

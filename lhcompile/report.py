@@ -65,28 +65,34 @@ class Report:
     state: str = "applied"
     """'applied', 'restored' (the model is dense again: the rows say what the pass did before) or 'not applied'."""
 
+    @property
+    def ordered(self) -> list[SiteReport]:
+        """The rows in the model's order of sites, training rows first (``sites`` holds them as graphs were
+        captured: one graph per kind of layer, where layers are compiled on their own)."""
+        return sorted(self.sites, key=lambda s: (not s.training, s.index))
+
     def __iter__(self) -> Iterator[SiteReport]:
-        return iter(self.sites)
+        return iter(self.ordered)
 
     def __len__(self) -> int:
         return len(self.sites)
 
     def __getitem__(self, i: int) -> SiteReport:
-        return self.sites[i]
+        return self.ordered[i]
 
     @property
     def rewritten(self) -> list[SiteReport]:
-        return [s for s in self.sites if s.rewritten]
+        return [s for s in self.ordered if s.rewritten]
 
     @property
     def dense(self) -> list[SiteReport]:
-        return [s for s in self.sites if not s.rewritten]
+        return [s for s in self.ordered if not s.rewritten]
 
     def table(self, sites: list[SiteReport] | None = None, reason_width: int = REASON_WIDTH) -> str:
         """The rows as a table; reasons are wrapped at ``reason_width`` characters, so a row stays readable in a
         terminal."""
         rows = [("graph", "#", "module", "op", "q shape", "kv heads", "lighthouse", "reason")]
-        for s in self.sites if sites is None else sites:
+        for s in self.ordered if sites is None else sites:
             shape = "x".join(map(str, s.q_shape)) if s.q_shape else "?"
             rows.append(
                 (str(s.graph), str(s.index), s.module_path or "<top>", s.op, shape, str(s.kv_heads or "?"),

@@ -167,7 +167,7 @@ def test_per_layer_fsdp2_compiles_each_kind_of_layer_with_its_own_decision(tmp_p
 def _sub_layer_fsdp(rank):
     model = hf_model("llama")
     shard_with_fsdp2(model, [model.model])  # compiled on its own: its site paths lack the "model." of the root's
-    lhcompile.apply(model, CFG, compiler="eager")
+    lhcompile.apply(model, CFG, compiler="eager", regional=False)  # by layer, the layers are compiled on their own
     with pytest.warns(UserWarning, match="captured in a graph of one submodule"):
         model(input_ids=torch.randint(0, VOCAB, (2, N)))
 

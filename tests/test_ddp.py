@@ -22,7 +22,7 @@ def _ddp(rank):
     twin = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LighthouseWarning)  # no "nothing rewritten" from a bucket of dense sites
-        lhcompile.apply(model, CFG, compiler="eager")
+        lhcompile.apply(model, CFG, compiler="eager", regional=False)  # by layer, DDP splits each layer's graph
         ddp = DistributedDataParallel(model)  # default bucket sizes
         ids = torch.randint(0, VOCAB, (1, N))  # the same on both ranks: averaged gradients equal one rank's
         assert_same_training_step(ddp, twin, ids, set(range(1, 7)), tol=1e-5)

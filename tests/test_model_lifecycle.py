@@ -15,7 +15,7 @@ import lhcompile
 from lhcompile import LighthouseConfig, LighthouseWarning
 
 from .models import GPT, VOCAB, hf_model, logits
-from .test_no_silent_failures import CFG, N, assert_same_training_step
+from .test_no_silent_failures import CFG, N, assert_same_training_step, lighthouse_at
 
 
 def _applied():
@@ -101,8 +101,8 @@ def test_more_lengths_than_dynamos_recompile_limit_are_said_to_run_dense():
         for n in lengths:  # lengths seen before: not said again
             logits(model, torch.randint(0, VOCAB, (1, n)))
     [warning] = [w for w in record if "recompile limit" in str(w.message)]
-    assert f"(1, {lengths[3]})" in str(warning.message)
-    assert lhcompile.inspect(model).graphs == 3
+    assert f"(1, {lengths[3]}, " in str(warning.message)  # the layers' input
+    assert lhcompile.inspect(model).graphs == 3 * 2  # the limit holds per kind of layer (dense, Lighthouse)
 
 
 def test_a_call_past_the_recompile_limit_through_another_guard_is_said_to_run_dense():
@@ -140,7 +140,7 @@ def test_arguments_that_cannot_work_fail_or_warn_at_apply(monkeypatch):
 @pytest.mark.parametrize("around", ["model.forward", "a submodule"])
 def test_running_the_model_around_its_compiled_call_is_said_to_run_dense(around):
     model = hf_model("llama")
-    lhcompile.apply(model, CFG, compiler="eager")
+    lhcompile.apply(model, CFG, compiler="eager", regional=False)
     ids = torch.randint(0, VOCAB, (1, N))
     with warnings.catch_warnings():
         warnings.simplefilter("error", LighthouseWarning)
@@ -155,3 +155,20 @@ def test_running_the_model_around_its_compiled_call_is_said_to_run_dense(around)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LighthouseWarning)
         model.forward(input_ids=ids)  # dense by choice now: nothing to say
+
+
+@pytest.mark.parametrize("around", ["model.forward", "a submodule"])
+def test_layers_compiled_on_their_own_run_lighthouse_however_the_model_is_called(around):
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    twin = copy.deepcopy(model)
+    lhcompile.apply(model, CFG, compiler="eager")
+    ids = torch.randint(0, VOCAB, (1, N))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        got = (model.forward(input_ids=ids).logits if around == "model.forward" else
+               model.lm_head(model.model(input_ids=ids).last_hidden_state))
+    with lighthouse_at({1, 2}):
+        want = twin(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+

@@ -117,8 +117,8 @@ def test_filter_fn_and_dense_layers_choose_sites_by_module_path():
     logits(model, torch.randint(0, VOCAB, (1, N)))
     report = lhcompile.inspect(model)
     assert [s.module_path for s in report.rewritten] == [f"model.layers.{i}.self_attn" for i in (0, 1, 3)]
-    assert report.dense[0].reason == ("excluded by filter_fn; its mask is the causal mask, so it runs as SDPA with "
-                                      "is_causal=True")
+    # compiled layer by layer, the layers get transformers' plain causal call (no mask), which stays as it is
+    assert report.dense[0].reason == "excluded by filter_fn"
 
 
 def test_apply_is_idempotent_and_restore_of_untouched_model_warns():
@@ -139,10 +139,33 @@ def test_debug_mode_writes_graph_code_and_site_table(tmp_path, monkeypatch, caps
     model, _ = _pair("titan")
     lhcompile.apply(model, CFG, compiler="eager")
     logits(model, torch.randint(0, VOCAB, (1, N)))
-    after = (tmp_path / "graph0_after.py").read_text()
-    before = (tmp_path / "graph0_before.py").read_text()  # its source comments may name a folder 'lhcompile'
+    # graph 0 serves the dense layers 0 and 3, graph 1 the Lighthouse layers 1 and 2
+    after = (tmp_path / "graph1_after.py").read_text()
+    before = (tmp_path / "graph1_before.py").read_text()  # its source comments may name a folder 'lhcompile'
     for stage in ("lhcompile.score", "lhcompile.select", "lhcompile.gather", "lhcompile.scatter"):
         assert stage in after and stage not in before
     table = (tmp_path / "sites.txt").read_text()
     assert "2 of 4 attention sites rewritten" in table and "layers.1.attention" in table
     assert "2 of 4 attention sites rewritten" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("regional", [True, False], ids=["by-layer", "whole"])
+def test_a_deep_model_compiles_one_graph_per_kind_of_layer_and_trains_the_same(regional):
+    from .models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(layers=12)
+    twin = copy.deepcopy(model)
+    config = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=(0, 1, -2, -1))
+    lhcompile.apply(model, config, compiler="eager", regional=regional)
+    ids = torch.randint(0, VOCAB, (2, N))
+    out = logits(model, ids)
+    report = lhcompile.inspect(model)
+    # by layer: the dense layers' graph and the Lighthouse layers' graph serve all 12 layers
+    assert report.graphs == (2 if regional else 1)
+    assert [s.index for s in report.rewritten] == list(range(2, 10)), str(report)
+    with SdpaAt(set(range(2, 10)), lambda q, k, v, scale: lighthouse_attention(q, k, v, config, scale=scale)):
+        want = logits(twin, ids)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    lhcompile.restore(model)
+    assert torch.equal(logits(model, ids), logits(twin, ids))

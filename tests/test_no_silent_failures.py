@@ -77,7 +77,8 @@ def test_hf_gradient_checkpointing_with_sdpa_is_rewritten_and_recomputes_the_sam
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_a_causal_mask_shared_by_every_layer_is_evaluated_once(checkpointing, monkeypatch):
     # proving a mask causal evaluates it (N x N); the layers read one mask, in one graph or passed into each
-    # checkpointed layer's body, and the proof holds for all of them
+    # checkpointed layer's body, and the proof holds for all of them (compiled as a whole: layer by layer, the
+    # model builds no mask)
     from lhcompile.passes import causal_mask
 
     evaluated = []
@@ -86,7 +87,7 @@ def test_a_causal_mask_shared_by_every_layer_is_evaluated_once(checkpointing, mo
     model = hf_model("qwen3")
     if checkpointing:
         model.gradient_checkpointing_enable()
-    lhcompile.apply(model, CFG, compiler="eager")
+    lhcompile.apply(model, CFG, compiler="eager", regional=False)
     logits(model, torch.randint(0, VOCAB, (2, N)))
     assert len(lhcompile.inspect(model).rewritten) == 2
     assert len(evaluated) == 1
@@ -119,13 +120,16 @@ def test_torch_utils_checkpoint_per_block_is_rewritten_with_the_same_gradients(w
     assert [s.module_path for s in report.rewritten] == ["blocks.1", "blocks.2"], str(report)
 
 
-def test_causal_mask_that_fed_checkpointed_layers_is_not_built_dense_layers_included():
+@pytest.mark.parametrize("regional", [True, False], ids=["by-layer", "whole"])
+def test_causal_mask_that_fed_checkpointed_layers_is_not_built_dense_layers_included(regional):
     n = 3 * N  # no weight or activation dimension is n
     model = hf_model("qwen3")
     model.gradient_checkpointing_enable()
-    graphs = _captured(model, CFG, torch.randint(0, VOCAB, (1, n)))
+    graphs = _captured(model, CFG, torch.randint(0, VOCAB, (1, n)), regional=regional)
     report = lhcompile.inspect(model)
-    assert len(report.rewritten) == 2 and all("is_causal=True" in s.reason for s in report.dense), str(report)
+    assert len(report.rewritten) == 2, str(report)
+    # compiled whole, the mask is built in the graph and proven causal; layer by layer, transformers passes none
+    assert all(("is_causal=True" in s.reason) != regional for s in report.dense), str(report)
     shapes = [v.shape for gm in graphs for module in gm.modules() if isinstance(module, fx.GraphModule)
               for node in module.graph.nodes if isinstance(v := node.meta.get("example_value"), torch.Tensor)]
     assert shapes and not [s for s in shapes if s[-2:] == (n, n)]
@@ -145,14 +149,16 @@ def test_blocks_compiled_in_place_are_taken_over_per_kind_and_given_back_on_rest
     ids = torch.randint(0, VOCAB, (2, N))
     lhcompile.apply(model, CFG, compiler="eager")
     assert_same_training_step(model, twin, ids, {1, 2})
-    # Dynamo inlines the blocks into the model's own graph (no FSDP hook splits it): decided there, by site
-    fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites if s.training}
+    # each kind of block is compiled once, the model's own code runs as written around them
+    report = lhcompile.inspect(model)
+    fates = {s.module_path: s.reason for s in report if s.training}
     assert fates == {
-        "layers.0.attention": "dense layer (site 0 is in dense_layers=(0, -1))",
+        "layers.0.attention": "dense layer (layer 0 of 4 is in dense_layers=(0, -1))",
         "layers.1.attention": "lighthouse",
         "layers.2.attention": "lighthouse",
-        "layers.3.attention": "dense layer (site 3 is in dense_layers=(0, -1))",
+        "layers.3.attention": "dense layer (layer 3 of 4 is in dense_layers=(0, -1))",
     }
+    assert report.graphs == 2
     lhcompile.restore(model)
     assert {block: block._compiled_call_impl for block in model.layers.values()} == before
     with torch.no_grad():
@@ -215,7 +221,7 @@ def test_a_model_that_gets_nothing_rewritten_is_warned_with_every_reason_per_sit
     assert [s.module_path for s in report] == [f"blocks.{layer}" for layer in range(4)]
     for site in report:
         assert "sequence too short: N=64 < min_lighthouse_len=32768" in site.reason
-        assert "dense layer (site" in site.reason
+        assert f"dense layer (layer {site.index} of 4" in site.reason
 
 
 def test_backend_says_it_takes_the_mode_from_grad_mode():
@@ -255,8 +261,10 @@ def test_settings_that_can_never_engage_are_warned_about():
     with pytest.warns(LighthouseWarning, match="at least 32768 tokens .* max_position_embeddings=512"):
         lhcompile.apply(model, LighthouseConfig(), compiler="eager")
     torch._dynamo.reset()
+    with pytest.warns(LighthouseWarning, match=r"dense_layers entries \[7, -9\] are outside the 4 layers"):
+        lhcompile.apply(GPT(), dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager")
     model = GPT()
-    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager")
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager", regional=False)
     with pytest.warns(LighthouseWarning, match=r"dense_layers entries \[7, -9\] are outside the 4 attention sites"):
         logits(model, torch.randint(0, VOCAB, (1, N)))
 
@@ -321,7 +329,8 @@ def test_site_paths_are_the_module_paths_a_user_knows():
 
 
 def test_replacement_nodes_keep_the_user_module_of_the_sdpa_call_they_replace():
-    graphs = _captured(GPT(), dataclasses.replace(CFG, dense_layers=()), torch.randint(0, VOCAB, (1, N)))
+    graphs = _captured(GPT(), dataclasses.replace(CFG, dense_layers=()), torch.randint(0, VOCAB, (1, N)),
+                       regional=False)  # one graph holds every site
     tagged = [n for gm in graphs for n in gm.graph.nodes if REWRITE_TAG in n.meta]
     assert {n.meta[REWRITE_TAG]["site"] for n in tagged} == {0, 1, 2, 3}
     for node in tagged:
@@ -357,8 +366,14 @@ def test_a_sliced_lower_triangular_buffer_is_proven_causal_and_the_assumption_sa
     twin = copy.deepcopy(model)
     n = 5 * N  # no weight or activation dimension is n
     ids = torch.randint(0, VOCAB, (2, n))
-    with pytest.warns(LighthouseWarning, match=r"module buffer\(s\) h.0.bias, h.1.bias, h.2.bias, h.3.bias was proven"):
+    with pytest.warns(LighthouseWarning, match=r"module buffer\(s\) .* was proven") as record:
         graphs = _captured(model, CFG, ids)
+    # one graph per kind of layer (dense, Lighthouse), each naming the buffers of its layers
+    said = [str(w.message) for w in record if "was proven" in str(w.message)]
+    assert sorted(said) == [f"lhcompile: the attention mask read from the module buffer(s) h.{a}.bias, h.{b}.bias was "
+                            "proven causal from its values at capture, so its sites run as causal attention "
+                            "(Lighthouse, or SDPA with is_causal=True) without reading it; if you change the buffer, "
+                            "call lhcompile.restore and apply again" for a, b in ((0, 3), (1, 2))]
     report = lhcompile.inspect(model)
     assert [s.rewritten for s in report] == [False, True, True, False], str(report)
     assert all(s.reason.endswith("runs as SDPA with is_causal=True") for s in report.dense)
@@ -371,14 +386,16 @@ def test_a_sliced_lower_triangular_buffer_is_proven_causal_and_the_assumption_sa
     assert_same_training_step(model, twin, ids, {1, 2})
 
 
-def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are():
+@pytest.mark.parametrize("regional", [True, False], ids=["by-layer", "whole"])
+def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are(regional):
     model = NanoGPT(mask="bias")
-    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager", regional=regional)
     with pytest.warns(LighthouseWarning, match="no attention site was rewritten"):
         logits(model, torch.randint(0, VOCAB, (1, N)))
-    assert [s.reason for s in lhcompile.inspect(model)] == [
-        f"explicit attn_mask is a learned bias, computed from parameters (h.{i}.learned), e.g. a relative position "
-        "bias as in T5: not a causal mask" for i in range(4)]
+    # a layer's graph names its parameters from the layer; each row names the layer
+    assert [(s.module_path, s.reason) for s in lhcompile.inspect(model)] == [(
+        f"h.{i}", f"explicit attn_mask is a learned bias, computed from parameters ({'' if regional else f'h.{i}.'}"
+        "learned), e.g. a relative position bias as in T5: not a causal mask") for i in range(4)]
 
     # an encoder's padding mask: computed from the model's input, and no advice to make it causal
     import transformers
@@ -386,19 +403,28 @@ def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are():
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=96, attn_implementation="sdpa")
     bert = transformers.BertModel(cfg)
-    lhcompile.apply(bert, CFG, compiler="eager")
+    lhcompile.apply(bert, CFG, compiler="eager", regional=regional)
     mask = torch.ones(2, N, dtype=torch.long)
     mask[1, 40:] = 0
     with pytest.warns(LighthouseWarning, match="no attention site was rewritten"):
         bert(input_ids=torch.randint(0, VOCAB, (2, N)), attention_mask=mask)
     for site in lhcompile.inspect(bert):
-        assert "computed from the graph's inputs (attention_mask)" in site.reason, site.reason
+        made = "a layer compiled on its own receives its mask as an input" if regional else "(attention_mask)"
+        assert "computed from the graph's inputs" in site.reason and made in site.reason, site.reason
         assert "causal_sdpa" not in site.reason
 
 
 def test_a_graph_break_inside_a_layer_is_blamed_as_such():
+    # compiled layer by layer, the break splits each layer's graph, whose sites still name their layer
     model = NanoGPT(graph_break=True)
     lhcompile.apply(model, CFG, compiler="eager")
+    logits(model, torch.randint(0, VOCAB, (1, N)))
+    assert [(s.module_path, s.rewritten) for s in lhcompile.inspect(model)] == [
+        ("h.0", False), ("h.1", True), ("h.2", True), ("h.3", False)]
+    # compiled whole, the rest is traced from inside a layer: said, with where to look
+    torch._dynamo.reset()
+    model = NanoGPT(graph_break=True)
+    lhcompile.apply(model, CFG, compiler="eager", regional=False)
     with pytest.warns(LighthouseWarning, match="captured in a graph of one submodule") as record:
         logits(model, torch.randint(0, VOCAB, (1, N)))
     [text] = [str(w.message) for w in record if "one submodule" in str(w.message)]
@@ -426,7 +452,7 @@ def test_the_report_is_a_sequence_of_its_sites_and_says_when_a_model_has_no_sdpa
     lhcompile.apply(model, CFG, compiler="eager")
     logits(model, torch.randint(0, VOCAB, (1, N)))
     report = lhcompile.inspect(model)
-    assert len(report) == 4 and report[1] is report.sites[1]
+    assert len(report) == 4 and report[1] is report.rewritten[0]
     assert [s.module_path for s in report] == [f"blocks.{i}" for i in range(4)]
 
     class MLP(torch.nn.Module):
@@ -446,8 +472,8 @@ def test_the_report_is_a_sequence_of_its_sites_and_says_when_a_model_has_no_sdpa
 
 
 def test_a_graph_captured_with_a_dynamic_length_is_warned_to_run_dense():
-    model = GPT()
-    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    model = GPT()  # compiled whole: the model's input is what is marked dynamic
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager", regional=False)
     logits(model, torch.randint(0, VOCAB, (1, N)))  # static: Lighthouse
     ids = torch.randint(0, VOCAB, (1, N + 16))
     torch._dynamo.mark_dynamic(ids, 1)
