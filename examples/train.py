@@ -151,6 +151,10 @@ class Evaluator:
         return result
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    return () if text == "none" else tuple(int(i) for i in text.split(","))
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default=None,
@@ -167,6 +171,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rope", choices=["before_pooling", "after_selection"], default="before_pooling",
                     help="where Lighthouse rotates q and k: the paper's order, or after selection (default: "
                          "before_pooling; see LighthouseConfig.rope)")
+    ap.add_argument("--dense-layers", type=_layers, default=None,
+                    help="layers kept dense in the Lighthouse stage, comma-separated, 'none' for every layer "
+                         "Lighthouse (default: the size's, e.g. 0,-1)")
     ap.add_argument("--seq-len", type=int, help="bytes per sequence (default: the size's)")
     ap.add_argument("--batch", type=int, help="sequences per step (default: the size's)")
     ap.add_argument("--lr", type=float, help="peak learning rate, held constant after warm-up (default: the size's)")
@@ -288,7 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
         """Put the model in its stage's form, then compile it with one untimed step on held-out data (no update)."""
         lighthouse = not run.switched and run.step < args.switch_at
         if lighthouse:
-            lhcompile.apply(run.model, dataclasses.replace(size.lighthouse, rope=args.rope), compiler=args.compiler)
+            dense_layers = size.lighthouse.dense_layers if args.dense_layers is None else args.dense_layers
+            lhcompile.apply(run.model, dataclasses.replace(size.lighthouse, rope=args.rope, dense_layers=dense_layers),
+                            compiler=args.compiler)
         elif args.compiler != "eager":
             run.model.compile(backend=args.compiler)
         start = time.perf_counter()

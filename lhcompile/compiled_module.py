@@ -1,8 +1,9 @@
 """A module that ``apply`` compiled in place: its compiled call per mode, kept through what users do to models.
 
-``apply`` compiles the model (and, where layers are compiled on their own, each kind of layer) twice, for
-training (rewritten) and for eval (dense), and lets the module's ``training`` flag choose at every call. The
-``Applied`` state sits on the model and follows it:
+``apply`` compiles each kind of layer of the model's layer stack (or, compiled whole, the model) twice, for
+training (rewritten) and for eval (dense), and lets the module's ``training`` flag choose at every call; a model
+whose layers are compiled on their own runs its own code as written around them. The ``Applied`` state sits on
+the model and follows it:
 
 - ``copy.deepcopy`` (EMA and reference copies): the copy gets compiled calls of its own and runs Lighthouse like
   the original, with a report of its own; ``pickle`` / ``torch.save``: torch drops compiled calls from pickles and

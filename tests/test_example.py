@@ -81,6 +81,13 @@ def test_a_two_stage_run_branched_from_a_lighthouse_runs_state_equals_one_run_st
         train.main([*TINY, "--seed", "1", "--resume", str(tmp_path / "lighthouse" / "state_4"), "--out", str(tmp_path)])
 
 
+def test_dense_layers_none_runs_every_layer_lighthouse(tmp_path):
+    train = _example("train")
+    result = train.main([*TINY, "--steps", "2", "--switch-at", "2", "--eval-every", "2", "--dense-layers", "none",
+                         "--out", str(tmp_path)])
+    assert result["lighthouse_sites"] == 4, result["report"]  # every one of the tiny size's 4 layers
+
+
 def test_dense_baseline_sees_the_same_batches(tmp_path):
     train = _example("train")
     two_stage = train.main([*TINY, "--recovery", "0.5", "--out", str(tmp_path / "lh")])
