@@ -63,8 +63,9 @@ def apply(
       of layer (class, dense or not), so the compile costs about two layers' whatever the depth; the rest of the
       model (embeddings, head, loss) runs as written, and attention outside the layer stack stays dense. It
       starts in seconds but its steady step was 30% slower at 128K (BENCHMARKS.md), so the default,
-      ``regional=False``, compiles the whole model as one graph: minutes of compiling, the fastest steps. Each graph then goes to ``compiler`` ("inductor", "eager"
-      to run the rewritten graph op by op, any registered torch.compile backend name, or a backend callable).
+      ``regional=False``, compiles the whole model as one graph: minutes of compiling, the fastest steps. Each
+      graph then goes to ``compiler`` ("inductor", "eager" to run the rewritten graph op by op, any registered
+      torch.compile backend name, or a backend callable).
       Parameters, buffers and state_dict keys stay the module's own. A later ``torch.compile(model)`` is
       harmless: Dynamo defers to the module's own compiled call. ``torch.compile(model)`` (an OptimizedModule)
       is applied to the module it wraps.

@@ -17,6 +17,7 @@ the model and follows it:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import threading
@@ -197,8 +198,9 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], wh
         runs = backend.runs
         # Dynamo counts its recompile limit per code, and every module compiled here shares nn.Module's call: each
         # kind of layer gets the limit the user set
-        limit = torch._dynamo.config.recompile_limit
-        with torch._dynamo.config.patch(recompile_limit=limit * kinds):
+        share = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * kinds) \
+            if kinds > 1 else contextlib.nullcontext()
+        with share:
             out = (dynamic if packed[mode] else compiled)[mode](*args, **kwargs)
         if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
             return out

@@ -67,9 +67,17 @@ class Report:
 
     @property
     def ordered(self) -> list[SiteReport]:
-        """The rows in the model's order of sites, training rows first (``sites`` holds them as graphs were
-        captured: one graph per kind of layer, where layers are compiled on their own)."""
-        return sorted(self.sites, key=lambda s: (not s.training, s.index))
+        """The rows in the model's order of sites. ``sites`` holds them as graphs were captured; where layers are
+        compiled on their own, one model call captures one graph per kind of layer, each holding some layers'
+        sites. A round of captures ends where a site's index comes again or the mode changes (a new length, the
+        other mode); rounds keep their order, and rows within one are put in the model's order."""
+        keys, round_, seen, mode = [], -1, set(), None
+        for s in self.sites:
+            if s.index in seen or s.training != mode:
+                round_, seen, mode = round_ + 1, set(), s.training
+            seen.add(s.index)
+            keys.append((round_, s.index))
+        return [self.sites[i] for i in sorted(range(len(self.sites)), key=keys.__getitem__)]
 
     def __iter__(self) -> Iterator[SiteReport]:
         return iter(self.ordered)
