@@ -75,11 +75,12 @@ class Applied:
                     part.register_forward_pre_hook(_CalledAround(model, path))
         for kind in kinds:
             backends = _backends(options, state.report, kind, model)
+            calls = {training: _Calls() for training in backends}  # one kind's layers share their graphs
             for module in kind.modules:
                 state.previous[module] = module.__dict__.get("_compiled_call_impl")
                 whole = None if kind.blocks else state.report  # the model's own call: it sees every layer run
                 if kind.compiled:
-                    _compile_per_mode(module, backends, whole, sum(k.compiled for k in kinds))
+                    _compile_per_mode(module, backends, calls, whole, sum(k.compiled for k in kinds))
                 else:
                     _run_as_written(module, whole)
                 # Module.compile would overwrite the compiled call: this instance attribute answers instead
@@ -165,12 +166,23 @@ def _backends(options: Options, report: Report, kind: Kind, model: torch.nn.Modu
             for training in (True, False)}
 
 
-def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], whole: Report | None, kinds: int
-                      ) -> None:
+@dataclass
+class _Calls:
+    """How the modules of one kind were called in one mode."""
+
+    shapes: list[tuple] = field(default_factory=list)
+    """The input shapes they were called with."""
+    dynamic: bool = False
+    """Gone to dynamic shapes: a packed batch's length is data."""
+
+
+def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], calls: dict[bool, _Calls],
+                      whole: Report | None, kinds: int) -> None:
     """Compile the module in place twice, for training (rewritten) and for eval (dense), and let its ``training``
-    flag choose at every call: Dynamo guards on the flag only where the model's code reads it. ``whole``: the
-    model's report, where the module is the model (said after a training call if it rewrote nothing); ``kinds``:
-    how many kinds of module are compiled in place."""
+    flag choose at every call: Dynamo guards on the flag only where the model's code reads it. ``calls``: per mode,
+    how the modules sharing these backends were called; ``whole``: the model's report, where the module is the
+    model (said after a training call if it rewrote nothing); ``kinds``: how many kinds of module are compiled in
+    place."""
     # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly. Where sites run
     # per document (their lengths are data), new inputs go to Dynamo's automatic dynamic shapes instead: the sizes
     # and ints that changed (a packed batch's total length, varlen's longest document) become dynamic, so one more
@@ -179,8 +191,6 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], wh
                 for training, backend in backends.items()}
     dynamic = {training: torch.compile(module._call_impl, dynamic=None, backend=backend)
                for training, backend in backends.items()}
-    seen: dict[bool, list[tuple]] = {True: [], False: []}  # input shapes called with, per mode
-    packed: dict[bool, bool] = {True: False, False: False}  # gone dynamic, per mode
 
     @torch.compiler.disable  # a later torch.compile(model) must call this, not trace through it and lose the rewrite
     def call(*args, **kwargs):
@@ -192,20 +202,20 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], wh
 
     def _call(*args, **kwargs):
         mode = module.training
-        backend, shapes = backends[mode], _shapes(args, kwargs)
-        new = shapes not in seen[mode]
-        packed[mode] = packed[mode] or (new and bool(seen[mode]) and backend.documents)
+        backend, shapes, seen = backends[mode], _shapes(args, kwargs), calls[mode]
+        new = shapes not in seen.shapes
+        seen.dynamic = seen.dynamic or (new and bool(seen.shapes) and backend.documents)
         runs = backend.runs
         # Dynamo counts its recompile limit per code, and every module compiled here shares nn.Module's call: each
         # kind of layer gets the limit the user set
         share = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * kinds) \
             if kinds > 1 else contextlib.nullcontext()
         with share:
-            out = (dynamic if packed[mode] else compiled)[mode](*args, **kwargs)
+            out = (dynamic if seen.dynamic else compiled)[mode](*args, **kwargs)
         if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
             return out
         if new:
-            seen[mode].append(shapes)
+            seen.shapes.append(shapes)
         if backend.runs == runs:
             _warn_ran_eagerly(module, backend, shapes, new)
         if whole is not None and mode:

@@ -105,6 +105,8 @@ def starts_of(form: str, tensors: list[Tensor], batch: int, length: int) -> Tens
     elif form == "last_token":
         ends = tensors[0].reshape(-1, length)
         starts = F.pad(ends[:, :-1] == t[:-1], (1, 0))
+    elif form == "whole_rows":
+        starts = t == 0
     else:
         raise ValueError(f"starts_of: unknown document form {form!r}")
     return starts.expand(batch, length) | (t == 0)

@@ -24,8 +24,8 @@ from .debug import dump_graph
 from .documents import starts_of
 from .options import Options
 from .placements import Inputs
-from .passes import (Proofs, RopeMatch, Site, attention_like_calls, find_qk_rotation, find_sites, rewrite_sites,
-                     subgraph_calls, unrotated)
+from .passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, find_qk_rotation, find_sites,
+                     rewrite_sites, subgraph_calls, unrotated)
 from .passes.meta import lifted_tensor, source_name, user_path
 from .report import Report, SiteReport
 from .rotary import Rotary
@@ -125,6 +125,9 @@ def decide(graphs: list[_Graph], options: Options, scope: Scope, numbering: Numb
                  path := join_path(block.path if block else "", site.module_path),
                  _reasons(site, position, total, options, scope, block, path)) for block in scope.blocks or (None,)]
         decision = Decision(g, site, position, rows)
+        if decision.lighthouse and site.documents is None and _dynamic_length(site):
+            # one document per row: Lighthouse per document runs any length, Lighthouse over one sequence does not
+            site.documents = DocumentSource("whole_rows", (site.q,), "one per row, at a dynamic sequence length")
         if decision.lighthouse and options.config.rope == "after_selection":
             decision.rotation = find_qk_rotation(site.q, site.k, site.q_shape[2]) if site.kind.rope else \
                 f"RoPE after selection is not available for {site.op} (its tokens are rows laid end to end)"
@@ -148,12 +151,17 @@ def _reasons(site: Site, position: int, total: int, options: Options, scope: Sco
     if options.filter_fn is not None and not options.filter_fn(path):
         reasons.append("excluded by filter_fn")
     n = site.q_shape[2] if site.q_shape and len(site.q_shape) == 4 else None
-    if n is not None and not isinstance(n, int):
-        if site.documents is None:  # per document, any length runs: its documents are data
+    if _dynamic_length(site):
+        # per document, any length runs: its documents are data (a plain site's rows become one document each)
+        if site.documents is None and not options.placement.any_length:
             reasons.append(f"{DYNAMIC} ({n}): Lighthouse over one sequence needs a static length")
     elif n is not None and (problem := options.placement.problem(config, n)):
         reasons.append(problem)
     return reasons
+
+
+def _dynamic_length(site: Site) -> bool:
+    return bool(site.q_shape) and len(site.q_shape) == 4 and not isinstance(site.q_shape[2], int)
 
 
 DYNAMIC = "sequence length is dynamic"

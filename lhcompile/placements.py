@@ -43,6 +43,9 @@ class Placement(Protocol):
     """Added to the reason of every site kept dense."""
     rewrites_dense: bool
     """Whether every site kept dense is rewritten too (into ``dense``); else only those proven plainly causal."""
+    any_length: bool
+    """Whether a plainly causal site at a dynamic length runs Lighthouse (per document, one per row, whose
+    lengths are data); else it stays dense."""
 
     def check(self, site: Site) -> None:
         """Raise if this placement cannot run the graph because of this site."""
@@ -66,6 +69,7 @@ class SingleDevice:
 
     dense_note = ""
     rewrites_dense = False
+    any_length = True
 
     def check(self, site: Site) -> None:
         pass
@@ -100,6 +104,7 @@ class ContextParallel:
     group: dist.ProcessGroup
     dense_note = "; dense ring attention across the context-parallel group"
     rewrites_dense = True
+    any_length = False
 
     @classmethod
     def make(cls, group: dist.ProcessGroup, config: LighthouseConfig) -> ContextParallel:

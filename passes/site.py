@@ -17,11 +17,11 @@ import torch.fx as fx
 from .causal_mask import MaskProof, Proofs, Resolve
 from .meta import user_path
 
-DocumentForm = Literal["starts", "ids", "cu_seqlens", "first_token", "last_token"]
+DocumentForm = Literal["starts", "ids", "cu_seqlens", "first_token", "last_token", "whole_rows"]
 """How a call's own tensors say where its documents are: a (B, N) bool of document starts, a (B or 1, N) id per
 token (a document is a run), cumulative lengths over the rows laid end to end, each token's document's first
-token (a table lookup ``table[index[t]]``, torchtitan's one-row form), or each token's document's last token
-(torchtitan's batched form)."""
+token (a table lookup ``table[index[t]]``, torchtitan's one-row form), each token's document's last token
+(torchtitan's batched form), or one document per row (a plainly causal call; the tensor is its query)."""
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,27 @@ def test_hf_llama_with_packed_position_ids_gives_each_document_what_it_gets_alon
         start += n
 
 
+def test_layers_compiled_on_their_own_run_plain_lighthouse_until_a_batch_is_packed():
+    # the model's own call runs eagerly around its layers (regional): transformers looks at position_ids there, so
+    # a batch of one document per row needs no per-document machinery, and a packed one gets it
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager", regional=True)
+    ids = torch.randint(0, VOCAB, (1, N))
+    model(input_ids=ids)
+    plain = lhcompile.inspect(model)
+    assert len(plain.rewritten) == 2 and not any(site.documents for site in plain), str(plain)
+    rows = [[70, 3, 1, 40, 78]]
+    packed = model(input_ids=ids, position_ids=positions(rows)).logits
+    report = lhcompile.inspect(model)
+    assert sum(bool(site.rewritten and site.documents) for site in report) == 2, str(report)
+    start = 0
+    for n in rows[0]:
+        alone = model(input_ids=ids[:, start : start + n]).logits
+        torch.testing.assert_close(packed[:, start : start + n], alone, rtol=1e-5, atol=1e-5)
+        start += n
+
+
 def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse():
     torch.manual_seed(0)
     model = hf_model("llama", attention="causal_sdpa", layers=2)

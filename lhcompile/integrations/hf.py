@@ -137,10 +137,24 @@ def _plainly_causal(kwargs: dict[str, Any]) -> bool:
     )
 
 
+class PackedDocuments:
+    """What ``causal_sdpa_mask`` gives for a plainly causal request that transformers wrapped in its packed-sequence
+    functions: the attention function keeps the documents of ``position_ids`` apart. Transformers wraps every
+    request under torch.compile (it cannot read ``position_ids`` there) and, eagerly, only where the positions jump;
+    so a model whose own call runs eagerly around layers compiled on their own (``apply(regional=True)``, per-layer
+    FSDP2) hands each layer ``None`` for a batch of one document per row, and its layers are plain causal attention
+    (plain Lighthouse), not Lighthouse per document on documents that turn out to be one. A layer compiled with
+    one is guarded on the other's type: a packed batch later compiles its own graph, per document."""
+
+    def __repr__(self) -> str:
+        return "PackedDocuments(documents from position_ids)"
+
+
 def causal_sdpa_mask(*args: Any, **kwargs: Any):
-    """No mask where the request is plainly causal (within packed documents); transformers' sdpa mask otherwise."""
+    """No mask where the request is plainly causal (``PackedDocuments`` where transformers says the positions may
+    be packed); transformers' sdpa mask otherwise."""
     if not args and _plainly_causal(kwargs):
-        return None
+        return None if kwargs.get("mask_function", causal_mask_function) is causal_mask_function else PackedDocuments()
     return sdpa_mask(*args, **kwargs)
 
 
@@ -155,6 +169,9 @@ def _packed(position_ids: torch.Tensor | None) -> bool:
 def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    packed = isinstance(attention_mask, PackedDocuments)
+    if packed:
+        attention_mask = None
     if attention_mask is not None or query.shape[2] != key.shape[2] or not is_causal \
             or kwargs.get("position_bias") is not None:
         # a real mask (padding, window, overlay), decoding with a cache, an encoder's or a cross-attention's module
@@ -170,7 +187,7 @@ def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
             "would ignore the window. Use attn_implementation='sdpa' for this model"
         )
     position_ids = kwargs.get("position_ids")
-    if _packed(position_ids):
+    if packed and _packed(position_ids):
         if dropout:
             raise ValueError(f"attn_implementation='causal_sdpa': {type(module).__name__} has attention dropout "
                              f"{dropout}, which lhcompile.document_attention (packed documents) does not compute; "
