@@ -6,10 +6,10 @@
 A Hugging Face Llama at the chosen size (``examples/train.py``'s SIZES: the paper's 30 layers, d 1024, 8 heads x
 128 by default), bf16 on a GPU, AdamW, gradient checkpointing on every layer, random bytes, batch 1. Per length it
 runs Lighthouse with the size's dense layers (the paper's first two and last two) and with none
-(``dense_layers=()``), or dense attention everywhere (``--arms dense``: ``model.compile()``). This script applies
-with ``regional=True``, each kind of layer compiled once (``--whole``: the whole model as one graph, ``apply``'s
-default). Inductor's caches are off, so that every first step is a cold start. A length that runs out of memory
-is reported as such and the next one runs. Writes one JSON entry per run.
+(``dense_layers=()``), or dense attention everywhere (``--arms dense``: ``model.compile()``). ``apply``
+compiles each kind of layer once (its default, ``regional=True``; ``--whole``: the whole model as one graph).
+Inductor's caches are off, so that every first step is a cold start. A length that runs out of memory is
+reported as such and the next one runs. Writes one JSON entry per run.
 """
 
 from __future__ import annotations

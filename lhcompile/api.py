@@ -50,7 +50,7 @@ def apply(
     debug: bool | None = None,
     example_inputs: Sequence[Any] | None = None,
     context_parallel: dist.ProcessGroup | None = None,
-    regional: bool = False,
+    regional: bool = True,
 ) -> torch.nn.Module:
     """Rewrite the model's causal SDPA calls into Lighthouse attention, in place; returns the model.
 
@@ -58,14 +58,13 @@ def apply(
       ``example_inputs`` through it).
     - any other ``nn.Module``: compiled in place with Dynamo, once per mode: in training mode its graphs are
       rewritten as they are captured on the first forward call, in eval mode they stay dense; the module's
-      ``training`` flag picks the graph at every call. With ``regional=True`` and a layer stack (a ModuleList/
-      ModuleDict of two layers or more), each layer is compiled on its own and Dynamo reuses one graph per kind
-      of layer (class, dense or not), so the compile costs about two layers' whatever the depth; the rest of the
-      model (embeddings, head, loss) runs as written, and attention outside the layer stack stays dense. It
-      starts in seconds but its steady step was 30% slower at 128K (BENCHMARKS.md), so the default,
-      ``regional=False``, compiles the whole model as one graph: minutes of compiling, the fastest steps. Each
-      graph then goes to ``compiler`` ("inductor", "eager" to run the rewritten graph op by op, any registered
-      torch.compile backend name, or a backend callable).
+      ``training`` flag picks the graph at every call. With ``regional`` (the default) and a layer stack (a
+      ModuleList/ModuleDict of two layers or more), each layer is compiled on its own and Dynamo reuses one graph
+      per kind of layer (class, dense or not), so the compile costs about two layers' whatever the depth; the
+      rest of the model (embeddings, head, loss) runs as written, and attention outside the layer stack stays
+      dense. ``regional=False`` compiles the whole model as one graph: minutes of compiling at long context, for
+      a steady step no faster (BENCHMARKS.md). Each graph then goes to ``compiler`` ("inductor", "eager" to run
+      the rewritten graph op by op, any registered torch.compile backend name, or a backend callable).
       Parameters, buffers and state_dict keys stay the module's own. A later ``torch.compile(model)`` is
       harmless: Dynamo defers to the module's own compiled call. ``torch.compile(model)`` (an OptimizedModule)
       is applied to the module it wraps.

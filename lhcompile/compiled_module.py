@@ -22,10 +22,12 @@ import copy
 import functools
 import threading
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .backend import Backend
@@ -196,7 +198,8 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], ca
     def call(*args, **kwargs):
         _INSIDE.depth = getattr(_INSIDE, "depth", 0) + 1
         try:
-            return _call(*args, **kwargs)
+            with _unwatched():
+                return _call(*args, **kwargs)
         finally:
             _INSIDE.depth -= 1
 
@@ -228,16 +231,59 @@ def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], ca
 
 def _run_as_written(module: torch.nn.Module, whole: Report) -> None:
     """The model's own call, uncompiled: a torch.compile of the model around it defers to it, so that Dynamo does
-    not trace the layers it holds, each compiled on its own, into one dense graph."""
+    not trace the layers it holds, each compiled on its own, into one dense graph. Its first training call says
+    whether the model's own code calls attention outside those layers (uncompiled, so dense)."""
+    watched = False
 
     @torch.compiler.disable
     def call(*args, **kwargs):
-        out = module._call_impl(*args, **kwargs)
+        nonlocal watched
+        if module.training and not watched:
+            watched = True
+            with _AttentionOutsideLayers() as watch:
+                out = module._call_impl(*args, **kwargs)
+            _warn_about_attention_outside(module, whole, watch)
+        else:
+            out = module._call_impl(*args, **kwargs)
         if module.training:
             _warn_if_nothing_rewritten(whole)
         return out
 
     object.__setattr__(module, "_compiled_call_impl", call)
+
+
+class _AttentionOutsideLayers(TorchFunctionMode):
+    """Counts the attention calls a model's own code makes around its layers compiled on their own (a layer's call
+    pops this mode: Dynamo must not trace it into the layer's graph)."""
+
+    NAMES = frozenset({"scaled_dot_product_attention", "flex_attention", "varlen_attn", "document_attention"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "").removesuffix(".default")
+        if name in self.NAMES:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _warn_about_attention_outside(model: torch.nn.Module, report: Report, watch: _AttentionOutsideLayers) -> None:
+    if not watch.calls:
+        return
+    calls = ", ".join(f"{name} x{count}" for name, count in watch.calls.items())
+    note = (f"lhcompile: {type(model).__name__}'s own code calls attention outside its layer stack ({calls}); "
+            "regional compilation compiles only the layers, so those calls run uncompiled and dense. Apply with "
+            "regional=False to compile the whole model, where the pass sees them too")
+    if report.once.warn("attention outside the layers", note, stacklevel=4):
+        report.notes.append(note)
+
+
+def _unwatched() -> contextlib.AbstractContextManager:
+    if isinstance(torch.overrides._get_current_function_mode(), _AttentionOutsideLayers):
+        return torch.overrides._pop_mode_temporarily()
+    return contextlib.nullcontext()
 
 
 def _warn_if_nothing_rewritten(report: Report) -> None:

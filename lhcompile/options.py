@@ -32,14 +32,14 @@ class Options:
     debug: bool
     placement: Placement
     """Where the rewritten attention runs: one device, or a context-parallel group."""
-    regional: bool = False
+    regional: bool = True
     """``apply`` compiles each layer of a layer stack on its own (one compile per kind of layer), not the whole
     model."""
 
     @classmethod
     def make(cls, config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
              compiler: Compiler = "inductor", debug: bool | None = None,
-             context_parallel: dist.ProcessGroup | None = None, regional: bool = False,
+             context_parallel: dist.ProcessGroup | None = None, regional: bool = True,
              caller: str = "lhcompile.apply") -> Options:
         """Check every argument now, naming it and what is accepted, rather than at the first forward call."""
         config = LighthouseConfig() if config is None else config

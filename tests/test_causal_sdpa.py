@@ -139,7 +139,8 @@ def test_sliding_window_sites_of_causal_sdpa_stay_dense_under_the_pass():
     lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
     torch.testing.assert_close(logits(model, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)
     report = lhcompile.inspect(model)
-    assert not report.rewritten and all("not the causal mask" in s.reason for s in report.sites), str(report)
+    # the window mask is made outside each layer's graph, which cannot prove it causal
+    assert not report.rewritten and all("it cannot be proven causal" in s.reason for s in report.sites), str(report)
 
 
 def _encoder(kind: str, attention: str) -> torch.nn.Module:

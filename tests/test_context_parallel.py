@@ -139,9 +139,8 @@ def _per_layer_fsdp(rank, part):
     fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites}
     assert fates == {
         "model.layers.0.self_attn": "dense layer (layer 0 of 4 is in dense_layers=(0, -1))",
-        # position_ids are an input of a layer compiled alone: causal_sdpa keeps documents apart (here one per row)
-        "model.layers.1.self_attn": "lighthouse per document (the documents lhcompile.document_attention is given, "
-                                    "read at run time)",
+        # the model's own code asked transformers for the mask eagerly: one document per row, plain Lighthouse
+        "model.layers.1.self_attn": "lighthouse",
         "model.layers.2.self_attn": "excluded by filter_fn",
         "model.layers.3.self_attn": "dense layer (layer 3 of 4 is in dense_layers=(0, -1))",
     }, str(lhcompile.inspect(model))

@@ -221,6 +221,7 @@ def test_data_collator_with_flattening_trains_lighthouse_per_document_through_th
     report = callback.report
     rewritten = [s for s in report if s.rewritten]
     assert rewritten and all(s.documents for s in rewritten), str(report)
-    assert report.graphs <= 3, f"{report.graphs} graphs for 6 batches of different lengths"
+    # per kind of layer (dense layer 0, Lighthouse): the first length, then one dynamic graph for all later ones
+    assert report.graphs <= 2 * 2, f"{report.graphs} graphs for 6 batches of different lengths"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))

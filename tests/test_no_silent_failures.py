@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import lhcompile
 from lhcompile import LighthouseConfig, LighthouseWarning, lighthouse_attention
@@ -149,14 +150,16 @@ def test_blocks_compiled_in_place_are_taken_over_per_kind_and_given_back_on_rest
     ids = torch.randint(0, VOCAB, (2, N))
     lhcompile.apply(model, CFG, compiler="eager")
     assert_same_training_step(model, twin, ids, {1, 2})
-    # Dynamo inlines the blocks into the model's own graph (no FSDP hook splits it): decided there, by site
-    fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites if s.training}
+    # each kind of block is compiled once, the model's own code runs as written around them
+    report = lhcompile.inspect(model)
+    fates = {s.module_path: s.reason for s in report if s.training}
     assert fates == {
-        "layers.0.attention": "dense layer (site 0 is in dense_layers=(0, -1))",
+        "layers.0.attention": "dense layer (layer 0 of 4 is in dense_layers=(0, -1))",
         "layers.1.attention": "lighthouse",
         "layers.2.attention": "lighthouse",
-        "layers.3.attention": "dense layer (site 3 is in dense_layers=(0, -1))",
+        "layers.3.attention": "dense layer (layer 3 of 4 is in dense_layers=(0, -1))",
     }
+    assert report.graphs == 2
     lhcompile.restore(model)
     assert {block: block._compiled_call_impl for block in model.layers.values()} == before
     with torch.no_grad():
@@ -219,7 +222,7 @@ def test_a_model_that_gets_nothing_rewritten_is_warned_with_every_reason_per_sit
     assert [s.module_path for s in report] == [f"blocks.{layer}" for layer in range(4)]
     for site in report:
         assert "sequence too short: N=64 < min_lighthouse_len=32768" in site.reason
-        assert f"dense layer (site {site.index} is" in site.reason
+        assert f"dense layer (layer {site.index} of 4" in site.reason
 
 
 def test_backend_says_it_takes_the_mode_from_grad_mode():
@@ -260,7 +263,7 @@ def test_settings_that_can_never_engage_are_warned_about():
         lhcompile.apply(model, LighthouseConfig(), compiler="eager")
     torch._dynamo.reset()
     with pytest.warns(LighthouseWarning, match=r"dense_layers entries \[7, -9\] are outside the 4 layers"):
-        lhcompile.apply(GPT(), dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager", regional=True)
+        lhcompile.apply(GPT(), dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager")
     model = GPT()
     lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=(0, 7, -9)), compiler="eager", regional=False)
     with pytest.warns(LighthouseWarning, match=r"dense_layers entries \[7, -9\] are outside the 4 attention sites"):
@@ -365,7 +368,7 @@ def test_a_sliced_lower_triangular_buffer_is_proven_causal_and_the_assumption_sa
     n = 5 * N  # no weight or activation dimension is n
     ids = torch.randint(0, VOCAB, (2, n))
     with pytest.warns(LighthouseWarning, match=r"module buffer\(s\) .* was proven") as record:
-        graphs = _captured(model, CFG, ids, regional=True)
+        graphs = _captured(model, CFG, ids)
     # one graph per kind of layer (dense, Lighthouse), each naming the buffers of its layers
     said = [str(w.message) for w in record if "was proven" in str(w.message)]
     assert sorted(said) == [f"lhcompile: the attention mask read from the module buffer(s) h.{a}.bias, h.{b}.bias was "
@@ -415,7 +418,7 @@ def test_a_learned_bias_and_a_padding_mask_are_called_what_they_are(regional):
 def test_a_graph_break_inside_a_layer_is_blamed_as_such():
     # compiled layer by layer, the break splits each layer's graph, whose sites still name their layer
     model = NanoGPT(graph_break=True)
-    lhcompile.apply(model, CFG, compiler="eager", regional=True)
+    lhcompile.apply(model, CFG, compiler="eager")
     logits(model, torch.randint(0, VOCAB, (1, N)))
     assert [(s.module_path, s.rewritten) for s in lhcompile.inspect(model)] == [
         ("h.0", False), ("h.1", True), ("h.2", True), ("h.3", False)]
@@ -487,3 +490,32 @@ def test_a_graph_captured_with_a_dynamic_length_runs_lighthouse_per_row():
     rows = [s for s in lhcompile.inspect(dynamic) if s.graph == 1]
     assert len(rows) == 4 and all(s.rewritten and "one per row, at a dynamic sequence length" in s.reason
                                   for s in rows), str(lhcompile.inspect(dynamic))
+
+
+class GPTWithPooling(GPT):
+    """A GPT whose own code attends once more after its layer stack (an attention-pooling head)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        h = x.view(*x.shape[:2], 4, -1).transpose(1, 2)
+        x = x + F.scaled_dot_product_attention(h, h, h, is_causal=True).transpose(1, 2).reshape(x.shape)
+        return self.head(self.ln_f(x))
+
+
+def test_attention_outside_the_layer_stack_is_said_to_run_dense_when_compiled_by_layer():
+    ids = torch.randint(0, VOCAB, (1, N))
+    model = GPTWithPooling()
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    with pytest.warns(LighthouseWarning, match=r"calls attention outside its layer stack \(scaled_dot_product_"
+                                               r"attention x1\).*regional=False"):
+        logits(model, ids)
+    assert len(lhcompile.inspect(model).rewritten) == 4  # every layer's site, none of the head's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        logits(model, ids)  # said once
+        whole = GPTWithPooling()
+        lhcompile.apply(whole, dataclasses.replace(CFG, dense_layers=()), compiler="eager", regional=False)
+        logits(whole, ids)
+    assert len(lhcompile.inspect(whole).rewritten) == 5
