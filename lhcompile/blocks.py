@@ -3,9 +3,9 @@
 A model's layers are compiled apart from it in three setups: regional compilation (``apply``'s default,
 ``regional=True``: each item of a layer stack, so that a 30-layer model costs one layer's compile), per-layer
 FSDP2 (Dynamo does not trace ``fully_shard``'s hooks, so it compiles each sharded module on its own) and
-per-block compilation in place (``block.compile()``, as torchtitan's ``apply_compile`` does). Dynamo reuses one graph for every module of a
-class, so ``apply`` compiles these blocks itself, with one backend per kind of block (same class, dense or not
-under ``dense_layers``, alike under ``filter_fn``), and ``dense_layers`` counts layers.
+per-block compilation in place (``block.compile()``, as torchtitan's ``apply_compile`` does). Dynamo reuses one
+graph for every module of a class, so ``apply`` compiles these blocks itself, with one backend per kind of block
+(same class, dense or not under ``dense_layers``, alike under ``filter_fn``), and ``dense_layers`` counts layers.
 """
 
 from __future__ import annotations
