@@ -284,12 +284,14 @@ def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
 @torch.library.custom_op("lhcompile::document_attention", mutates_args=())
 def _document_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, keep: Tensor | None, scale: float
                         ) -> tuple[Tensor, Tensor]:
+    _check_dtypes(q, k, v)
     out, lse = _implementation(q)[0](q, k, v, starts, keep, scale)
     return _laid_out_as(out, _token_major(*q.shape[:3], v.shape[3], q)), lse.contiguous()
 
 
 @_document_attention.register_fake
 def _(q, k, v, starts, keep, scale):
+    _check_dtypes(q, k, v)
     return _token_major(*q.shape[:3], v.shape[3], q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
@@ -317,6 +319,43 @@ def _backward(ctx, grad, _grad_lse):
 
 
 _document_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_dtypes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"document_attention: q, k and v must have one dtype (as for SDPA), got {q.dtype}, "
+                         f"{k.dtype} and {v.dtype}; cast them, or call it under torch.autocast")
+
+
+def autocast_like_sdpa(q: Tensor, k: Tensor, v: Tensor, device_type: str, dtype: torch.dtype
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """What autocast does to SDPA's q, k and v: tensors of its device type in fp32/fp16/bf16 go to ``dtype``."""
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.device.type == device_type and t.dtype in _AUTOCAST_DTYPES else t
+
+    return cast(q), cast(k), cast(v)
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays: autocast leaves it alone
+_LIBRARY = torch.library.Library("lhcompile", "FRAGMENT")
+
+
+def _register_autocast(device_type: str, dispatch_key: str) -> None:
+    """In an autocast region the op runs in the region's lower-precision dtype, as the SDPA call it stands for would
+    (SDPA is on autocast's list, a custom op is not; a model with fp32 master weights rotates q and k into fp32
+    beside a bf16 v). A dispatch rule, so that it holds eagerly, compiled and in the graphs the pass rewrites alike;
+    written here since ``torch.library.register_autocast`` fixes one dtype for every region."""
+
+    def kernel(q, k, v, starts, keep, scale):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _document_attention(*autocast_like_sdpa(q, k, v, device_type, dtype), starts, keep, scale)
+
+    _LIBRARY.impl("document_attention", kernel, dispatch_key)
+
+
+_register_autocast("cpu", "AutocastCPU")
+_register_autocast("cuda", "AutocastCUDA")
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *, scale: float | None = None,

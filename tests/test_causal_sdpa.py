@@ -87,6 +87,40 @@ def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["eager", "torch.compile", "lhcompile.restore", "lhcompile.apply"])
+def test_packed_documents_train_under_autocast_with_fp32_weights_as_sdpa_does(how):
+    # examples/train.py's setting (fp32 master weights, bf16 autocast): RoPE turns q and k back into fp32 beside a
+    # bf16 v. Lighthouse per document and the dense recovery stage of a two-stage run, compiled, used to hand
+    # document_attention mixed dtypes (on a GPU its fp32 reference path, a score matrix per document)
+    positions = torch.cat([torch.arange(40), torch.arange(N - 40)])[None].expand(2, -1)
+    ids = torch.randint(0, VOCAB, (2, N))
+    torch.manual_seed(0)
+    reference = hf_model("llama", attention="sdpa")
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa")
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="aot_eager")
+    elif how.startswith("lhcompile"):
+        lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="aot_eager")
+        if how == "lhcompile.restore":
+            lhcompile.restore(model)
+    results = []
+    for m in (reference, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(input_ids=ids, position_ids=positions, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.float(), [p.grad for p in m.parameters()]))
+    (want, want_grads), (got, grads) = results
+    if how == "lhcompile.apply":  # Lighthouse in the 40-token document: not dense attention, but trained in bf16
+        assert lhcompile.inspect(model).rewritten[0].reason.startswith("lighthouse per document")
+        assert got.isfinite().all() and all(g.isfinite().all() for g in grads)
+        return
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for mine, ref in zip(grads, want_grads):
+        torch.testing.assert_close(mine, ref, rtol=5e-2, atol=5e-3)
+
+
 def _gemma3_with_images(attention: str) -> torch.nn.Module:
     """Gemma 3 with its vision tower (tiny, random): token_type_ids mark image tokens, which attend to their whole
     image block bidirectionally in its full-attention layers."""

@@ -131,6 +131,28 @@ def test_dense_document_attention_is_causal_attention_within_each_document():
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_under_autocast_q_k_and_v_run_in_its_dtype_as_sdpa_would():
+    # fp32 master weights under bf16 autocast: the projections give bf16, a rotation with fp32 tables turns q and k
+    # back into fp32, and SDPA (the call these ops stand for) casts all three to bf16. Before, the op got mixed
+    # dtypes: refused on CPU, and on a GPU it took the fp32 reference path with a score matrix per document.
+    rows = MIXES["long + many short"]
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
+    v16 = v.detach().bfloat16().requires_grad_()
+    documents = Documents(starts_of(rows))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = document_attention(q, k, v16, documents)
+        lighthouse = lighthouse_attention(q, k, v16, CONFIGS[0], documents=documents)
+    cast = [t.detach().bfloat16().requires_grad_() for t in (q, k, v16)]
+    for out, config in ((dense, LighthouseConfig(min_seq_len=10**6)), (lighthouse, CONFIGS[0])):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, lighthouse_attention(*cast, config, documents=documents), rtol=0, atol=0)
+        out.float().sum().backward()
+        assert q.grad.dtype == torch.float32 and v16.grad.dtype == torch.bfloat16
+        q.grad = k.grad = v16.grad = None
+    with pytest.raises(ValueError, match="one dtype.*torch.float32, torch.float32 and torch.bfloat16"):
+        document_attention(q, k, v16, documents)
+
+
 def test_inside_a_cuda_graph_capture_it_says_it_cannot_be_captured_and_what_to_do(monkeypatch):
     # torchtitan captures its whole training step in a CUDA graph by default; per document syncs with the host
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -241,3 +241,34 @@ def test_offline_byte_tokenizer_and_local_files_dataset_through_torchtitans_own_
 
     with pytest.raises(FileNotFoundError, match="no \\*.py file under"):
         next(iter(HuggingFaceTextDataset(offline_data.LOCAL_FILES, str(files / "pkg" / "none"), tokenizer)))
+
+
+def test_older_torch_shims_keep_torchtitans_varlen_on_pytorchs_own_flash_kernels(monkeypatch):
+    """What the GPU benchmark needs on torch 2.11 and a Hopper GPU without FlashAttention 3's package: simulated
+    here, since this torch has the newer varlen_attn and no GPU."""
+    import torchtitan.tools.utils as utils
+    from torch.nn.attention import varlen
+
+    older_torch = _example_module("older_torch")
+    seen = []
+
+    def varlen_attn_of_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                                  scale=None, window_size=(-1, -1)):
+        seen.append(window_size)
+        return query
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_of_torch_2_11)
+    assert older_torch._varlen_arguments() == ["varlen_attn(enable_gqa, num_splits)"]
+    q = torch.randn(8, 2, 4)
+    assert varlen.varlen_attn(q, q, q, None, None, 8, 8, window_size=(-1, 0), num_splits=1, enable_gqa=False) is q
+    assert seen == [(-1, 0)]
+    with pytest.raises(NotImplementedError, match="split keys"):
+        varlen.varlen_attn(q, q, q, None, None, 8, 8, num_splits=4)
+    with pytest.raises(NotImplementedError, match="grouped-query"):
+        varlen.varlen_attn(q, q, q, None, None, 8, 8, enable_gqa=True)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(utils, "get_cuda_flash_attention_impl", lambda: "FA3")
+    assert older_torch._flash_attention_packages() == [
+        "get_cuda_flash_attention_impl() -> None (FA3: no flash_attn_interface)"]
+    assert utils.get_cuda_flash_attention_impl() is None

@@ -13,11 +13,19 @@ What is shimmed, only where the running torch lacks it:
 - ``create_block_mask(..., separate_full_blocks=True)`` (torch 2.13): torchtitan asks for what older releases
   always do (fully unmasked blocks kept apart from partial ones), so the argument is dropped there; ``False``
   (its batch-invariant mode) cannot be had and is refused.
+- ``varlen_attn(..., num_splits=, enable_gqa=)`` (torch 2.12): torchtitan's ``VarlenAttention`` passes
+  ``num_splits=1`` (one split of the keys, so no split-k reduction) where older releases take no such argument and
+  never split a training call's keys either; it is dropped there. ``enable_gqa=True`` cannot be had and is refused.
+- FlashAttention 3 / 4 where their packages are absent: torchtitan's ``VarlenAttention`` activates FA3 on Hopper
+  and FA4 on Blackwell (``get_cuda_flash_attention_impl``), which imports ``flash_attn_interface`` /
+  ``flash_attn.cute.interface``. Where that package is missing the choice becomes None, so PyTorch's own flash
+  kernels run, as they do for torchtitan on older GPUs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 from dataclasses import dataclass
 
@@ -55,7 +63,49 @@ def install() -> list[str]:
 
         flex_attention.create_block_mask = create_block_mask_separating_full_blocks
         shimmed.append("create_block_mask(separate_full_blocks=True)")
+    shimmed += _varlen_arguments()
+    shimmed += _flash_attention_packages()
     return shimmed
+
+
+def _varlen_arguments() -> list[str]:
+    from torch.nn.attention import varlen
+
+    missing = {"num_splits", "enable_gqa"} - set(inspect.signature(varlen.varlen_attn).parameters)
+    if not missing:
+        return []
+    varlen_attn = varlen.varlen_attn
+
+    @functools.wraps(varlen_attn)
+    def varlen_attn_without_newer_arguments(*args, **kwargs):
+        if "num_splits" in missing and kwargs.pop("num_splits", None) not in (None, 1):
+            raise NotImplementedError("older_torch: this torch's varlen_attn cannot split keys on request")
+        if "enable_gqa" in missing and kwargs.pop("enable_gqa", False):
+            raise NotImplementedError("older_torch: this torch's varlen_attn has no grouped-query attention")
+        return varlen_attn(*args, **kwargs)
+
+    varlen.varlen_attn = varlen_attn_without_newer_arguments
+    return [f"varlen_attn({', '.join(sorted(missing))})"]
+
+
+def _flash_attention_packages() -> list[str]:
+    """Only where torchtitan would pick an implementation whose package is missing."""
+    import torch
+    from torchtitan.tools import utils
+
+    chosen = utils.get_cuda_flash_attention_impl() if torch.cuda.is_available() else None
+    package = {"FA3": "flash_attn_interface", "FA4": "flash_attn.cute.interface"}.get(chosen)
+    if package is None or _importable(package):
+        return []
+    utils.get_cuda_flash_attention_impl = lambda: None
+    return [f"get_cuda_flash_attention_impl() -> None ({chosen}: no {package})"]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
 
 
 def main() -> None:
