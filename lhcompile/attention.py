@@ -51,18 +51,17 @@ def lighthouse_attention(
     """Lighthouse attention with SDPA's signature and layout: (B, H, N, d) in, (B, H, N, d_v) out.
 
     k and v may have fewer heads than q (GQA, as SDPA's enable_gqa); in an autocast region they run in its dtype,
-    as SDPA's do. Sequences shorter than
-    ``config.min_lighthouse_len`` run dense causal SDPA instead. With ``rope`` (the model's rotation tables,
-    ``Rotary.of``), q and k are taken unrotated and rotated after selection, whatever ``config.rope`` says;
-    ``config.rope='after_selection'`` without it is refused (there would be no tables to rotate with).
+    as SDPA's do. Sequences shorter than ``config.min_lighthouse_len`` run dense causal SDPA instead. With
+    ``rope`` (the model's rotation tables, ``Rotary.of``), q and k are taken unrotated and rotated after
+    selection, whatever ``config.rope`` says; ``config.rope='after_selection'`` without it is refused (there would
+    be no tables to rotate with).
 
     ``documents`` (``lhcompile.Documents``): the rows are packed documents, kept apart. Each document of at least
     ``config.min_lighthouse_len`` tokens gets Lighthouse as if it were the whole sequence, each shorter one dense
     causal attention within it; the tables of ``rope`` are then the rows of the packed tokens, their positions
     restarting with each document. Changing the documents changes no shape (no recompilation under compile)."""
     config = config or LighthouseConfig()
-    if torch.is_autocast_enabled(q.device.type):
-        q, k, v = autocast_like_sdpa(q, k, v, q.device.type, torch.get_autocast_dtype(q.device.type))
+    q, k, v = autocast_like_sdpa(q, k, v)
     check_sdpa_inputs(q, k, v, is_causal=is_causal)
     Rotary.check_for(rope, config.rope, q, "lighthouse_attention")
     b, n = q.shape[0], q.shape[2]

@@ -327,16 +327,23 @@ def _check_dtypes(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"{k.dtype} and {v.dtype}; cast them, or call it under torch.autocast")
 
 
-def autocast_like_sdpa(q: Tensor, k: Tensor, v: Tensor, device_type: str, dtype: torch.dtype
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """What autocast does to SDPA's q, k and v: tensors of its device type in fp32/fp16/bf16 go to ``dtype``."""
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays: autocast leaves it alone
+
+
+def autocast_like_sdpa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v as autocast hands them to SDPA: in an autocast region of q's device type, those in fp32/fp16/bf16
+    go to the region's dtype; outside one, as they are."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+
     def cast(t: Tensor) -> Tensor:
         return t.to(dtype) if t.device.type == device_type and t.dtype in _AUTOCAST_DTYPES else t
 
     return cast(q), cast(k), cast(v)
 
 
-_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays: autocast leaves it alone
 _LIBRARY = torch.library.Library("lhcompile", "FRAGMENT")
 
 
@@ -347,9 +354,9 @@ def _register_autocast(device_type: str, dispatch_key: str) -> None:
     written here since ``torch.library.register_autocast`` fixes one dtype for every region."""
 
     def kernel(q, k, v, starts, keep, scale):
-        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = autocast_like_sdpa(q, k, v)
         with torch.autocast(device_type, enabled=False):
-            return _document_attention(*autocast_like_sdpa(q, k, v, device_type, dtype), starts, keep, scale)
+            return _document_attention(q, k, v, starts, keep, scale)
 
     _LIBRARY.impl("document_attention", kernel, dispatch_key)
 
