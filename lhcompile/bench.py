@@ -255,8 +255,9 @@ def main() -> None:
     ap.add_argument("--documents", action="store_true",
                     help="instead: packed documents of one 128K sequence (the mixes of MIXES), Lighthouse per document "
                          "against flash varlen and compiled FlexAttention on the same documents")
-    ap.add_argument("--document-kernel", choices=("cudnn", "flash"), default=None,
-                    help="the GPU kernel of lhcompile.document_attention (documents.VARLEN_KERNEL; default: its default)")
+    ap.add_argument("--cudnn-min-length", type=lambda s: None if s == "none" else int(s), default="default",
+                    help="documents at least this long run on cuDNN in lhcompile.document_attention, the others on "
+                         "flash varlen ('none': flash for all; default: documents.CUDNN_MIN_LENGTH)")
     ap.add_argument("--json", default="bench.json", help="where to write the numbers")
     ap.add_argument("--plot", default="bench.png", help="where to write the latency plot")
     args = ap.parse_args()
@@ -269,10 +270,10 @@ def main() -> None:
              f"L{args.levels} p{args.pooling_factor}{', deterministic mode' if args.deterministic else ''}")
     print(f"{title}; median of {args.reps} (dense: {args.dense_reps}), ms")
     print(f"measured ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    if args.document_kernel:
+    if args.cudnn_min_length != "default":
         from . import documents
 
-        documents.VARLEN_KERNEL = args.document_kernel
+        documents.CUDNN_MIN_LENGTH = args.cudnn_min_length
     if args.documents:
         config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk[0])
         print(f"packed documents, N=131072, k={config.topk}: forward + backward ms")

@@ -13,8 +13,9 @@ mix of documents. How:
   documents and the causal shift of a document's last entries lands in its own gap. The unchanged score, gather
   and scatter stages run on that stream; ``select_documents`` runs each document's tiles on their own.
 - The gathered entries of all long documents and the tokens of all short ones go through ``document_attention``
-  (dense causal attention within each document: on a GPU cuDNN on padded batches of documents of similar lengths,
-  or flash varlen, ``VARLEN_KERNEL``; a reference document by document elsewhere), one call each.
+  (dense causal attention within each document: on a GPU one flash varlen call for documents shorter than
+  ``CUDNN_MIN_LENGTH`` and cuDNN for each longer one, padded to a width on a fixed grid; a reference document by
+  document elsewhere), one call each.
 """
 
 from __future__ import annotations
@@ -370,9 +371,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
     """Dense causal attention within each document: (B, H, N, d) in SDPA's layout, k/v may have fewer heads (GQA).
 
     ``keep`` (B, N) bool, the same for every token of a document, leaves whole documents out (their outputs are 0
-    and cost nothing on a GPU). On CUDA in bf16/fp16: cuDNN's attention on padded batches of documents of similar
-    lengths (or flash varlen, ``VARLEN_KERNEL``), the documents found with one host sync per call; elsewhere (CPU, fp32): a reference, document by document, that
-    holds each document's score matrix (for tests and modest lengths)."""
+    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents found with one host sync per call: one flash
+    varlen call for every document shorter than ``CUDNN_MIN_LENGTH``, cuDNN's attention for each longer one;
+    elsewhere (CPU, fp32): a reference, document by document, that holds each document's score matrix (for tests
+    and modest lengths)."""
     documents.check(q, "document_attention")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"document_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
@@ -470,8 +472,6 @@ class _Segments:
 
     firsts: list[int]
     lengths: list[int]
-    tokens: int
-    """Tokens of the rows laid end to end."""
 
     @classmethod
     def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments | None:
@@ -491,41 +491,47 @@ class _Segments:
             first, lengths = first[kept], lengths[kept]
         if not len(first):
             return None
-        return cls(first.tolist(), lengths.tolist(), begins.numel())
+        return cls(first.tolist(), lengths.tolist())
 
     @property
     def longest(self) -> int:
         return max(self.lengths)
 
-    def flash_maps(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """Cumulative lengths (D+1,) int32 and the segments' tokens in the rows laid end to end (None: all)."""
+    def split(self, at: int | None) -> tuple[_Segments | None, _Segments | None]:
+        """(the documents of at least ``at`` tokens, the others); ``at`` None: none of the first kind."""
+        long = [at is not None and n >= at for n in self.lengths]
+        parts = [[i for i, x in enumerate(long) if x == wanted] for wanted in (True, False)]
+        return tuple(_Segments([self.firsts[i] for i in part], [self.lengths[i] for i in part]) if part else None
+                     for part in parts)
+
+    def flash_maps(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Cumulative lengths (D+1,) int32 and the segments' tokens in the rows laid end to end."""
         first, lengths = _to_device([self.firsts, self.lengths], device)
         cu = F.pad(lengths.cumsum(0), (1, 0))
         total = sum(self.lengths)
-        tokens = None if total == self.tokens else (
-            torch.repeat_interleave(first - cu[:-1], lengths, output_size=total) + torch.arange(total, device=device))
+        tokens = torch.repeat_interleave(first - cu[:-1], lengths, output_size=total) + torch.arange(total,
+                                                                                                   device=device)
         return cu.int(), tokens
 
-    def batches(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-        """The documents as padded batches of similar lengths, longest first: per batch the (G, L) token of each
-        position (a document's last token repeated past its end) and which positions are its own. Right padding
-        never reaches a document's own rows in causal attention, and a batch's lengths differ by at most
-        ``1 - PADDED_SHARE`` of its longest, so the padding costs at most (1/PADDED_SHARE)^2 of its attention."""
-        order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
-        groups, group = [], []
-        for i in order + [None]:
-            if i is not None and (not group or self.lengths[i] >= PADDED_SHARE * self.lengths[group[0]]):
-                group.append(i)
-                continue
-            groups.append(group)
-            group = [i]
-        tables = _to_device([[self.firsts[j] for j in g] + [self.lengths[j] for j in g] for g in groups], device)
-        batches = []
-        for group, table in zip(groups, tables):
-            first, size = table.view(2, -1, 1)
-            offset = torch.arange(max(self.lengths[group[0]], MIN_WIDTH), device=device)[None]
-            batches.append((first + torch.minimum(offset, size - 1), offset < size))
-        return batches
+    def padded(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """Each document alone, right-padded to ``padded_width`` of its length: the (1, W) token of each position
+        (its last token repeated past its end) and which positions are its own. Right padding never reaches a
+        document's own rows in causal attention."""
+        first, size = _to_device([self.firsts, self.lengths], device)
+        out = []
+        for i, n in enumerate(self.lengths):
+            offset = torch.arange(padded_width(n), device=device)[None]
+            out.append((first[i] + torch.minimum(offset, size[i] - 1), offset < size[i]))
+        return out
+
+
+def padded_width(n: int) -> int:
+    """The cuDNN width of a document of n tokens: n rounded up on a grid of 16 widths per octave (at most 1/16
+    more), and at least ``MIN_WIDTH``. cuDNN builds an execution plan per new shape (about 0.4-0.8 s for forward and
+    backward, BENCHMARKS.md), so a width per document length would build plans on every batch of real documents;
+    the grid bounds them to 16 per octave for a whole training run."""
+    step = 1 << max(n.bit_length() - 5, 0)
+    return max(-(-n // step) * step, MIN_WIDTH)
 
 
 def _to_device(rows: list[list[int]], device: torch.device) -> list[Tensor]:
@@ -542,15 +548,12 @@ def _place(buffer: Tensor, index: Tensor, own: Tensor, values: Tensor) -> None:
     buffer.index_put_((torch.where(own, index, dump).flatten(),), values.reshape(-1, *values.shape[2:]))
 
 
-PADDED_SHARE = 0.9
-"""Documents batched together for cuDNN are at least this share of the batch's longest."""
+CUDNN_MIN_LENGTH: int | None = 8192
+"""Documents of at least this many tokens run alone on cuDNN's attention (faster than flash varlen on long
+documents), padded to ``padded_width``; all shorter ones run together in one flash varlen call, which builds no
+plans and takes any mix of lengths. None: flash varlen for every document."""
 MIN_WIDTH = 16
-"""Shortest padded batch: cuDNN refuses a sequence of one token."""
-
-VARLEN_KERNEL = "cudnn"
-"""The GPU kernel of ``document_attention`` in bf16/fp16: "cudnn" (cuDNN's attention on padded batches of documents
-of similar lengths) or "flash" (flash varlen). Both are exact causal attention within each document; they differ in
-speed (BENCHMARKS.md)."""
+"""Narrowest cuDNN width: cuDNN refuses a sequence of one token."""
 
 
 def _token_rows(x: Tensor) -> Tensor:
@@ -558,69 +561,54 @@ def _token_rows(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
-def _take(x: Tensor, tokens: Tensor | None) -> Tensor:
-    """(B, H, N, d) -> the tokens (T, H, d) of the segments (all where ``tokens`` is None)."""
-    rows = _token_rows(x)
-    return (rows if tokens is None else rows[tokens]).contiguous()
-
-
-def _put(rows: Tensor, tokens: Tensor | None, b: int, n: int) -> Tensor:
-    """(T, H, d) at ``tokens`` -> (B, H, N, d), zeros elsewhere."""
-    if tokens is not None:
-        rows = rows.new_zeros(b * n, *rows.shape[1:]).index_copy(0, tokens, rows)
-    return rows.view(b, n, rows.shape[1], -1).transpose(1, 2)
-
-
 def _varlen_forward(q, k, v, starts, keep, scale):
     segments = _Segments.of(starts, keep)
     b, h, n = q.shape[:3]
-    if segments is None:
-        return q.new_zeros(*q.shape[:3], v.shape[3]), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-    if VARLEN_KERNEL == "flash":
-        cu, tokens = segments.flash_maps(q.device)
-        qt, kt, vt = (_take(t, tokens) for t in (q, _grouped(k, h), _grouped(v, h)))
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(qt, kt, vt, cu, cu, segments.longest, segments.longest,
-                                                               0.0, True, False, scale=scale)
-        return _put(out, tokens, b, n), _put(lse.t().unsqueeze(-1), tokens, b, n)[..., 0].contiguous()
     rows = [_token_rows(t) for t in (q, _grouped(k, h), _grouped(v, h))]
+    # one row past the tokens takes what belongs to no document's own position (cuDNN's padding), then is dropped
     out = q.new_zeros(b * n + 1, h, v.shape[3])
     lse = q.new_full((b * n + 1, h), float("-inf"), dtype=torch.float32)
-    for index, own in segments.batches(q.device):
+    alone, together = segments.split(CUDNN_MIN_LENGTH) if segments is not None else (None, None)
+    if together is not None:
+        cu, tokens = together.flash_maps(q.device)
+        o, m, *_ = torch.ops.aten._flash_attention_forward(*(r[tokens] for r in rows), cu, cu, together.longest,
+                                                           together.longest, 0.0, True, False, scale=scale)
+        out.index_copy_(0, tokens, o)
+        lse.index_copy_(0, tokens, m.t())
+    for index, own in alone.padded(q.device) if alone is not None else ():
         o, m, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             *(r[index].transpose(1, 2) for r in rows), None, True, 0.0, True, False, scale=scale)
         _place(out, index, own, o.transpose(1, 2))
-        _place(lse, index, own, m.reshape(*index.shape[:1], h, -1).transpose(1, 2))  # cuDNN's is (G, H, L, 1)
+        _place(lse, index, own, m.reshape(1, h, -1).transpose(1, 2))  # cuDNN's is (1, H, L, 1)
     return out[:-1].view(b, n, h, -1).transpose(1, 2), lse[:-1].view(b, n, h).transpose(1, 2).contiguous()
 
 
 def _varlen_backward(grad, q, k, v, out, lse, starts, keep, scale):
     segments = _Segments.of(starts, keep)
     b, h, n = q.shape[:3]
-    if segments is None:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if VARLEN_KERNEL == "flash":
-        cu, tokens = segments.flash_maps(q.device)
-        rows = [_take(t, tokens) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
-        lse_rows = _take(lse.unsqueeze(-1), tokens)[..., 0].t().contiguous()
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            *rows, lse_rows, cu, cu, segments.longest, segments.longest, 0.0, True,
-            torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device), scale=scale)
-        dq, dk, dv = (_put(t, tokens, b, n) for t in (dq, dk, dv))
-    else:
-        rows = [_token_rows(t) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
-        lse_rows = lse.transpose(1, 2).reshape(b * n, h)
-        grads = [r.new_zeros(b * n + 1, *r.shape[1:]) for r in rows[1:4]]
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
-        for index, own in segments.batches(q.device):
-            g, qg, kg, vg, og = (r[index].transpose(1, 2) for r in rows)
-            g = g * own[:, None, :, None]  # padded rows take no part in the gradients of the document's own
-            width = index.shape[1]
-            parts = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                g, qg, kg, vg, og, lse_rows[index].transpose(1, 2).unsqueeze(-1).contiguous(), zero, zero, None, None,
-                None, width, width, 0.0, True, scale=scale)
-            for total, part in zip(grads, parts):
-                _place(total, index, own, part.transpose(1, 2))
-        dq, dk, dv = (t[:-1].view(b, n, h, -1).transpose(1, 2) for t in grads)
+    rows = [_token_rows(t) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
+    lse_rows = lse.transpose(1, 2).reshape(b * n, h)
+    grads = [r.new_zeros(b * n + 1, *r.shape[1:]) for r in rows[1:4]]
+    alone, together = segments.split(CUDNN_MIN_LENGTH) if segments is not None else (None, None)
+    if together is not None:
+        cu, tokens = together.flash_maps(q.device)
+        parts = torch.ops.aten._flash_attention_backward(
+            *(r[tokens] for r in rows), lse_rows[tokens].t().contiguous(), cu, cu, together.longest,
+            together.longest, 0.0, True, torch.zeros(2, dtype=torch.uint64, device=q.device),
+            torch.empty(0, device=q.device), scale=scale)
+        for total, part in zip(grads, parts):
+            total.index_copy_(0, tokens, part)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    for index, own in alone.padded(q.device) if alone is not None else ():
+        g, qg, kg, vg, og = (r[index].transpose(1, 2) for r in rows)
+        g = g * own[:, None, :, None]  # padded rows take no part in the gradients of the document's own
+        width = index.shape[1]
+        parts = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            g, qg, kg, vg, og, lse_rows[index].transpose(1, 2).unsqueeze(-1).contiguous(), zero, zero, None, None,
+            None, width, width, 0.0, True, scale=scale)
+        for total, part in zip(grads, parts):
+            _place(total, index, own, part.transpose(1, 2))
+    dq, dk, dv = (t[:-1].view(b, n, h, -1).transpose(1, 2) for t in grads)
     group = h // k.shape[1]
     if group > 1:
         dk, dv = (t.reshape(b, k.shape[1], group, n, -1).sum(2) for t in (dk, dv))
