@@ -4,7 +4,7 @@ from scratch across training horizons, past the phase transition.
     python examples/quality_study.py                      # on a GPU machine: every run of the plan, then the report
     python examples/quality_study.py --report-only        # the report on the runs already in --out
     python examples/quality_study.py --smoke              # CPU plumbing check (says nothing of quality)
-    python examples/quality_study.py --rope-ab --horizons 4000 --out runs/rope_ab   # LighthouseConfig.rope's A/B
+    python examples/quality_study.py --ab rope --horizons 4000 --out runs/rope_ab   # an A/B of one option (AB)
 
 Every run is examples/train.py. With a warm-up of fixed length and a constant learning rate after it, a run of H
 steps is the first H steps of any longer run, and batch i depends on (seed, i) alone. So one dense run per seed
@@ -47,7 +47,13 @@ EARLY = 1000
 """Steps of early learning (the fall from the untrained model), not searched for the transition."""
 SETTLED = 0.1
 """Most a curve past its drop may still fall over its last DROP_WINDOW steps (nats)."""
-ROPE_ORDERS = ("before_pooling", "after_selection")
+AB = {
+    "rope": {"before_pooling": ["--rope", "before_pooling"], "after_selection": ["--rope", "after_selection"]},
+    "dense-layers": {"recipe": [], "every_layer": ["--dense-layers", "none"]},
+}
+"""The A/Bs of one option of train.py, each a pair of arms (name: train.py arguments), the first the reference:
+where Lighthouse rotates q and k (LighthouseConfig.rope), and the size's dense layers in the Lighthouse stage
+against none."""
 
 
 @dataclass
@@ -124,40 +130,40 @@ def _launch(plan: Plan, job: Job, out: Path, device: str | None, threads: int):
                             stderr=subprocess.STDOUT, cwd=HERE)
 
 
-def rope_jobs(plan: Plan) -> list[Job]:
-    """The RoPE-order A/B: per seed, a two-stage run of the longest horizon in each order (docs: BENCHMARKS.md)."""
+def ab_jobs(plan: Plan, ab: str) -> list[Job]:
+    """An A/B of AB: per seed, a two-stage run of the longest horizon in each arm (docs: BENCHMARKS.md)."""
     h = plan.longest
     switch = round(plan.share * h)
-    return [Job(f"{order}_s{seed}", ["--steps", str(h), "--switch-at", str(switch), "--seed", str(seed), "--rope", order],
-                steps=h) for seed in plan.seeds for order in ROPE_ORDERS]
+    return [Job(f"{arm}_s{seed}", ["--steps", str(h), "--switch-at", str(switch), "--seed", str(seed), *args], steps=h)
+            for seed in plan.seeds for arm, args in AB[ab].items()]
 
 
 def run_all(plan: Plan, out: Path, devices: list[str | None], threads: int, planned: list[Job] | None = None) -> None:
-    """Run every job not done yet (of ``planned``, default: the study's), one per device (None: in this process, one
-    after the other), the longest ready one first; log each to <out>/<job>.log and when each started and ended to
-    <out>/schedule.json."""
+    """Run every job not done yet (of ``planned``, default: the study's), one per entry of ``devices`` (a device
+    named twice takes two runs side by side; None: in this process, one after the other), the longest ready one
+    first; log each to <out>/<job>.log and when each started and ended to <out>/schedule.json."""
     todo = [j for j in planned or jobs(plan, out) if not (out / j.name / "summary.json").exists()]
     schedule_path = out / "schedule.json"
     schedule = json.loads(schedule_path.read_text()) if schedule_path.exists() else {}
-    running: dict[str | None, tuple[Job, object]] = {}
+    running: dict[int, tuple[Job, object]] = {}  # by slot: an index into devices
     while todo or running:
-        for device, (job, proc) in list(running.items()):
+        for slot, (job, proc) in list(running.items()):
             if proc.poll() is not None:
-                del running[device]
+                del running[slot]
                 schedule[job.name]["end"], schedule[job.name]["returncode"] = time.time(), proc.returncode
                 print(f"[{time.strftime('%H:%M:%S')}] {job.name} finished: exit {proc.returncode}", flush=True)
-        free = [d for d in devices if d not in running]
+        free = [slot for slot in range(len(devices)) if slot not in running]
         ready = sorted((j for j in todo if j.needs is None or Path(j.needs, "state.pt").exists()),
                        key=lambda j: -j.steps)
-        for device, job in zip(free, ready):
+        for slot, job in zip(free, ready):
             todo.remove(job)
-            schedule[job.name] = {"device": device, "start": time.time()}
-            print(f"[{time.strftime('%H:%M:%S')}] {job.name} started on device {device!r}", flush=True)
-            running[device] = (job, _launch(plan, job, out, device, threads))
+            schedule[job.name] = {"device": devices[slot], "start": time.time()}
+            print(f"[{time.strftime('%H:%M:%S')}] {job.name} started on device {devices[slot]!r}", flush=True)
+            running[slot] = (job, _launch(plan, job, out, devices[slot], threads))
         schedule_path.write_text(json.dumps(schedule, indent=1))
         if todo and not running and not ready:
             raise SystemExit(f"quality_study: {[j.name for j in todo]} wait for states that no run will write")
-        if running and (not (set(devices) - set(running)) or not ready):
+        if running and (len(running) == len(devices) or not ready):
             time.sleep(2)
 
 
@@ -376,66 +382,76 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def rope_report(plan: Plan, out: Path) -> dict:
-    """The A/B of LighthouseConfig.rope: per order, the two-stage runs' final held-out loss, copy loss by distance,
-    and Lighthouse-stage tokens/s (steps from the end of warm-up to the switch)."""
-    runs = {j.name: json.loads((out / j.name / "summary.json").read_text()) for j in rope_jobs(plan)
+def ab_report(plan: Plan, out: Path, ab: str) -> dict:
+    """An A/B of AB: per arm, the two-stage runs' final held-out loss, copy loss by distance, Lighthouse-stage
+    tokens/s (steps from the end of warm-up to the switch) and the Lighthouse sites; the second arm against the
+    first, seed by seed and on average."""
+    arms = list(AB[ab])
+    runs = {j.name: json.loads((out / j.name / "summary.json").read_text()) for j in ab_jobs(plan, ab)
             if (out / j.name / "summary.json").exists()}
     if not runs:
-        raise SystemExit(f"quality_study: no run of the RoPE A/B in {out} yet")
+        raise SystemExit(f"quality_study: no run of the {ab} A/B in {out} yet")
     rows = {}
     for name, run in runs.items():
         warm = next(p["step"] for p in run["heldout"] if p["step"] >= run["warmup"])
-        rows[name] = {"order": run["rope"], "seed": run["seed"], "final": run["final_heldout_loss"],
+        rows[name] = {"arm": name.rsplit("_s", 1)[0], "seed": run["seed"], "final": run["final_heldout_loss"],
                       "copy": {b: c["loss"] if c["loss"] is not None else float("nan")
                                for b, c in run["final_copy"].items()},
+                      "lighthouse_sites": run["lighthouse_sites"],
                       "lighthouse_tokens_per_s": tokens_per_second(run, warm, run["switch_step"]),
-                      "past_drop": past_drop(run["heldout"]), "drop": drop(run["heldout"])}
+                      "train_s": run["train_s"], "past_drop": past_drop(run["heldout"]), "drop": drop(run["heldout"])}
     buckets = list(next(iter(rows.values()))["copy"])
-    print(f"\nRoPE order A/B: two-stage runs of {plan.longest} steps, switch at {round(plan.share * plan.longest)}")
+    print(f"\n{ab} A/B: two-stage runs of {plan.longest} steps, switch at {round(plan.share * plan.longest)}")
     print(f"{'run':<24} {'held-out':>8} " + " ".join(f"{'copy ' + b:>13}" for b in buckets)
-          + f" {'LH tok/s':>9} {'past drop':>9}")
+          + f" {'LH sites':>8} {'LH tok/s':>9} {'past drop':>9}")
     for name, r in sorted(rows.items()):
         print(f"{name:<24} {r['final']:>8.4f} " + " ".join(f"{r['copy'][b]:>13.4f}" for b in buckets)
-              + f" {r['lighthouse_tokens_per_s'] or float('nan'):>9.0f} {str(r['past_drop']):>9}")
+              + f" {r['lighthouse_sites']:>8} {r['lighthouse_tokens_per_s'] or float('nan'):>9.0f}"
+              f" {str(r['past_drop']):>9}")
     means = {}
-    for order in ROPE_ORDERS:
-        mine = [r for r in rows.values() if r["order"] == order]
+    for arm in arms:
+        mine = [r for r in rows.values() if r["arm"] == arm]
         if mine:
-            means[order] = {"final": float(np.mean([r["final"] for r in mine])), "seeds": len(mine),
-                            "copy": {b: float(np.mean([r["copy"][b] for r in mine])) for b in buckets},
-                            "lighthouse_tokens_per_s": float(np.mean([r["lighthouse_tokens_per_s"] for r in mine]))}
+            means[arm] = {"final": float(np.mean([r["final"] for r in mine])), "seeds": len(mine),
+                          "copy": {b: float(np.mean([r["copy"][b] for r in mine])) for b in buckets},
+                          "lighthouse_tokens_per_s": float(np.mean([r["lighthouse_tokens_per_s"] for r in mine]))}
     if len(means) == 2:
-        before, after = means["before_pooling"], means["after_selection"]
-        spread = float(np.mean([abs(rows[f"{o}_s{plan.seeds[0]}"]["final"] - rows[f"{o}_s{s}"]["final"])
-                                for o in ROPE_ORDERS for s in plan.seeds[1:] if f"{o}_s{s}" in rows] or [float("nan")]))
-        gap = after["final"] / before["final"] - 1
-        print(f"\nmeans over seeds: after_selection {after['final']:.4f} vs before_pooling {before['final']:.4f} "
-              f"({gap:+.2%}); seeds of one order differ by {spread:.4f} on average; Lighthouse tokens/s "
-              f"{after['lighthouse_tokens_per_s'] / before['lighthouse_tokens_per_s']:.1%} of the paper order's")
-        means["gap"], means["seed_spread"] = gap, spread
-    result = {"plan": plan.__dict__, "rows": rows, "means": means,
+        ref, other = (means[a] for a in arms)
+        paired = [rows[f"{arms[1]}_s{s}"]["final"] - rows[f"{arms[0]}_s{s}"]["final"] for s in plan.seeds
+                  if all(f"{a}_s{s}" in rows for a in arms)]
+        spread = float(np.mean([abs(rows[f"{a}_s{plan.seeds[0]}"]["final"] - rows[f"{a}_s{s}"]["final"])
+                                for a in arms for s in plan.seeds[1:] if f"{a}_s{s}" in rows] or [float("nan")]))
+        gap = other["final"] / ref["final"] - 1
+        print(f"\nmeans over seeds: {arms[1]} {other['final']:.4f} vs {arms[0]} {ref['final']:.4f} ({gap:+.2%}); "
+              f"paired differences {', '.join(f'{d:+.4f}' for d in paired)}; seeds of one arm differ by "
+              f"{spread:.4f} on average; Lighthouse tokens/s "
+              f"{other['lighthouse_tokens_per_s'] / ref['lighthouse_tokens_per_s']:.1%} of {arms[0]}'s")
+        means["gap"], means["paired_differences"], means["seed_spread"] = gap, paired, spread
+    result = {"ab": ab, "arms": AB[ab], "plan": plan.__dict__, "rows": rows, "means": means,
               "curves": {n: [(p["step"], p["loss"]) for p in r["heldout"]] for n, r in runs.items()}}
-    (out / "rope_ab.json").write_text(json.dumps(result, indent=1))
-    rope_plot(runs, out / "rope_ab.png")
-    print(f"wrote {out / 'rope_ab.json'} and {out / 'rope_ab.png'}")
+    stem = f"ab_{ab.replace('-', '_')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    ab_plot(runs, arms, ab, out / f"{stem}.png")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
     return result
 
 
-def rope_plot(runs: dict[str, dict], path: Path) -> None:
-    """Held-out loss (dense attention) against steps, one colour per RoPE order, one line per seed."""
+def ab_plot(runs: dict[str, dict], arms: list[str], ab: str, path: Path) -> None:
+    """Held-out loss (dense attention) against steps, one colour per arm, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (whole, tail) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = dict(zip(ROPE_ORDERS, ("tab:blue", "tab:orange")))
+    colors = dict(zip(arms, ("tab:blue", "tab:orange")))
+    labelled = set()
     for name, run in sorted(runs.items()):
+        arm = name.rsplit("_s", 1)[0]
         steps, loss = zip(*((p["step"], p["loss"]) for p in run["heldout"]))
         for ax in (whole, tail):
-            ax.plot(steps, loss, color=colors[run["rope"]], lw=1.1, alpha=0.85,
-                    label=run["rope"] if name.endswith("_s0") else None)
+            ax.plot(steps, loss, color=colors[arm], lw=1.1, alpha=0.85, label=None if arm in labelled else arm)
+        labelled.add(arm)
     switch = next(iter(runs.values()))["switch_step"]
     for ax in (whole, tail):
         ax.axvline(switch, color="grey", ls=":", lw=1)
@@ -443,11 +459,12 @@ def rope_plot(runs: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     whole.set_ylabel("held-out loss, dense attention (nats/byte)")
     last = min(r["heldout"][-1]["step"] for r in runs.values())
-    tail.set_xlim(switch + 400, last)
-    tail.set_ylim(0.6, 1.0)
+    finals = [r["heldout"][-1]["loss"] for r in runs.values()]
+    tail.set_xlim(switch + (last - switch) // 3, last)
+    tail.set_ylim(min(finals) * 0.95, max(finals) * 1.5)
     tail.set_title("after the recovery spike", fontsize=9)
     whole.legend()
-    fig.suptitle("two-stage runs, RoPE before pooling (the paper) against after selection; one line per seed")
+    fig.suptitle(f"two-stage runs, {ab}: {arms[0]} against {arms[1]}; one line per seed")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -465,12 +482,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--share", type=float, default=0.7, help="Lighthouse share of each horizon (default: 0.7)")
     ap.add_argument("--extra-shares", default="0.5", help="more Lighthouse shares at the longest horizon (default: 0.5)")
     ap.add_argument("--seeds", default="0,1", help="seeds at the longest horizon; the first at every one (default: 0,1)")
-    ap.add_argument("--devices", default=None, help="CUDA devices to use, one run each (default: every visible GPU)")
+    ap.add_argument("--devices", default=None,
+                    help="CUDA devices to use, one run each; name one twice for two runs side by side on it, e.g. 0,0 "
+                         "(default: every visible GPU)")
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per run (default: 4)")
     ap.add_argument("--report-only", action="store_true", help="no run: the report on the runs in --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny plan on CPU: tests the plumbing, not quality")
-    ap.add_argument("--rope-ab", action="store_true",
-                    help="instead: LighthouseConfig.rope's two orders, two-stage runs of the longest horizon, each seed")
+    ap.add_argument("--ab", choices=list(AB), default=None,
+                    help="instead: an A/B of one option (AB), two-stage runs of the longest horizon in each arm, each "
+                         "seed")
     args, train_args = ap.parse_known_args(argv)
     if args.smoke:
         plan = SMOKE
@@ -484,10 +504,10 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         gpus = args.devices.split(",") if args.devices else [str(i) for i in range(torch.cuda.device_count())]
-        run_all(plan, out, gpus or [None], args.threads, rope_jobs(plan) if args.rope_ab else None)
-        if not args.rope_ab:
+        run_all(plan, out, gpus or [None], args.threads, ab_jobs(plan, args.ab) if args.ab else None)
+        if not args.ab:
             run_alone(plan, out, (gpus or [None])[0], args.threads)
-    return rope_report(plan, out) if args.rope_ab else report(plan, out)
+    return ab_report(plan, out, args.ab) if args.ab else report(plan, out)
 
 
 if __name__ == "__main__":

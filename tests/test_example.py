@@ -191,6 +191,31 @@ def test_quality_study_smoke_runs_the_plan_and_judges_every_criterion(tmp_path):
     assert again["rows"] == summary["rows"]
 
 
+def test_an_ab_of_dense_layers_trains_each_arm_as_named_and_compares_them_seed_by_seed(tmp_path):
+    study = _example("quality_study")
+    result = study.main(["--smoke", "--ab", "dense-layers", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert sorted(rows) == ["every_layer_s0", "recipe_s0"]
+    # the tiny size has 4 layers and keeps layers 0 and -1 dense; the other arm runs Lighthouse in all of them
+    assert rows["recipe_s0"]["lighthouse_sites"] == 2 and rows["every_layer_s0"]["lighthouse_sites"] == 4
+    difference = rows["every_layer_s0"]["final"] - rows["recipe_s0"]["final"]
+    assert result["means"]["paired_differences"] == [pytest.approx(difference)]
+    assert result["means"]["gap"] == pytest.approx(rows["every_layer_s0"]["final"] / rows["recipe_s0"]["final"] - 1)
+    assert (tmp_path / "ab_dense_layers.png").stat().st_size > 0
+    again = study.main(["--smoke", "--ab", "dense-layers", "--out", str(tmp_path)])["rows"]  # nothing runs again
+    assert [(r["final"], r["train_s"]) for r in again.values()] == [(r["final"], r["train_s"]) for r in rows.values()]
+
+
+def test_a_device_named_twice_takes_two_runs_side_by_side(tmp_path):
+    study = _example("quality_study")
+    jobs = study.ab_jobs(study.SMOKE, "dense-layers")
+    study.run_all(study.SMOKE, tmp_path, ["cpu", "cpu"], 1, jobs)  # each run its own process
+    schedule = json.loads((tmp_path / "schedule.json").read_text())
+    first, second = (schedule[j.name] for j in jobs)
+    assert first["returncode"] == second["returncode"] == 0
+    assert max(first["start"], second["start"]) < min(first["end"], second["end"])
+
+
 def _curve(losses, every=100, seconds_per_step=0.1):
     return [{"step": i * every, "loss": l, "train_s": i * every * seconds_per_step} for i, l in enumerate(losses)]
 
