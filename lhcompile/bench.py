@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import documents
 from .config import LighthouseConfig
+from .documents import Documents
 from .attention import lighthouse_attention
 from .rotary import Rotary
 
@@ -163,8 +165,6 @@ def bench_documents(config: LighthouseConfig, reps: int, heads: int = 8, dim: in
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
 
-    from .documents import Documents
-
     flex = torch.compile(flex_attention)
     # compiled once for every mix: the documents are data
     per_document = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)))
@@ -178,8 +178,8 @@ def bench_documents(config: LighthouseConfig, reps: int, heads: int = 8, dim: in
         q, k, v = (t.transpose(1, 2) for t in leaves)
         grad = torch.randn_like(q)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-        documents = Documents.from_cu_seqlens(cu, n)
-        doc = documents.starts.long().cumsum(1)[0]
+        packed = Documents.from_cu_seqlens(cu, n)
+        doc = packed.starts.long().cumsum(1)[0]
         block_mask = create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) & (i >= j), 1, None, n, n,
                                        device="cuda", _compile=True)
         rows_ = [t.detach()[0].requires_grad_() for t in leaves]  # varlen's (T, H, d)
@@ -189,8 +189,8 @@ def bench_documents(config: LighthouseConfig, reps: int, heads: int = 8, dim: in
             return median_ms(lambda: torch.autograd.grad(fn(), inputs, g), reps)
 
         row = {"mix": name, "n": n,
-               "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=documents)),
-               "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, documents.starts)),
+               "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=packed)),
+               "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, packed.starts)),
                "flash_varlen": fwdbwd(lambda: varlen_attn(*rows_, cu, cu, longest, longest, window_size=(-1, 0)),
                                       rows_, grad[0].transpose(0, 1).contiguous()),
                "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask))}
@@ -236,7 +236,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="+", default=[1 << s for s in range(14, 21)], help="context lengths N")
@@ -255,12 +255,13 @@ def main() -> None:
     ap.add_argument("--documents", action="store_true",
                     help="instead: packed documents of one 128K sequence (the mixes of MIXES), Lighthouse per document "
                          "against flash varlen and compiled FlexAttention on the same documents")
-    ap.add_argument("--cudnn-min-length", type=lambda s: None if s == "none" else int(s), default="default",
+    ap.add_argument("--cudnn-min-length", type=lambda s: None if s == "none" else int(s),
+                    default=documents.CUDNN_MIN_LENGTH,
                     help="documents at least this long run on cuDNN in lhcompile.document_attention, the others on "
-                         "flash varlen ('none': flash for all; default: documents.CUDNN_MIN_LENGTH)")
+                         "flash varlen ('none': flash for all)")
     ap.add_argument("--json", default="bench.json", help="where to write the numbers")
     ap.add_argument("--plot", default="bench.png", help="where to write the latency plot")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("lhcompile.bench times CUDA kernels; no CUDA device is visible")
 
@@ -270,10 +271,7 @@ def main() -> None:
              f"L{args.levels} p{args.pooling_factor}{', deterministic mode' if args.deterministic else ''}")
     print(f"{title}; median of {args.reps} (dense: {args.dense_reps}), ms")
     print(f"measured ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    if args.cudnn_min_length != "default":
-        from . import documents
-
-        documents.CUDNN_MIN_LENGTH = args.cudnn_min_length
+    documents.CUDNN_MIN_LENGTH = args.cudnn_min_length
     if args.documents:
         config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk[0])
         print(f"packed documents, N=131072, k={config.topk}: forward + backward ms")

@@ -1,0 +1,18 @@
+"""lhcompile.bench parses its arguments on any machine (it times only on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+import lhcompile.documents
+from lhcompile import bench
+
+
+@pytest.mark.parametrize("argv", [["--documents"], ["--documents", "--cudnn-min-length", "none"],
+                                  ["--cudnn-min-length", "4096"]])
+def test_every_documented_form_of_its_arguments_parses_and_it_says_it_needs_a_gpu(argv, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    default = lhcompile.documents.CUDNN_MIN_LENGTH
+    with pytest.raises(SystemExit, match="times CUDA kernels; no CUDA device is visible"):
+        bench.main(argv)
+    assert lhcompile.documents.CUDNN_MIN_LENGTH == default  # set only once it times
