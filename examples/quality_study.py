@@ -431,12 +431,12 @@ def ab_report(plan: Plan, out: Path, ab: str) -> dict:
               "curves": {n: [(p["step"], p["loss"]) for p in r["heldout"]] for n, r in runs.items()}}
     stem = f"ab_{ab.replace('-', '_')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    ab_plot(runs, arms, ab, out / f"{stem}.png")
+    ab_plot(runs, rows, arms, ab, out / f"{stem}.png")
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
     return result
 
 
-def ab_plot(runs: dict[str, dict], arms: list[str], ab: str, path: Path) -> None:
+def ab_plot(runs: dict[str, dict], rows: dict[str, dict], arms: list[str], ab: str, path: Path) -> None:
     """Held-out loss (dense attention) against steps, one colour per arm, one line per seed."""
     import matplotlib
 
@@ -447,7 +447,7 @@ def ab_plot(runs: dict[str, dict], arms: list[str], ab: str, path: Path) -> None
     colors = dict(zip(arms, ("tab:blue", "tab:orange")))
     labelled = set()
     for name, run in sorted(runs.items()):
-        arm = name.rsplit("_s", 1)[0]
+        arm = rows[name]["arm"]
         steps, loss = zip(*((p["step"], p["loss"]) for p in run["heldout"]))
         for ax in (whole, tail):
             ax.plot(steps, loss, color=colors[arm], lw=1.1, alpha=0.85, label=None if arm in labelled else arm)

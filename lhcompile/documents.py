@@ -412,8 +412,7 @@ def _documents(starts: Tensor, keep: Tensor | None) -> list[tuple[int, slice]]:
     """Each document computed: its row and its tokens."""
     segments = _Segments.of(starts, keep)
     n = starts.shape[1]
-    return [] if segments is None else [(first // n, slice(first % n, first % n + size))
-                                        for first, size in zip(segments.firsts, segments.lengths)]
+    return [(first // n, slice(first % n, first % n + size)) for first, size in zip(segments.firsts, segments.lengths)]
 
 
 def _one_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -474,7 +473,7 @@ class _Segments:
     lengths: list[int]
 
     @classmethod
-    def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments | None:
+    def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
@@ -489,20 +488,17 @@ class _Segments:
         if keep is not None:
             kept = host[1][first]
             first, lengths = first[kept], lengths[kept]
-        if not len(first):
-            return None
         return cls(first.tolist(), lengths.tolist())
 
     @property
     def longest(self) -> int:
         return max(self.lengths)
 
-    def split(self, at: int | None) -> tuple[_Segments | None, _Segments | None]:
+    def split(self, at: int | None) -> tuple[_Segments, _Segments]:
         """(the documents of at least ``at`` tokens, the others); ``at`` None: none of the first kind."""
         long = [at is not None and n >= at for n in self.lengths]
-        parts = [[i for i, x in enumerate(long) if x == wanted] for wanted in (True, False)]
-        return tuple(_Segments([self.firsts[i] for i in part], [self.lengths[i] for i in part]) if part else None
-                     for part in parts)
+        return tuple(_Segments([f for f, x in zip(self.firsts, long) if x == wanted],
+                               [n for n, x in zip(self.lengths, long) if x == wanted]) for wanted in (True, False))
 
     def flash_maps(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Cumulative lengths (D+1,) int32 and the segments' tokens in the rows laid end to end."""
@@ -517,6 +513,8 @@ class _Segments:
         """Each document alone, right-padded to ``padded_width`` of its length: the (1, W) token of each position
         (its last token repeated past its end) and which positions are its own. Right padding never reaches a
         document's own rows in causal attention."""
+        if not self.lengths:
+            return []
         first, size = _to_device([self.firsts, self.lengths], device)
         out = []
         for i, n in enumerate(self.lengths):
@@ -562,20 +560,19 @@ def _token_rows(x: Tensor) -> Tensor:
 
 
 def _varlen_forward(q, k, v, starts, keep, scale):
-    segments = _Segments.of(starts, keep)
     b, h, n = q.shape[:3]
     rows = [_token_rows(t) for t in (q, _grouped(k, h), _grouped(v, h))]
     # one row past the tokens takes what belongs to no document's own position (cuDNN's padding), then is dropped
     out = q.new_zeros(b * n + 1, h, v.shape[3])
     lse = q.new_full((b * n + 1, h), float("-inf"), dtype=torch.float32)
-    alone, together = segments.split(CUDNN_MIN_LENGTH) if segments is not None else (None, None)
-    if together is not None:
+    alone, together = _Segments.of(starts, keep).split(CUDNN_MIN_LENGTH)
+    if together.lengths:
         cu, tokens = together.flash_maps(q.device)
         o, m, *_ = torch.ops.aten._flash_attention_forward(*(r[tokens] for r in rows), cu, cu, together.longest,
                                                            together.longest, 0.0, True, False, scale=scale)
         out.index_copy_(0, tokens, o)
         lse.index_copy_(0, tokens, m.t())
-    for index, own in alone.padded(q.device) if alone is not None else ():
+    for index, own in alone.padded(q.device):
         o, m, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             *(r[index].transpose(1, 2) for r in rows), None, True, 0.0, True, False, scale=scale)
         _place(out, index, own, o.transpose(1, 2))
@@ -584,13 +581,12 @@ def _varlen_forward(q, k, v, starts, keep, scale):
 
 
 def _varlen_backward(grad, q, k, v, out, lse, starts, keep, scale):
-    segments = _Segments.of(starts, keep)
     b, h, n = q.shape[:3]
     rows = [_token_rows(t) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
     lse_rows = lse.transpose(1, 2).reshape(b * n, h)
     grads = [r.new_zeros(b * n + 1, *r.shape[1:]) for r in rows[1:4]]
-    alone, together = segments.split(CUDNN_MIN_LENGTH) if segments is not None else (None, None)
-    if together is not None:
+    alone, together = _Segments.of(starts, keep).split(CUDNN_MIN_LENGTH)
+    if together.lengths:
         cu, tokens = together.flash_maps(q.device)
         parts = torch.ops.aten._flash_attention_backward(
             *(r[tokens] for r in rows), lse_rows[tokens].t().contiguous(), cu, cu, together.longest,
@@ -599,7 +595,7 @@ def _varlen_backward(grad, q, k, v, out, lse, starts, keep, scale):
         for total, part in zip(grads, parts):
             total.index_copy_(0, tokens, part)
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
-    for index, own in alone.padded(q.device) if alone is not None else ():
+    for index, own in alone.padded(q.device):
         g, qg, kg, vg, og = (r[index].transpose(1, 2) for r in rows)
         g = g * own[:, None, :, None]  # padded rows take no part in the gradients of the document's own
         width = index.shape[1]
