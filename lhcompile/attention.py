@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LighthouseConfig
-from .documents import Documents, autocast_like_sdpa, document_attention, lighthouse_documents
+from .documents import Documents, autocast_like_sdpa, dense_documents, lighthouse_documents
 from .ops import lighthouse_stages
 from .rotary import Rotary
 
@@ -71,9 +71,7 @@ def lighthouse_attention(
         if n >= config.min_lighthouse_len:
             return lighthouse_documents(q, k, v, documents.starts, batch=b, length=n, scale=scale, config=config,
                                         rotary=rope)
-        if rope is not None:
-            q, k = rope.by_token(b, n).rotate(torch.arange(b * n, device=q.device).view(b, 1, n), q, k)
-        return document_attention(q, k, v, documents, scale=scale)
+        return dense_documents(q, k, v, documents.starts, batch=b, length=n, scale=scale, rotary=rope)
     if n < config.min_lighthouse_len:
         if rope is not None:
             q, k = rope.rotate(torch.arange(n, device=q.device).expand(b, 1, n), q, k)

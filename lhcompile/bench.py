@@ -159,9 +159,11 @@ MIXES = {
 """The packed-document mixes of one 128K sequence that the targets name (TARGETS.md)."""
 
 
-def bench_documents(config: LighthouseConfig, reps: int, heads: int = 8, dim: int = 128) -> list[dict]:
-    """Per mix: Lighthouse per document against the dense document-causal kernels on the same documents (flash
-    varlen, compiled FlexAttention), forward + backward ms; for one document also plain Lighthouse and cuDNN."""
+def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads: int = 8, dim: int = 128
+                    ) -> list[dict]:
+    """Per mix of ``mixes`` (names in MIXES): Lighthouse per document against the dense document-causal kernels on
+    the same documents (flash varlen, compiled FlexAttention), forward + backward ms; for one document also plain
+    Lighthouse and cuDNN."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
 
@@ -170,7 +172,8 @@ def bench_documents(config: LighthouseConfig, reps: int, heads: int = 8, dim: in
     per_document = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)))
     plain = torch.compile(lambda q, k, v: lighthouse_attention(q, k, v, config))
     rows = []
-    for name, lengths in MIXES.items():
+    for name in mixes:
+        lengths = MIXES[name]
         n = sum(lengths)
         # the (B, N, H, d) -> (B, H, N, d) views a model hands its attention
         leaves = [torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--documents", action="store_true",
                     help="instead: packed documents of one 128K sequence (the mixes of MIXES), Lighthouse per document "
                          "against flash varlen and compiled FlexAttention on the same documents")
+    ap.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES), metavar="MIX",
+                    help=f"with --documents: the mixes to time (default all: {', '.join(repr(m) for m in MIXES)})")
     ap.add_argument("--cudnn-min-length", type=lambda s: None if s == "none" else int(s),
                     default=documents.CUDNN_MIN_LENGTH,
                     help="documents at least this long run on cuDNN in lhcompile.document_attention, the others on "
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.documents:
         config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk[0])
         print(f"packed documents, N=131072, k={config.topk}: forward + backward ms")
-        rows = bench_documents(config, args.reps)
+        rows = bench_documents(config, args.reps, args.mixes)
         with open(args.json, "w") as f:
             json.dump({"title": title, "documents": rows}, f, indent=1)
         return

@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import ops
 from .config import LighthouseConfig
@@ -127,6 +129,18 @@ def _rows(caller: str, name: str, x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.unsqueeze(0)
 
 
+def _documents_of(starts: Tensor, batch: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For (B, N) starts: each token's document, counted along its row (B, N); each document's first token, the
+    row's length for documents a row does not have (B, N + 1); and each document's length, 0 past the row's last
+    (B, N)."""
+    t = torch.arange(length, device=starts.device)
+    starts = starts | (t == 0)
+    doc = starts.long().cumsum(1) - 1
+    first = torch.full((batch, length + 1), length, device=starts.device).scatter(
+        1, torch.where(starts, doc, length), torch.where(starts, t, length))
+    return doc, first, first[:, 1:] - first[:, :-1]
+
+
 # -- the layout of the long documents --------------------------------------------------------------------------
 
 
@@ -175,12 +189,7 @@ class Layout:
         device = starts.device
         t = torch.arange(length, device=device)
         rows = torch.arange(batch, device=device).unsqueeze(1)
-        starts = starts | (t == 0)
-        doc = starts.long().cumsum(1) - 1  # each token's document, counted along its row
-        # each document's first token (length for documents a row does not have), and its length
-        first = torch.full((batch, length + 1), length, device=device).scatter(
-            1, torch.where(starts, doc, length), torch.where(starts, t, length))
-        n = first[:, 1:] - first[:, :-1]
+        doc, first, n = _documents_of(starts, batch, length)
         long = n >= need
         slot = torch.where(long, long.long().cumsum(1) - 1 + rows * per_row, slots)  # slot of each long document
 
@@ -617,10 +626,34 @@ def _varlen_backward(grad, q, k, v, out, lse, starts, keep, scale):
 def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, batch: int, length: int,
                          scale: float, config: LighthouseConfig, rotary: Rotary | None = None) -> Tensor:
     """Lighthouse per document over a packed (B, H, N, d) batch whose documents begin at ``starts`` (B, N) bool;
-    traceable (shapes are plain ints). With ``rotary`` (the model's tables by packed token, positions restarting
-    with each document) q and k come unrotated: every gathered entry is rotated at the last token it covers, a
-    short document's tokens at their own. Any length runs (shapes may be symbolic): all documents of a row shorter
-    than ``config.min_lighthouse_len`` are dense."""
+    traceable (shapes are plain ints, or symbolic). With ``rotary`` (the model's tables by packed token, positions
+    restarting with each document) q and k come unrotated: every gathered entry is rotated at the last token it
+    covers, a short document's tokens at their own.
+
+    Run eagerly, a batch with no document of at least ``config.min_lighthouse_len`` tokens gets dense attention
+    within each document and nothing else (one host read of a flag), since the Lighthouse stages are sized for the
+    most long documents a batch could hold. Traced (torch.compile, the pass) every batch runs every stage: a graph
+    cannot skip them without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md)."""
+    if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
+        if not bool((_documents_of(starts, batch, length)[2] >= config.min_lighthouse_len).any()):
+            return dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale, rotary=rotary)
+    return _every_document(q, k, v, starts, batch=batch, length=length, scale=scale, config=config, rotary=rotary)
+
+
+def dense_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, batch: int, length: int, scale: float,
+                    rotary: Rotary | None = None, keep: Tensor | None = None) -> Tensor:
+    """Dense causal attention within each document (of those ``keep`` keeps); with ``rotary`` (tables by packed
+    token) q and k come unrotated and are rotated at their own tokens first."""
+    if rotary is not None:
+        q, k = rotary.by_token(batch, length).rotate(
+            torch.arange(batch * length, device=q.device).view(batch, 1, length), q, k)
+    return _document_attention(q, k, v, starts, keep, scale)[0]
+
+
+def _every_document(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, batch: int, length: int, scale: float,
+                    config: LighthouseConfig, rotary: Rotary | None = None) -> Tensor:
+    """Every document on its own, whatever the mix: the general path of ``lighthouse_documents``. Any length runs
+    (shapes may be symbolic): all documents of a row shorter than ``config.min_lighthouse_len`` are dense."""
     levels, p = config.levels, config.pooling_factor
     layout = Layout.of(starts, batch, length, config)
     qr, kr, vr = (layout.relay(t) for t in (q, k, v))
@@ -629,10 +662,10 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
                                       config.topk, config.tile_budget)
     qg, kg, vg = (ops.gather(t, index, inv, levels, p) for t in (qr, kr, vr))
     if rotary is not None:
-        table = rotary.by_token(batch, length)
-        qg, kg = table.rotate(layout.last_token[entry_positions(index, layout.relaid_len, levels, p)], qg, kg)
-        q, k = table.rotate(torch.arange(batch * length, device=q.device).view(batch, 1, length), q, k)
+        qg, kg = rotary.by_token(batch, length).rotate(
+            layout.last_token[entry_positions(index, layout.relaid_len, levels, p)], qg, kg)
     og = _document_attention(qg, kg, vg, layout.gathered_starts, layout.gathered_used, scale)[0]
     long = layout.unrelay(ops.scatter(og, index, inv, layout.relaid_len, levels, p))
-    short = _document_attention(q, k, v, starts, ~layout.long, scale)[0]
+    short = dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale, rotary=rotary,
+                            keep=~layout.long)
     return long + short  # each is exactly zero at the other's tokens

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lhcompile
 import lhcompile.documents
+import lhcompile.reference
 from lhcompile import Documents, LighthouseConfig, Rotary, document_attention, lighthouse_attention
 
 CONFIGS = [
@@ -23,6 +24,7 @@ MIXES = {
     "long + many short": [[70, 3, 1, 5, 33, 80], [150, *[7] * 6]],
     "all short": [[20, 11, 1, 30, 31, 19, 25, 30, 25], [3] * 64],
     "shorter than a coarsest block": [[1, 2, 3, 101, 2, 83], [2] * 96],
+    "one whole row, one of short documents": [[192], [3] * 64],
 }
 
 
@@ -199,6 +201,22 @@ def test_document_lengths_are_data_compiled_once_for_every_mix():
         torch.testing.assert_close(f(q, k, v, starts_of(rows)), per_document(q, k, v, rows, config))
     assert len(graphs) == 1
 
+
+
+def test_a_batch_with_no_long_document_runs_dense_attention_alone(monkeypatch):
+    # the Lighthouse stages are sized for the most long documents a batch could hold, so a batch that has none
+    # must not run them (a choice per batch on the host): counted at the relay of the long documents, their first
+    # stage (its graph's compiled form through the pass: tests/test_documents_pass.py)
+    relaid = []
+    take_rows = lhcompile.reference.take_rows
+    monkeypatch.setattr(lhcompile.reference, "take_rows", lambda *args: relaid.append(1) or take_rows(*args))
+    config = CONFIGS[0]
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
+    for mix, lighthouse in (("all short", False), ("two long", True), ("one whole row, one of short documents", True)):
+        del relaid[:]
+        out = lighthouse_attention(q, k, v, config, documents=Documents(starts_of(MIXES[mix])))
+        out.sum().backward()
+        assert bool(relaid) == lighthouse, mix
 
 
 def test_cudnn_sees_a_bounded_set_of_widths_however_documents_vary():
