@@ -630,13 +630,19 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
     restarting with each document) q and k come unrotated: every gathered entry is rotated at the last token it
     covers, a short document's tokens at their own.
 
-    Run eagerly, a batch with no document of at least ``config.min_lighthouse_len`` tokens gets dense attention
-    within each document and nothing else (one host read of a flag), since the Lighthouse stages are sized for the
-    most long documents a batch could hold. Traced (torch.compile, the pass) every batch runs every stage: a graph
-    cannot skip them without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md)."""
+    Run eagerly, the batch's documents pick the work (one host read of two flags), since the general path's stages
+    are sized for the most long documents a batch could hold: a batch with no document of at least
+    ``config.min_lighthouse_len`` tokens gets dense attention within each document alone, a batch of one document
+    per row plain Lighthouse on each row. Traced (torch.compile, the pass) every batch takes the general path: a
+    graph cannot choose without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md)."""
     if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
-        if not bool((_documents_of(starts, batch, length)[2] >= config.min_lighthouse_len).any()):
+        need = config.min_lighthouse_len
+        any_long, one_per_row = torch.stack([(_documents_of(starts, batch, length)[2] >= need).any(),
+                                             ~starts[:, 1:].any()]).tolist()
+        if not any_long:
             return dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale, rotary=rotary)
+        if one_per_row:
+            return ops.lighthouse_stages(q, k, v, n=length, scale=scale, config=config, rotary=rotary)
     return _every_document(q, k, v, starts, batch=batch, length=length, scale=scale, config=config, rotary=rotary)
 
 

@@ -105,8 +105,9 @@ def test_changing_one_document_changes_no_other_document_bit_for_bit():
         assert not torch.equal(before[0][b, :, start:stop], after[0][b, :, start:stop])
 
 
-def test_rope_after_selection_restarts_with_each_document():
-    config, rows = CONFIGS[0], MIXES["long + many short"]
+@pytest.mark.parametrize("mix", ["long + many short", "one long"])
+def test_rope_after_selection_restarts_with_each_document(mix):
+    config, rows = CONFIGS[0], MIXES[mix]
     half = 4
     inv = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
 
@@ -203,20 +204,26 @@ def test_document_lengths_are_data_compiled_once_for_every_mix():
 
 
 
-def test_a_batch_with_no_long_document_runs_dense_attention_alone(monkeypatch):
-    # the Lighthouse stages are sized for the most long documents a batch could hold, so a batch that has none
-    # must not run them (a choice per batch on the host): counted at the relay of the long documents, their first
-    # stage (its graph's compiled form through the pass: tests/test_documents_pass.py)
-    relaid = []
-    take_rows = lhcompile.reference.take_rows
-    monkeypatch.setattr(lhcompile.reference, "take_rows", lambda *args: relaid.append(1) or take_rows(*args))
+def test_eagerly_the_documents_of_a_batch_pick_the_work(monkeypatch):
+    # the general path's stages are sized for the most long documents a batch could hold, so a batch with none
+    # runs dense attention alone, and one of a document per row plain Lighthouse (a choice on the host, eagerly):
+    # counted at the relay of the long documents and at the single-sequence selection
+    calls = {"relay": 0, "select": 0}
+    take_rows, select = lhcompile.reference.take_rows, lhcompile.reference.select
+
+    def count(name, fn):
+        return lambda *args, **kwargs: calls.__setitem__(name, calls[name] + 1) or fn(*args, **kwargs)
+
+    monkeypatch.setattr(lhcompile.reference, "take_rows", count("relay", take_rows))
+    monkeypatch.setattr(lhcompile.reference, "select", count("select", select))
     config = CONFIGS[0]
     q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
-    for mix, lighthouse in (("all short", False), ("two long", True), ("one whole row, one of short documents", True)):
-        del relaid[:]
+    for mix, path in (("all short", None), ("one long", "select"), ("two long", "relay"),
+                      ("one whole row, one of short documents", "relay")):
+        calls.update(relay=0, select=0)
         out = lighthouse_attention(q, k, v, config, documents=Documents(starts_of(MIXES[mix])))
         out.sum().backward()
-        assert bool(relaid) == lighthouse, mix
+        assert [name for name, n in calls.items() if n] == ([path] if path else []), mix
 
 
 def test_cudnn_sees_a_bounded_set_of_widths_however_documents_vary():
