@@ -483,12 +483,7 @@ class _Segments:
 
     @classmethod
     def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
-                "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
-                "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
-                "'reduce-overhead')")
+        _refuse_graph_capture()
         flags = starts.flatten() if keep is None else torch.stack([starts.flatten(), keep.flatten()])
         host = flags.cpu()
         begins = host if keep is None else host[0]
@@ -530,6 +525,15 @@ class _Segments:
             offset = torch.arange(padded_width(n), device=device)[None]
             out.append((first[i] + torch.minimum(offset, size[i] - 1), offset < size[i]))
         return out
+
+
+def _refuse_graph_capture() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
+            "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
+            "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
+            "'reduce-overhead')")
 
 
 def padded_width(n: int) -> int:
@@ -636,6 +640,7 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
     per row plain Lighthouse on each row. Traced (torch.compile, the pass) every batch takes the general path: a
     graph cannot choose without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md)."""
     if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
+        _refuse_graph_capture()
         need = config.min_lighthouse_len
         any_long, one_per_row = torch.stack([(_documents_of(starts, batch, length)[2] >= need).any(),
                                              ~starts[:, 1:].any()]).tolist()

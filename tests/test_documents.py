@@ -3,6 +3,8 @@ crossing a boundary, the documents' constructors, and dense attention within doc
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,8 +163,9 @@ def test_inside_a_cuda_graph_capture_it_says_it_cannot_be_captured_and_what_to_d
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
-    with pytest.raises(RuntimeError, match="CUDA graph cannot capture.*--training.disable_cuda_graphs"):
-        document_attention(q, k, v, Documents(starts_of(MIXES["two long"])))
+    for attention in (document_attention, functools.partial(lighthouse_attention, config=CONFIGS[0])):
+        with pytest.raises(RuntimeError, match="CUDA graph cannot capture.*--training.disable_cuda_graphs"):
+            attention(q, k, v, documents=Documents(starts_of(MIXES["two long"])))
 
 
 def test_the_constructors_agree_and_refuse_bad_boundaries_naming_them():
