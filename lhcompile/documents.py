@@ -129,18 +129,6 @@ def _rows(caller: str, name: str, x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.unsqueeze(0)
 
 
-def _documents_of(starts: Tensor, batch: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For (B, N) starts: each token's document, counted along its row (B, N); each document's first token, the
-    row's length for documents a row does not have (B, N + 1); and each document's length, 0 past the row's last
-    (B, N)."""
-    t = torch.arange(length, device=starts.device)
-    starts = starts | (t == 0)
-    doc = starts.long().cumsum(1) - 1
-    first = torch.full((batch, length + 1), length, device=starts.device).scatter(
-        1, torch.where(starts, doc, length), torch.where(starts, t, length))
-    return doc, first, first[:, 1:] - first[:, :-1]
-
-
 # -- the layout of the long documents --------------------------------------------------------------------------
 
 
@@ -189,7 +177,12 @@ class Layout:
         device = starts.device
         t = torch.arange(length, device=device)
         rows = torch.arange(batch, device=device).unsqueeze(1)
-        doc, first, n = _documents_of(starts, batch, length)
+        starts = starts | (t == 0)
+        doc = starts.long().cumsum(1) - 1  # each token's document, counted along its row
+        # each document's first token (length for documents a row does not have), and its length
+        first = torch.full((batch, length + 1), length, device=device).scatter(
+            1, torch.where(starts, doc, length), torch.where(starts, t, length))
+        n = first[:, 1:] - first[:, :-1]
         long = n >= need
         slot = torch.where(long, long.long().cumsum(1) - 1 + rows * per_row, slots)  # slot of each long document
 
@@ -483,7 +476,12 @@ class _Segments:
 
     @classmethod
     def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments:
-        _refuse_graph_capture()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
+                "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
+                "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
+                "'reduce-overhead')")
         flags = starts.flatten() if keep is None else torch.stack([starts.flatten(), keep.flatten()])
         host = flags.cpu()
         begins = host if keep is None else host[0]
@@ -525,15 +523,6 @@ class _Segments:
             offset = torch.arange(padded_width(n), device=device)[None]
             out.append((first[i] + torch.minimum(offset, size[i] - 1), offset < size[i]))
         return out
-
-
-def _refuse_graph_capture() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
-            "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
-            "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
-            "'reduce-overhead')")
 
 
 def padded_width(n: int) -> int:
@@ -634,19 +623,16 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
     restarting with each document) q and k come unrotated: every gathered entry is rotated at the last token it
     covers, a short document's tokens at their own.
 
-    Run eagerly, the batch's documents pick the work (one host read of two flags), since the general path's stages
-    are sized for the most long documents a batch could hold: a batch with no document of at least
+    Run eagerly, the batch's documents pick the work (one host read of the document flags), since the general
+    path's stages are sized for the most long documents a batch could hold: a batch with no document of at least
     ``config.min_lighthouse_len`` tokens gets dense attention within each document alone, a batch of one document
     per row plain Lighthouse on each row. Traced (torch.compile, the pass) every batch takes the general path: a
     graph cannot choose without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md)."""
     if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
-        _refuse_graph_capture()
-        need = config.min_lighthouse_len
-        any_long, one_per_row = torch.stack([(_documents_of(starts, batch, length)[2] >= need).any(),
-                                             ~starts[:, 1:].any()]).tolist()
-        if not any_long:
+        found = _Segments.of(starts | (torch.arange(length, device=starts.device) == 0), None)
+        if found.longest < config.min_lighthouse_len:
             return dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale, rotary=rotary)
-        if one_per_row:
+        if len(found.lengths) == batch:
             return ops.lighthouse_stages(q, k, v, n=length, scale=scale, config=config, rotary=rotary)
     return _every_document(q, k, v, starts, batch=batch, length=length, scale=scale, config=config, rotary=rotary)
 

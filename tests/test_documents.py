@@ -206,7 +206,6 @@ def test_document_lengths_are_data_compiled_once_for_every_mix():
     assert len(graphs) == 1
 
 
-
 def test_eagerly_the_documents_of_a_batch_pick_the_work(monkeypatch):
     # the general path's stages are sized for the most long documents a batch could hold, so a batch with none
     # runs dense attention alone, and one of a document per row plain Lighthouse (a choice on the host, eagerly):
@@ -252,6 +251,7 @@ def test_cudnn_sees_a_bounded_set_of_widths_however_documents_vary():
     cu, picked = together.flash_maps(torch.device("cpu"))
     assert cu.tolist() == [0, 3, 23, 808, 8999]
     assert picked.tolist() == [*range(9000, 9023), *range(17215, 18000), *range(18000, 26191)]
+
 
 # -- on a GPU: the Triton kernels, flash varlen and Inductor at lengths that need them --------------------------
 
