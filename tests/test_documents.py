@@ -4,6 +4,7 @@ crossing a boundary, the documents' constructors, and dense attention within doc
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -251,6 +252,94 @@ def test_cudnn_sees_a_bounded_set_of_widths_however_documents_vary():
     cu, picked = together.flash_maps(torch.device("cpu"))
     assert cu.tolist() == [0, 3, 23, 808, 8999]
     assert picked.tolist() == [*range(9000, 9023), *range(17215, 18000), *range(18000, 26191)]
+
+
+def _causal_math(q, k, v, scale, lse=None):
+    """Causal attention of one sequence, (H, n, d) q and (H_kv, n, d) k, v, in fp64: probabilities (from ``lse``
+    where given, as a backward kernel takes them), log-sum-exp, and k, v with every query head."""
+    h, n = q.shape[0], q.shape[1]
+    k, v = (x.double().repeat_interleave(h // x.shape[0], 0) for x in (k, v))
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf)
+    lse = s.logsumexp(-1) if lse is None else lse.double()
+    return (s - lse[..., None]).exp(), lse, k, v
+
+
+def _causal_math_backward(g, q, k, v, out, lse, scale):
+    """The gradients from the forward's output and log-sum-exp, as flash's and cuDNN's backward kernels take them."""
+    p, _, k_all, v_all = _causal_math(q, k, v, scale, lse)
+    g = g.double()
+    ds = p * (g @ v_all.transpose(-1, -2) - (g * out.double()).sum(-1, keepdim=True))
+    dk, dv = (x.unflatten(0, (k.shape[0], -1)).sum(1) for x in (ds.transpose(-1, -2) @ q.double() * scale,
+                                                              p.transpose(-1, -2) @ g))
+    return tuple(x.to(q.dtype) for x in (ds @ k_all * scale, dk, dv))
+
+
+ATEN = torch.ops.aten
+
+
+class _KernelsAsMath:
+    """The aten attention kernels that document_attention's GPU path calls, as the math they compute, to their
+    contracts: flash varlen on (T, H, d) rows with GQA and an (H, T) log-sum-exp; cuDNN on (G, H, W, d) with every
+    head and a (G, H, W, 1) log-sum-exp. The kernels themselves, to the same contracts, are checked on a GPU by
+    test_cuda_dense_document_attention_equals_the_masked_reference."""
+
+    def __getattr__(self, name):
+        return getattr(ATEN, name)
+
+    @staticmethod
+    def _flash_attention_forward(q, k, v, cu, _cu, _max_q, _max_k, _dropout, causal, _debug, scale):
+        assert causal and q.dim() == 3
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+        for a, b in itertools.pairwise(cu.tolist()):
+            p, m, _, v_all = _causal_math(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale)
+            out[a:b], lse[:, a:b] = (p @ v_all).transpose(0, 1), m
+        return out, lse, None, None, None
+
+    @staticmethod
+    def _flash_attention_backward(g, q, k, v, out, lse, cu, _cu, _max_q, _max_k, _dropout, causal, _seed, _offset,
+                                  scale):
+        assert causal and lse.shape == (q.shape[1], q.shape[0])
+        grads = [torch.empty_like(x) for x in (q, k, v)]
+        for a, b in itertools.pairwise(cu.tolist()):
+            for total, part in zip(grads, _causal_math_backward(*(x[a:b].transpose(0, 1) for x in (g, q, k, v, out)),
+                                                                lse[:, a:b], scale)):
+                total[a:b] = part.transpose(0, 1)
+        return tuple(grads)
+
+    @staticmethod
+    def _scaled_dot_product_cudnn_attention(q, k, v, _bias, _lse, _dropout, causal, _debug, scale):
+        assert causal and q.shape == k.shape  # cuDNN's path gets every head
+        parts = [_causal_math(q[i], k[i], v[i], scale) for i in range(q.shape[0])]
+        return torch.stack([p @ v_all for p, _, _, v_all in parts]).to(q.dtype), torch.stack(
+            [m for _, m, _, _ in parts]).float().unsqueeze(-1)
+
+    @staticmethod
+    def _scaled_dot_product_cudnn_attention_backward(g, q, k, v, out, lse, _seed, _offset, _bias, _cu_q, _cu_k,
+                                                     _max_q, _max_k, _dropout, causal, scale):
+        assert causal and q.shape == k.shape and lse.shape == (*q.shape[:3], 1)
+        return tuple(torch.stack(x) for x in zip(*(_causal_math_backward(g[i], q[i], k[i], v[i], out[i], lse[i, ..., 0],
+                                                                         scale) for i in range(q.shape[0]))))
+
+
+@pytest.mark.parametrize("cudnn_min_length", [1, 100, None], ids=["cudnn", "cudnn+flash", "flash"])
+@pytest.mark.parametrize("keep_some", [False, True], ids=["every document", "every other"])
+def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudnn_min_length, keep_some, monkeypatch):
+    # which documents go to which kernel, the gathers, placements, padding, GQA: run in CI with the kernels as math
+    rows = [[200, 3, 1, 100, 150, 58], [16, 16, 16, 464]]
+    starts = starts_of(rows)
+    keep = starts.long().cumsum(1) % 2 == 0 if keep_some else None
+    q, k, v = qkv(2, 8, 2, 512, 16, torch.float32)
+    want = document_attention(q, k, v, Documents(starts), keep=keep)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", cudnn_min_length)
+    monkeypatch.setattr(lhcompile.documents, "_implementation", lambda q: (lhcompile.documents._varlen_forward,
+                                                                           lhcompile.documents._varlen_backward))
+    monkeypatch.setattr(torch.ops, "aten", _KernelsAsMath())
+    out = document_attention(q, k, v, Documents(starts), keep=keep)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for mine, ref in ((out, want), *zip(grads, want_grads)):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
 # -- on a GPU: the Triton kernels, flash varlen and Inductor at lengths that need them --------------------------
