@@ -65,9 +65,15 @@ def test_causal_sdpa_builds_no_mask_where_the_mask_is_plainly_causal():
     assert all(mask is not None for _, mask in padded.calls) and len(padded.calls) == 4
 
 
+@pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("how", ["eager", "torch.compile", "lhcompile.apply, eval", "lhcompile.restore"])
-def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how):
+def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how, given):
+    # cu_seq_lens: DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False), where "sdpa"
+    # attends across documents; RoPE is relative, so positions that do not restart change nothing within a document
     positions = torch.cat([torch.arange(40), torch.arange(N - 40)])[None].expand(2, -1)  # two packed documents
+    cu = torch.tensor([0, 40, N, N + 40, 2 * N], dtype=torch.int32)  # the rows laid end to end
+    inputs = dict(position_ids=positions) if given == "position_ids" else dict(
+        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=N - 40, max_length_k=N - 40)
     ids = torch.randint(0, VOCAB, (2, N))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -83,8 +89,16 @@ def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how):
             lhcompile.restore(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error", LighthouseWarning)  # nothing is taken on a guess
-        got = model(input_ids=ids, position_ids=positions).logits
+        got = model(input_ids=ids, **inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_sdpa_refuses_two_sets_of_document_boundaries():
+    model = hf_model("llama", attention="causal_sdpa").eval()
+    cu_q, cu_k = torch.tensor([0, 40, N], dtype=torch.int32), torch.tensor([0, 50, N], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q=\[0, 40, 64\] and cu_seq_lens_k=\[0, 50, 64\]"):
+        model(input_ids=torch.randint(0, VOCAB, (1, N)), cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=N,
+              max_length_k=N)
 
 
 @pytest.mark.parametrize("how", ["eager", "torch.compile", "lhcompile.restore", "lhcompile.apply"])

@@ -147,14 +147,18 @@ def test_flex_attention_that_is_no_causal_document_mask_stays_dense_and_says_why
     assert site.rewritten and not site.documents and site.reason == "lighthouse"
 
 
-def test_hf_llama_with_packed_position_ids_gives_each_document_what_it_gets_alone():
+@pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
+def test_hf_llama_with_packed_documents_gives_each_document_what_it_gets_alone(given):
     torch.manual_seed(0)
     model = hf_model("llama", attention="causal_sdpa", layers=2)
     lhcompile.apply(model, CFG, compiler="eager")
     rows = [[70, 3, 1, 40, 78]]
     ids = torch.randint(0, VOCAB, (1, N))
-    packed = model(input_ids=ids, position_ids=positions(rows)).logits
-    assert len(lhcompile.inspect(model).rewritten) == 2
+    cu = torch.tensor([0, *rows[0]]).cumsum(0).int()
+    packed = model(input_ids=ids, **(dict(position_ids=positions(rows)) if given == "position_ids" else dict(
+        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(rows[0]), max_length_k=max(rows[0])))).logits
+    report = lhcompile.inspect(model)
+    assert len(report.rewritten) == 2 and all(site.documents for site in report.rewritten), str(report)
     start = 0
     for n in rows[0]:
         alone = model(input_ids=ids[:, start : start + n], position_ids=torch.arange(n)[None]).logits
@@ -202,7 +206,9 @@ def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse():
     assert all(s.rewritten and s.documents for s in report), str(report)
 
 
-def test_data_collator_with_flattening_trains_lighthouse_per_document_through_the_trainer(tmp_path):
+@pytest.mark.parametrize("collator", [{}, {"return_flash_attn_kwargs": True, "return_position_ids": False}],
+                         ids=["position_ids", "cu_seq_lens"])
+def test_data_collator_with_flattening_trains_lighthouse_per_document_through_the_trainer(tmp_path, collator):
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
     from lhcompile.integrations.hf import LighthouseCallback
@@ -215,7 +221,7 @@ def test_data_collator_with_flattening_trains_lighthouse_per_document_through_th
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=8, report_to=[],
                              learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
-                      data_collator=DataCollatorWithFlattening())
+                      data_collator=DataCollatorWithFlattening(**collator))
     trainer.train()
     assert callback.switched_at == 6
     report = callback.report

@@ -8,7 +8,10 @@ Importing this module registers ``causal_sdpa``. It computes what ``"sdpa"`` com
 - packed documents (``position_ids`` that restart at 0, as ``DataCollatorWithFlattening`` makes them) are kept
   apart with ``lhcompile.document_attention``, in every mode: eager, compiled, applied (Lighthouse per document)
   and restored. A document begins where the positions restart at 0; positions that jump without restarting
-  (context-parallel shards carry global positions) stay one document, where "sdpa" would cut them;
+  (context-parallel shards carry global positions) stay one document, where "sdpa" would cut them.
+  FlashAttention's boundaries, where the model is handed them (``cu_seq_lens_q``, from
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), say where documents begin, as for
+  ``"flash_attention_2"``: with ``return_position_ids=False`` "sdpa" would attend across documents;
 - every other call (padding, sliding windows, decoding with a cache, overlays such as Gemma 3's bidirectional
   image blocks) goes to transformers' own sdpa path with the mask transformers builds for it.
 
@@ -166,6 +169,25 @@ def _packed(position_ids: torch.Tensor | None) -> bool:
     return torch.compiler.is_compiling() or bool((position_ids[..., 1:] == 0).any())
 
 
+def _documents(module, query: torch.Tensor, packed: bool, kwargs: dict[str, Any]) -> Documents | None:
+    """The packed documents of a plainly causal call: FlashAttention's boundaries where the model was handed them
+    (``cu_seq_lens_q``, from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), as
+    ``"flash_attention_2"`` keeps them; else position ids that restart, where transformers said they may; None: one
+    sequence per row."""
+    b, n = query.shape[0], query.shape[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None:
+        if cu_k is not None and cu_k is not cu_q and not torch.compiler.is_compiling() and not torch.equal(cu_q, cu_k):
+            raise ValueError(f"attn_implementation='causal_sdpa': {type(module).__name__} (layer "
+                             f"{getattr(module, 'layer_idx', '?')}) got cu_seq_lens_q={cu_q.tolist()} and "
+                             f"cu_seq_lens_k={cu_k.tolist()}; packed self-attention has one set of document boundaries")
+        return Documents.from_cu_seqlens(cu_q, n, b)
+    position_ids = kwargs.get("position_ids")
+    if packed and _packed(position_ids):
+        return Documents.from_positions(position_ids.expand(b, n))
+    return None
+
+
 def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -186,14 +208,13 @@ def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
             f"has sliding_window={window} < {key.shape[2]} keys but no mask was built for it; plain causal attention "
             "would ignore the window. Use attn_implementation='sdpa' for this model"
         )
-    position_ids = kwargs.get("position_ids")
-    if packed and _packed(position_ids):
+    documents = _documents(module, query, packed, kwargs)
+    if documents is not None:
         if dropout:
             raise ValueError(f"attn_implementation='causal_sdpa': {type(module).__name__} has attention dropout "
                              f"{dropout}, which lhcompile.document_attention (packed documents) does not compute; "
                              "use attn_implementation='sdpa' or set attention_dropout=0")
-        positions = position_ids.expand(query.shape[0], query.shape[2])
-        out = document_attention(query, key, value, Documents.from_positions(positions), scale=scaling)
+        out = document_attention(query, key, value, documents, scale=scaling)
     else:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout,
                                              enable_gqa=query.shape[1] != key.shape[1])
