@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .ddp_buckets import bucket_numbering, in_ddp_split
+from .document_probe import DocumentProbe
 from .lighthouse_pass import Scope, rewrite_graph
 from .options import Options
 from .passes import erase_unused, prune_unused_inputs
@@ -53,15 +54,33 @@ class Backend:
                                   "gradient buckets, and the graph holding all of them was not found, so dense_layers "
                                   "counts the attention sites of each bucket on its own; set "
                                   "torch._dynamo.config.optimize_ddp = False, or keep dense layers with filter_fn")
-        read = rewrite_graph(gm, self.options, self.report, scope, numbering)
+        rewritten = rewrite_graph(gm, self.options, self.report, scope, numbering)
         # a causal mask that Lighthouse sites no longer read is N x N: drop it, also where it fed an activation-
         # checkpointed layer. A module's restore recaptures its graph; only a GraphModule rewritten in place (apply
         # on a GraphModule, not this backend) keeps its mask nodes, for restore_sites
-        erase_unused(read + prune_unused_inputs(gm))
+        erase_unused(rewritten.read + prune_unused_inputs(gm))
         compiled = self.options.compile(gm, example_inputs)
+        probe = rewritten.probe
+        # a batch of short documents only: Lighthouse per document is then dense attention within each, which the
+        # graph as captured computes with the model's own kernel, without the stages sized for long documents
+        dense = self._compile_as_captured(rewritten.captured, example_inputs, probe) if probe is not None else None
 
         def run(*args: Any) -> Any:
             self._runs += 1
+            if dense is not None and not probe.needs_lighthouse(args):
+                self.report.dense_batches += 1
+                return dense(*args)
             return compiled(*args)
 
         return run
+
+    def _compile_as_captured(self, captured: fx.GraphModule, example_inputs: Sequence[Any], probe: DocumentProbe
+                             ) -> Callable | None:
+        try:
+            return self.options.compile(captured, example_inputs)
+        except Exception as err:  # a shortcut for some batches must never stop a model that trains without it
+            self.report.once.warn(
+                "as captured", f"lhcompile: the graph as captured, which would run batches with no document of "
+                f"{probe.shortest} tokens or more, did not compile ({type(err).__name__}: {err}); every batch runs "
+                "Lighthouse per document")
+            return None

@@ -115,6 +115,19 @@ def starts_of(form: str, tensors: list[Tensor], batch: int, length: int) -> Tens
     return starts.expand(batch, length) | (t == 0)
 
 
+def longest_document(form: str, tensors: list[Tensor]) -> int:
+    """The length of a batch's longest document, from a site's own tensors in one of ``starts_of``'s forms (one host
+    read), never less than it is: where the rows are not known (cumulative lengths, 1-D ids or tables over rows laid
+    end to end), a document may be counted across a row's end, which only overstates it."""
+    if form == "cu_seqlens":
+        return int(tensors[0].diff().max())
+    if form == "first_token":
+        tensors = [tensors[0], tensors[1].reshape(-1)]
+    per_token = tensors[-1]
+    batch, length = per_token.shape if per_token.dim() == 2 else (1, per_token.numel())
+    return _Segments.of(starts_of(form, tensors, batch, length), None).longest
+
+
 def _describe(x: object) -> str:
     return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
@@ -627,7 +640,9 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
     path's stages are sized for the most long documents a batch could hold: a batch with no document of at least
     ``config.min_lighthouse_len`` tokens gets dense attention within each document alone, a batch of one document
     per row plain Lighthouse on each row. Traced (torch.compile, the pass) every batch takes the general path: a
-    graph cannot choose without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md)."""
+    graph cannot choose without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md);
+    lhcompile's backend chooses per call between the rewritten graph and the graph as captured instead
+    (``lhcompile.document_probe``)."""
     if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
         found = _Segments.of(starts | (torch.arange(length, device=starts.device) == 0), None)
         if found.longest < config.min_lighthouse_len:

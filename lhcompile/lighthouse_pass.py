@@ -21,11 +21,12 @@ import torch.fx as fx
 from .blocks import Block, compiled_alone, join_path
 from .ddp_buckets import Numbering
 from .debug import dump_graph
+from .document_probe import DocumentProbe
 from .documents import starts_of
 from .options import Options
 from .placements import Inputs
-from .passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, find_qk_rotation, find_sites,
-                     rewrite_sites, subgraph_calls, unrotated)
+from .passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, copy_with_bodies,
+                     find_qk_rotation, find_sites, rewrite_sites, subgraph_calls, unrotated)
 from .passes.meta import lifted_tensor, source_name, user_path
 from .report import Report, SiteReport
 from .rotary import Rotary
@@ -279,15 +280,33 @@ def _unrotated(site: Site, rotation: tuple[RopeMatch, RopeMatch], tracer: Any) -
     return fx.Proxy(unrotated(mq), tracer), fx.Proxy(unrotated(mk), tracer), rotary
 
 
+@dataclass(frozen=True)
+class Rewritten:
+    """What the pass did to a graph, for the backend that compiles it."""
+
+    read: list[fx.Node]
+    """The nodes the rewritten calls read (see ``passes.erase_unused``)."""
+    probe: DocumentProbe | None
+    """Where every Lighthouse site runs per document: how to tell a batch whose documents are all short (for which
+    the graph as captured computes the same), before the rewritten graph runs."""
+    captured: fx.GraphModule | None
+    """With a probe: the graph as it was captured, with its own bodies."""
+
+
 def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope,
-                  numbering: Numbering | None = None) -> list[fx.Node]:
+                  numbering: Numbering | None = None) -> Rewritten:
     """The pass on gm and the bodies nested in it: decide, report, rewrite, warn. ``dense_layers`` counts the sites
     in execution order (or, for blocks, the layers), among the sites of the whole graph that gm was split from when
-    ``numbering`` says where gm's stand (DDP buckets). Returns the nodes the rewritten calls read."""
+    ``numbering`` says where gm's stand (DDP buckets)."""
     graph_id = report.graphs
     report.graphs += 1
-    graphs = list(_graphs(gm, f"graph {graph_id}", {}, {}))
+    resolve: dict[fx.Node, fx.Node] = {}
+    graphs = list(_graphs(gm, f"graph {graph_id}", resolve, {}))
     decisions = decide(graphs, options, scope, numbering)
+    lighthouse = [d.site for d in decisions if d.lighthouse]
+    probe = DocumentProbe.of(gm, [d.site for d in decisions], lighthouse, resolve.get,
+                             options.config.min_lighthouse_len) if lighthouse else None
+    captured = copy_with_bodies(gm) if probe is not None else None
     if scope.root is not None:
         _warn_if_captured_below(gm, scope.root, [d.site for d in decisions], report)
     before = gm.print_readable(print_output=False) if options.debug else ""
@@ -301,7 +320,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
         _warn_about(graphs, graph_id, total, options, scope, report, rows)
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
-    return read
+    return Rewritten(read, probe, captured)
 
 
 def _warn_about_rope(decisions: list[Decision], graph_id: int, report: Report) -> None:

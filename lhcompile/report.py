@@ -64,6 +64,9 @@ class Report:
     """What was said about this model (each kind of warning once)."""
     state: str = "applied"
     """'applied', 'restored' (the model is dense again: the rows say what the pass did before) or 'not applied'."""
+    dense_batches: int = 0
+    """Calls of graphs whose Lighthouse sites all run per document that found no document of at least
+    ``config.min_lighthouse_len`` tokens in their batch, and so ran the graph as captured (dense within documents)."""
 
     @property
     def ordered(self) -> list[SiteReport]:
@@ -130,4 +133,7 @@ class Report:
         with_sites = sorted({s.graph for s in self.sites})
         summary = (f"{head}lhcompile: {len(self.rewritten)} of {len(self.sites)} attention sites rewritten, in graph"
                    f"{'s' if len(with_sites) > 1 else ''} {', '.join(map(str, with_sites))} ({self.graphs} captured)")
+        if self.dense_batches:
+            summary += (f"; {self.dense_batches} graph call(s) found no document long enough for Lighthouse in their "
+                        "batch and ran the graph as captured (dense within documents)")
         return "\n".join([summary, *(self.table().splitlines() if self.sites else []), *self.notes])

@@ -10,7 +10,8 @@ from .restore import restore_sites
 from .rope import RopeMatch, find_qk_rotation, find_rotation, unrotated
 from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sites
 from .site import DocumentSource, Site, SiteKind, bind_arguments, module_path
-from .subgraphs import Subgraph, prune_unused_inputs, subgraph_calls
+from .subgraphs import Subgraph, copy_with_bodies, prune_unused_inputs, subgraph_calls
+from .values import ancestors, evaluate, source, stateless
 
 __all__ = [
     "KINDS",
@@ -27,9 +28,12 @@ __all__ = [
     "SiteKind",
     "Subgraph",
     "attention_like_calls",
+    "ancestors",
     "bind_arguments",
+    "copy_with_bodies",
     "count_sites",
     "erase_unused",
+    "evaluate",
     "find_qk_rotation",
     "find_rotation",
     "find_sites",
@@ -38,6 +42,8 @@ __all__ = [
     "prune_unused_inputs",
     "restore_sites",
     "rewrite_sites",
+    "source",
+    "stateless",
     "subgraph_calls",
     "unrotated",
 ]

@@ -11,28 +11,16 @@ through ``resolve``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .meta import input_name, lifted_tensor, node_shape, source_name, user_path
+from .meta import input_name, node_shape, source_name, user_path
+from .values import Resolve, ancestors, evaluate, source, stateless
 
 MAX_MASK_ENTRIES = 2**34
 """Largest mask (B * H * N * N entries) evaluated to prove causality: 16 GiB of bool at most."""
-
-Resolve = Callable[[fx.Node], "fx.Node | None"]
-"""Maps a placeholder of a subgraph to the node of the enclosing graph that feeds it, or None."""
-
-
-_STATEFUL = {
-    torch._C._set_grad_enabled,
-    torch._C._functorch._vmap_increment_nesting,
-    torch._C._functorch._vmap_decrement_nesting,
-    torch.amp.autocast_mode._enter_autocast,
-    torch.amp.autocast_mode._exit_autocast,
-}
-
 
 @dataclass(frozen=True)
 class MaskProof:
@@ -60,68 +48,6 @@ def _input_kind(node: fx.Node) -> tuple[str, str]:
     return "input", input_name(name)
 
 
-def _ancestors(node: fx.Node, resolve: Resolve | None) -> tuple[list[fx.Node], list[fx.Node]]:
-    """Every node the value of ``node`` depends on, across subgraph boundaries, and the graph inputs among them."""
-    seen: set[fx.Node] = set()
-    inputs: list[fx.Node] = []
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            outer = resolve(n) if resolve is not None else None
-            if outer is None:
-                inputs.append(n)
-            else:
-                stack.append(outer)
-        else:
-            stack.extend(n.all_input_nodes)
-    return list(seen), inputs
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
-
-
-def _evaluate(node: fx.Node, resolve: Resolve | None) -> Any:
-    """The value of ``node``, computed from the nodes it depends on (placeholders through ``resolve``, and
-    module buffers lifted by Dynamo through their value at capture)."""
-    env: dict[fx.Node, Any] = {}
-    stack = [node]
-    while stack:
-        n = stack[-1]
-        outer = resolve(n) if n.op == "placeholder" and resolve is not None else None
-        deps = [outer] if outer is not None else [] if n.op == "placeholder" else n.all_input_nodes
-        missing = [d for d in deps if d not in env]
-        if missing:
-            stack.extend(missing)
-            continue
-        stack.pop()
-        args, kwargs = fx.map_arg((n.args, n.kwargs), env.__getitem__)
-        if n.op == "placeholder":
-            env[n] = env[outer] if outer is not None else lifted_tensor(n)
-        elif n.op == "get_attr":
-            env[n] = _attr(n.graph.owning_module, n.target)
-        elif n.op == "call_function":
-            env[n] = n.target(*args, **kwargs)
-        elif n.op == "call_method":
-            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-        else:  # call_module
-            env[n] = n.graph.owning_module.get_submodule(n.target)(*args, **kwargs)
-    return env[node]
-
-
-def _source(node: fx.Node, resolve: Resolve | None) -> fx.Node:
-    """The node that makes the value of ``node``, followed out of the bodies it is passed into."""
-    while node.op == "placeholder" and resolve is not None and (outer := resolve(node)) is not None:
-        node = outer
-    return node
-
-
 def prove_causal(mask: fx.Node, resolve: Resolve | None = None, proofs: Proofs | None = None) -> MaskProof:
     """Whether ``mask`` always equals the causal (lower-triangular) mask, or why it cannot be shown.
 
@@ -129,14 +55,14 @@ def prove_causal(mask: fx.Node, resolve: Resolve | None = None, proofs: Proofs |
     into each checkpointed layer's body) is evaluated once, not once per layer."""
     if proofs is None:
         return _prove(mask, resolve)
-    source = _source(mask, resolve)
-    if source not in proofs:
-        proofs[source] = _prove(mask, resolve)
-    return proofs[source]
+    made_by = source(mask, resolve)
+    if made_by not in proofs:
+        proofs[made_by] = _prove(mask, resolve)
+    return proofs[made_by]
 
 
 def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
-    nodes, inputs = _ancestors(mask, resolve)
+    nodes, inputs = ancestors(mask, resolve)
     kinds: dict[str, list[str]] = {}
     for node in inputs:
         kind, name = _input_kind(node)
@@ -150,8 +76,7 @@ def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
         return MaskProof(
             f"explicit attn_mask is a learned bias, computed from parameters ({', '.join(kinds['parameter'][:3])}), "
             "e.g. a relative position bias as in T5: not a causal mask")
-    if any(n.op not in ("call_function", "call_method", "get_attr", "placeholder", "call_module")
-           or n.target in _STATEFUL for n in nodes):
+    if not stateless(nodes):
         return MaskProof("explicit attn_mask is built with stateful operations; cannot prove it causal")
     shape = node_shape(mask)
     if shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
@@ -162,7 +87,7 @@ def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
     if numel > MAX_MASK_ENTRIES:
         return MaskProof(f"explicit attn_mask has {numel} entries (> {MAX_MASK_ENTRIES}); too large to prove causal")
     with torch.no_grad():
-        value = _evaluate(mask, resolve)
+        value = evaluate(mask, resolve)
     n = shape[-1]
     allowed = value if value.dtype == torch.bool else value == 0
     if value.dtype != torch.bool and not bool((value[~allowed] <= torch.finfo(value.dtype).min / 2).all()):
@@ -179,9 +104,8 @@ def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
 def constant_value(node: fx.Node, resolve: Resolve | None = None) -> Any:
     """The value of ``node`` when the graph computes it from no input at all (e.g. positions made by arange in the
     graph), without stateful operations; else None."""
-    nodes, inputs = _ancestors(node, resolve)
-    if inputs or any(n.op not in ("call_function", "call_method", "get_attr", "call_module", "placeholder")
-                     or n.target in _STATEFUL for n in nodes):
+    nodes, inputs = ancestors(node, resolve)
+    if inputs or not stateless(nodes):
         return None
     with torch.no_grad():
-        return _evaluate(node, resolve)
+        return evaluate(node, resolve)

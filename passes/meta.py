@@ -21,6 +21,17 @@ def node_shape(node: Any) -> tuple[Any, ...] | None:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
+def node_device(node: Any) -> torch.device | None:
+    """Device of a node's tensor value as recorded by export/make_fx ('val') or Dynamo ('example_value')."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return None
+
+
 # the traced frame's local that holds the root module: L['self'], L['args'][0] when forward is wrapped by a
 # decorator taking *args, L['this'] for forward(this, x), G['model'] for a global
 _ROOT = re.compile(r"^(L\['(args|kwargs)'\]\[[^]]*\]|[LG]\[[^]]*\])\.?")

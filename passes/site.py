@@ -87,6 +87,8 @@ class SiteKind(Protocol):
     value: str
     rope: bool
     """Whether the rotation upstream of its query and key can be found (its inputs are in SDPA's layout)."""
+    trains_on: tuple[str, ...] | None
+    """The device types on which the call has a forward and a backward (None: every one)."""
 
     def matches(self, node: fx.Node) -> bool:
         """Whether the node is a call of this kind."""
@@ -114,6 +116,7 @@ class SdpaLayout:
     argument (None: 1/sqrt(d)). A kind laid out otherwise overrides ``inputs`` and ``output_from``."""
 
     query, key, value = "query", "key", "value"
+    trains_on: tuple[str, ...] | None = None
 
     def inputs(self, site: Site, args: dict[str, Any]) -> tuple[Any, Any, Any]:
         return args[self.query], args[self.key], args[self.value]

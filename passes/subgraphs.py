@@ -9,6 +9,7 @@ string identifier before the inputs in invoke_subgraph's case.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass
 
@@ -83,3 +84,14 @@ def prune_unused_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         call.module.recompile()
         gm.recompile()
     return dropped
+
+
+def copy_with_bodies(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm whose graph, and the graph of every body it holds (at any depth), are its own, so that rewriting
+    one leaves the other as it was. Node metadata (shallow), parameters, buffers and constants are shared."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied.meta = dict(gm.meta)
+    for name, child in gm.named_children():
+        if isinstance(child, fx.GraphModule):
+            setattr(copied, name, copy_with_bodies(child))
+    return copied

@@ -12,7 +12,8 @@ from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex
 from torch.nn.attention.varlen import varlen_attn
 
 import lhcompile
-from lhcompile import Documents, LighthouseConfig, lighthouse_attention
+import lhcompile.reference
+from lhcompile import Documents, LighthouseConfig, LighthouseWarning, lighthouse_attention
 
 from .models import VOCAB, hf_model
 
@@ -166,6 +167,77 @@ def test_hf_llama_with_packed_documents_gives_each_document_what_it_gets_alone(g
         start += n
 
 
+@pytest.fixture
+def selections(monkeypatch) -> list:
+    """One entry per call of Lighthouse per document's selection (on the CPU)."""
+    calls = []
+    select = lhcompile.reference.select_documents
+    monkeypatch.setattr(lhcompile.reference, "select_documents", lambda *a: calls.append(1) or select(*a))
+    return calls
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["layers", "checkpointed layers"])
+def test_a_batch_of_short_documents_runs_the_graph_as_captured(checkpointed, selections):
+    # Lighthouse per document on documents shorter than min_lighthouse_len (32 here) is dense attention within each:
+    # what the model computed before the pass, without the stages sized for the most long documents a batch holds
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    dense = hf_model("llama", attention="causal_sdpa", layers=2)
+    dense.load_state_dict(model.state_dict())
+    for m in (model, dense):
+        if checkpointed:
+            m.gradient_checkpointing_enable()
+    lhcompile.apply(model, CFG, compiler="eager")
+    ids = torch.randint(0, VOCAB, (1, N))
+    short = positions([[20, 3, 1, 30, 31, 19, 25, 30, 25, 8]])
+    out, want = (m(input_ids=ids, position_ids=short).logits for m in (model, dense))
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    for mine, ref in zip(torch.autograd.grad(out, list(model.parameters()), g),
+                         torch.autograd.grad(want, list(dense.parameters()), g)):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    report = lhcompile.inspect(model)
+    assert not selections and report.dense_batches == 2 and "2 graph call(s) found no document" in str(report)
+
+    model(input_ids=ids, position_ids=positions([[70, 3, 1, 40, 78]])).logits.sum().backward()
+    assert selections and lhcompile.inspect(model).dense_batches == 2  # a long document: Lighthouse per document
+
+
+def test_a_graph_as_captured_that_does_not_compile_leaves_every_batch_to_lighthouse_per_document(selections):
+
+    def compiler(gm, example_inputs):  # compiles what the pass rewrote, fails on the graph as captured
+        if not any("select_documents" in str(n.target) for n in gm.graph.nodes):
+            raise RuntimeError("no kernel for this op here")
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    lhcompile.apply(model, CFG, compiler=compiler)
+    with pytest.warns(LighthouseWarning, match=r"as captured.*did not compile \(RuntimeError: no kernel for this op"):
+        model(input_ids=torch.randint(0, VOCAB, (1, N)),
+              position_ids=positions([[20, 3, 1, 30, 31, 19, 25, 30, 25, 8]]))
+    assert selections and lhcompile.inspect(model).dense_batches == 0
+
+
+@pytest.mark.parametrize("mix", [[[70, 3, 1, 40, 78], [33, 60, 99]], [[20, 172], [192]], [[5] * 38 + [2]] * 2])
+def test_the_longest_document_is_found_from_every_form_of_documents(mix):
+    from lhcompile.documents import longest_document
+
+    longest = max(n for row in mix for n in row)
+    pos = positions(mix)
+    starts = pos == 0
+    ids = starts.long().cumsum(1)
+    ends = torch.stack([torch.cat([torch.full((n,), start + n - 1) for start, n in zip(
+        torch.tensor([0, *row[:-1]]).cumsum(0).tolist(), row)]) for row in mix])
+    first = torch.tensor([0, *mix[0][:-1]]).cumsum(0)
+    cases = [("starts", [starts], longest), ("ids", [ids], longest), ("cu_seqlens", [_cu(mix)], longest),
+             ("last_token", [ends], longest),
+             # a FlexAttention mask's tables by token alone: one row, the same for every row of the batch
+             ("ids", [ids[0]], max(mix[0])), ("first_token", [first, ids[0] - 1], max(mix[0]))]
+    for form, tensors, want in cases:
+        assert longest_document(form, tensors) == want, form
+
+
 def test_layers_compiled_on_their_own_run_plain_lighthouse_until_a_batch_is_packed():
     # the model's own call runs eagerly around its layers (regional): transformers looks at position_ids there, so
     # a batch of one document per row needs no per-document machinery, and a packed one gets it
@@ -201,8 +273,10 @@ def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse():
         n = sum(rows[0])
         out = model(input_ids=torch.randint(0, VOCAB, (1, n)), position_ids=positions(rows)).logits
         assert out.shape == (1, n, VOCAB)
-    assert len(graphs) == 2, "the first length, then one graph with a dynamic length for all others"
     report = lhcompile.inspect(model)
+    assert report.graphs == 2, "the first length, then one graph with a dynamic length for all others"
+    # each compiled twice: rewritten, and as captured (for batches without a long document)
+    assert [any("select_documents" in str(n.target) for n in gm.graph.nodes) for gm in graphs] == [True, False] * 2
     assert all(s.rewritten and s.documents for s in report), str(report)
 
 

@@ -83,8 +83,8 @@ def test_a_causal_mask_shared_by_every_layer_is_evaluated_once(checkpointing, mo
     from lhcompile.passes import causal_mask
 
     evaluated = []
-    evaluate = causal_mask._evaluate
-    monkeypatch.setattr(causal_mask, "_evaluate", lambda *a: evaluated.append(a) or evaluate(*a))
+    evaluate = causal_mask.evaluate
+    monkeypatch.setattr(causal_mask, "evaluate", lambda *a: evaluated.append(a) or evaluate(*a))
     model = hf_model("qwen3")
     if checkpointing:
         model.gradient_checkpointing_enable()

@@ -119,6 +119,7 @@ _DESCRIPTIONS = {
 class Flex(SdpaLayout):
     name = "flex"
     rope = True
+    trains_on = ("cuda",)  # FlexAttention has no backward on the CPU
 
     def matches(self, node: fx.Node) -> bool:
         return node.op == "call_function" and node.target is getattr(torch.ops.higher_order, "flex_attention", None)

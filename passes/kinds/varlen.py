@@ -23,6 +23,7 @@ def _varlen_targets() -> tuple[Any, ...]:
 class Varlen(SdpaLayout):
     name = "varlen"
     rope = False  # its tokens are rows laid end to end: no position axis to follow the rotation along
+    trains_on = ("cuda",)  # varlen_attn has no CPU kernel
 
     def matches(self, node: fx.Node) -> bool:
         return node.op == "call_function" and node.target in _varlen_targets()
