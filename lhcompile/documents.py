@@ -20,8 +20,10 @@ mix of documents. How:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -125,7 +127,17 @@ def longest_document(form: str, tensors: list[Tensor]) -> int:
         tensors = [tensors[0], tensors[1].reshape(-1)]
     per_token = tensors[-1]
     batch, length = per_token.shape if per_token.dim() == 2 else (1, per_token.numel())
-    return _Segments.of(starts_of(form, tensors, batch, length), None).longest
+    return _Segments.of(starts_of(form, tensors, batch, length)).longest
+
+
+def document_lengths(form: str, tensors: list[Tensor], batch: int, length: int) -> list[int]:
+    """The lengths of a (batch, length) batch's documents, row after row, from a site's own tensors in one of
+    ``starts_of``'s forms (one host read), found as ``starts_of`` finds them."""
+    if form == "cu_seqlens":  # from the few boundaries themselves, not a flag per token
+        total = batch * length
+        bounds = sorted({min(max(int(c), 0), total) for c in tensors[0].tolist()} | set(range(0, total, length)))
+        return [b - a for a, b in zip(bounds, bounds[1:] + [total]) if b > a]
+    return _Segments.of(starts_of(form, tensors, batch, length)).lengths
 
 
 def _describe(x: object) -> str:
@@ -301,7 +313,7 @@ def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
 def _document_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, keep: Tensor | None, scale: float
                         ) -> tuple[Tensor, Tensor]:
     _check_dtypes(q, k, v)
-    out, lse = _implementation(q)[0](q, k, v, starts, keep, scale)
+    out, lse = _implementation(q)[0](q, k, v, _Segments.of(starts, keep), scale)
     return _laid_out_as(out, _token_major(*q.shape[:3], v.shape[3], q)), lse.contiguous()
 
 
@@ -314,7 +326,7 @@ def _(q, k, v, starts, keep, scale):
 @torch.library.custom_op("lhcompile::document_attention_backward", mutates_args=())
 def _document_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  starts: Tensor, keep: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _implementation(q)[1](grad, q, k, v, out, lse, starts, keep, scale)
+    grads = _implementation(q)[1](grad, q, k, v, out, lse, _Segments.of(starts, keep), scale)
     return tuple(_laid_out_as(g, torch.empty_like(x)) for g, x in zip(grads, (q, k, v)))
 
 
@@ -386,10 +398,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
     """Dense causal attention within each document: (B, H, N, d) in SDPA's layout, k/v may have fewer heads (GQA).
 
     ``keep`` (B, N) bool, the same for every token of a document, leaves whole documents out (their outputs are 0
-    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents found with one host sync per call: one flash
-    varlen call for every document shorter than ``CUDNN_MIN_LENGTH``, cuDNN's attention for each longer one;
-    elsewhere (CPU, fp32): a reference, document by document, that holds each document's score matrix (for tests
-    and modest lengths)."""
+    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents are read on the host once per forward and once
+    per backward, and split into kernel calls by ``_Segments.calls``: cuDNN's attention for documents of one padded
+    width together, flash varlen for the rest; elsewhere (CPU, fp32): a reference, document by document, that holds
+    each document's score matrix (for tests and modest lengths)."""
     documents.check(q, "document_attention")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"document_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
@@ -399,7 +411,7 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
 
 def _implementation(q: Tensor):
     fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    return (_varlen_forward, _varlen_backward) if fast else (_reference_forward, _reference_backward)
+    return (_gpu_forward, _gpu_backward) if fast else (_reference_forward, _reference_backward)
 
 
 def _grouped(x: Tensor, heads: int) -> Tensor:
@@ -423,10 +435,8 @@ def _causal_probabilities(q: Tensor, k: Tensor, scale: float, lse: Tensor | None
     return (scores - lse[..., None]).exp(), lse
 
 
-def _documents(starts: Tensor, keep: Tensor | None) -> list[tuple[int, slice]]:
-    """Each document computed: its row and its tokens."""
-    segments = _Segments.of(starts, keep)
-    n = starts.shape[1]
+def _documents(segments: _Segments, n: int) -> list[tuple[int, slice]]:
+    """Each document computed, in rows of n tokens: its row and its tokens."""
     return [(first // n, slice(first % n, first % n + size)) for first, size in zip(segments.firsts, segments.lengths)]
 
 
@@ -450,24 +460,24 @@ def _one_backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
             (p.transpose(-1, -2) @ g).to(v.dtype))
 
 
-def _reference_forward(q, k, v, starts, keep, scale):
+def _reference_forward(q, k, v, segments, scale):
     h = q.shape[1]
     out = q.new_zeros(*q.shape[:3], v.shape[3])
     lse = q.new_full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q))
-    for b, t in _documents(starts, keep):
+    for b, t in _documents(segments, q.shape[2]):
         o, m = _one_forward(*(x[b : b + 1, :, t].contiguous() for x in (q, _grouped(k, h), _grouped(v, h))), scale)
         out[b, :, t], lse[b, :, t] = o[0], m[0].to(lse.dtype)
     return out, lse
 
 
-def _reference_backward(grad, q, k, v, out, lse, starts, keep, scale):
+def _reference_backward(grad, q, k, v, out, lse, segments, scale):
     h, group = q.shape[1], q.shape[1] // k.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
     def ungroup(x: Tensor) -> Tensor:
         return x if group == 1 else x.view(x.shape[0], -1, group, *x.shape[2:]).sum(2)
 
-    for b, t in _documents(starts, keep):
+    for b, t in _documents(segments, q.shape[2]):
         part = [x[b : b + 1, :, t].contiguous() for x in (grad, q, _grouped(k, h), _grouped(v, h), out)]
         m = lse[b : b + 1, :, t].contiguous()
         if q.device.type == "cpu":
@@ -479,29 +489,24 @@ def _reference_backward(grad, q, k, v, out, lse, starts, keep, scale):
 
 @dataclass(frozen=True)
 class _Segments:
-    """The documents a GPU kernel computes, found on the host from one copy of the flags (the one sync of a call):
-    per document its first token among the batch's rows laid end to end, and its length. Every device tensor built
-    from them travels from pinned memory without waiting for the GPU, and every placement goes through indices,
+    """The documents a GPU kernel computes, found on the host from one copy of the flags (``_host_flags``): per
+    document its first token among the batch's rows laid end to end, and its length. Every device tensor built from
+    them travels from pinned memory without waiting for the GPU, and every placement goes through views or indices,
     never through a boolean mask (whose nonzero would wait for the GPU once more)."""
 
     firsts: list[int]
     lengths: list[int]
 
     @classmethod
-    def of(cls, starts: Tensor, keep: Tensor | None) -> _Segments:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
-                "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
-                "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
-                "'reduce-overhead')")
-        flags = starts.flatten() if keep is None else torch.stack([starts.flatten(), keep.flatten()])
-        host = flags.cpu()
-        begins = host if keep is None else host[0]
-        first = begins.nonzero().squeeze(1)
-        lengths = torch.diff(first, append=torch.tensor([begins.numel()]))
-        if keep is not None:
-            kept = host[1][first]
+    def of(cls, starts: Tensor, keep: Tensor | None = None) -> _Segments:
+        """The documents of (B, N) ``starts`` (each row's first token begins one, whatever its flag) that ``keep``
+        keeps."""
+        # numpy: torch's nonzero on the host takes ~15x as long on 128K flags (0.56 against 0.036 ms)
+        flags = _host_flags(starts, keep).numpy()
+        first = np.flatnonzero(flags[0])
+        lengths = np.diff(first, append=flags[0].size)
+        if len(flags) > 1:
+            kept = flags[1].reshape(-1)[first]
             first, lengths = first[kept], lengths[kept]
         return cls(first.tolist(), lengths.tolist())
 
@@ -509,33 +514,148 @@ class _Segments:
     def longest(self) -> int:
         return max(self.lengths)
 
-    def split(self, at: int | None) -> tuple[_Segments, _Segments]:
-        """(the documents of at least ``at`` tokens, the others); ``at`` None: none of the first kind."""
-        long = [at is not None and n >= at for n in self.lengths]
-        return tuple(_Segments([f for f, x in zip(self.firsts, long) if x == wanted],
-                               [n for n, x in zip(self.lengths, long) if x == wanted]) for wanted in (True, False))
-
-    def flash_maps(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Cumulative lengths (D+1,) int32 and the segments' tokens in the rows laid end to end."""
-        first, lengths = _to_device([self.firsts, self.lengths], device)
-        cu = F.pad(lengths.cumsum(0), (1, 0))
-        total = sum(self.lengths)
-        tokens = torch.repeat_interleave(first - cu[:-1], lengths, output_size=total) + torch.arange(total,
-                                                                                                   device=device)
-        return cu.int(), tokens
-
-    def padded(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-        """Each document alone, right-padded to ``padded_width`` of its length: the (1, W) token of each position
-        (its last token repeated past its end) and which positions are its own. Right padding never reaches a
-        document's own rows in causal attention."""
-        if not self.lengths:
-            return []
-        first, size = _to_device([self.firsts, self.lengths], device)
-        out = []
+    def calls(self, key: tuple) -> list[_Call]:
+        """The kernel calls that compute these documents, each document in one: documents of one ``padded_width``
+        run together on cuDNN, in batches of a power of two (which bounds their shapes); long documents (at least
+        ``CUDNN_MIN_LENGTH`` tokens) always, short ones two or more at a time while ``_admit`` allows the shape
+        (``key``: the rest of what a cuDNN plan depends on); every other document goes to one flash varlen call."""
+        if CUDNN_MIN_LENGTH is None:
+            return [_Call.flash(self.firsts, self.lengths)] if self.lengths else []
+        groups: dict[tuple[int, bool], list[int]] = {}
         for i, n in enumerate(self.lengths):
-            offset = torch.arange(padded_width(n), device=device)[None]
-            out.append((first[i] + torch.minimum(offset, size[i] - 1), offset < size[i]))
-        return out
+            groups.setdefault((padded_width(n), n >= CUDNN_MIN_LENGTH), []).append(i)
+        batches, flash = [], []
+        for (width, long), members in groups.items():
+            for size in _powers_of_two(len(members)):
+                part, members = members[:size], members[size:]
+                if size > 1 and _admit((size, width, *key)):
+                    batches.append((part, width))
+                elif long:
+                    batches += [([i], width) for i in part]
+                else:
+                    flash += part
+        calls = [_Call.cudnn([self.firsts[i] for i in part], [self.lengths[i] for i in part], width)
+                 for part, width in batches]
+        flash.sort()
+        return calls + ([_Call.flash([self.firsts[i] for i in flash], [self.lengths[i] for i in flash])] if flash else [])
+
+
+def _host_flags(starts: Tensor, keep: Tensor | None) -> Tensor:
+    """(1, B, N) bool ``starts`` with each row's first token set, or (2, B, N) with ``keep``, copied to the host:
+    the one wait for the GPU of a call."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "lhcompile: Lighthouse per document and lhcompile.document_attention find the documents of each batch "
+            "on the host (one copy of the document flags per call), which a CUDA graph cannot capture; run them "
+            "without CUDA graphs (torchtitan: --training.disable_cuda_graphs; torch.compile: a mode other than "
+            "'reduce-overhead')")
+    flags = torch.stack([starts] if keep is None else [starts, keep]).to("cpu", copy=True)
+    flags[0, :, 0] = True
+    return flags
+
+
+def _powers_of_two(count: int) -> list[int]:
+    """count as a sum of distinct powers of two, the largest first."""
+    return [1 << b for b in reversed(range(count.bit_length())) if count >> b & 1]
+
+
+CUDNN_BATCH_SHAPES = 32
+"""Most shapes of cuDNN batches of several documents one process builds plans for. A plan costs about 0.4-0.8 s
+(BENCHMARKS.md); a long document alone has one of a bounded set of widths, but batches also vary in their count of
+documents, so past this many shapes a batch of short documents runs on flash varlen and one of long documents one
+document at a time. The choice only grows (a shape admitted stays admitted), so a backward makes its forward's."""
+_CUDNN_SHAPES: set[tuple] = set()
+
+
+def _admit(shape: tuple) -> bool:
+    if shape not in _CUDNN_SHAPES and len(_CUDNN_SHAPES) < CUDNN_BATCH_SHAPES:
+        _CUDNN_SHAPES.add(shape)
+    return shape in _CUDNN_SHAPES
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One kernel call's documents: ``cu`` (D+1,) int32 for flash varlen, or None for a cuDNN batch of (G, W)
+    positions, each document right-padded (its last token repeated) to the batch's width W. Its tokens among the
+    batch's rows laid end to end are consecutive from ``start`` (read and written as views, no copy) or given by
+    ``index``, with ``own`` marking a padded batch's positions that are a document's own."""
+
+    shape: tuple[int, ...]
+    """(L,) tokens for flash, (G, W) for cuDNN."""
+    start: int | None
+    index: Tensor | None
+    own: Tensor | None
+    cu: Tensor | None
+    longest: int
+
+    @classmethod
+    def flash(cls, firsts: list[int], lengths: list[int]) -> _Call:
+        total = sum(lengths)
+        cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+        if _consecutive(firsts, lengths):
+            return cls((total,), firsts[0], None, None, _pinned(cu), max(lengths))
+        first, size = torch.tensor(firsts), torch.tensor(lengths)
+        index = torch.repeat_interleave(first - cu[:-1], size, output_size=total) + torch.arange(total)
+        return cls((total,), None, _pinned(index), None, _pinned(cu), max(lengths))
+
+    @classmethod
+    def cudnn(cls, firsts: list[int], lengths: list[int], width: int) -> _Call:
+        """Right padding never reaches a document's own rows in causal attention."""
+        shape = (len(firsts), width)
+        if all(n == width for n in lengths) and _consecutive(firsts, lengths):
+            return cls(shape, firsts[0], None, None, None, width)
+        offset = torch.arange(width)[None]
+        first, size = torch.tensor(firsts)[:, None], torch.tensor(lengths)[:, None]
+        return cls(shape, None, _pinned(first + torch.minimum(offset, size - 1)), _pinned(offset < size), None, width)
+
+    def to(self, device: torch.device) -> _Call:
+        """The call with its index tables on ``device`` (copies from pinned memory that do not wait for the GPU)."""
+        move = (lambda t: t if t is None else t.to(device, non_blocking=True))
+        return _Call(self.shape, self.start, move(self.index), move(self.own), move(self.cu), self.longest)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def take(self, rows: Tensor) -> Tensor:
+        """The call's positions of rows (T, ...): (*shape, ...)."""
+        if self.index is None:
+            return rows[self.start : self.start + self.size].view(*self.shape, *rows.shape[1:])
+        return rows[self.index]
+
+    def covers(self, total: int) -> bool:
+        return self.start == 0 and self.size == total
+
+    def put(self, buffer: Tensor, values: Tensor) -> None:
+        """Write the call's values (*shape, ...) at its documents' own tokens of buffer (T + 1, ...), whose last row
+        takes padded positions and is dropped."""
+        rows = values.reshape(self.size, *values.shape[len(self.shape):])
+        if self.index is None:
+            buffer[self.start : self.start + self.size] = rows
+        elif self.own is None:
+            buffer.index_copy_(0, self.index, rows)
+        else:
+            buffer.index_put_((torch.where(self.own, self.index, buffer.shape[0] - 1).flatten(),), rows)
+
+
+def _consecutive(firsts: list[int], lengths: list[int]) -> bool:
+    return all(a + n == b for a, n, b in zip(firsts, lengths, firsts[1:]))
+
+
+def _pinned(t: Tensor) -> Tensor:
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def _assemble(parts: list[tuple[_Call, Tensor]], total: int, like: Tensor, fill: float) -> Tensor:
+    """Rows (total, ...) of the calls' values at their tokens, ``fill`` at tokens no call computes; a call that
+    computes every token gives its values as they are."""
+    if len(parts) == 1 and parts[0][0].covers(total):
+        call, values = parts[0]
+        return values.reshape(total, *values.shape[len(call.shape):])
+    buffer = like.new_full((total + 1, *like.shape[1:]), fill)
+    for call, values in parts:
+        call.put(buffer, values)
+    return buffer[:-1]
 
 
 def padded_width(n: int) -> int:
@@ -547,24 +667,11 @@ def padded_width(n: int) -> int:
     return max(-(-n // step) * step, MIN_WIDTH)
 
 
-def _to_device(rows: list[list[int]], device: torch.device) -> list[Tensor]:
-    """Host integers as int64 device tensors, in one copy from pinned memory that does not wait for the GPU."""
-    flat = torch.tensor([x for row in rows for x in row], dtype=torch.int64)
-    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
-    return list(flat.split([len(row) for row in rows]))
-
-
-def _place(buffer: Tensor, index: Tensor, own: Tensor, values: Tensor) -> None:
-    """buffer[index[own]] = values[own] for (G, L) index and own and (G, L, ...) values: positions that are not a
-    document's own go to the buffer's last row, which the caller drops."""
-    dump = buffer.shape[0] - 1
-    buffer.index_put_((torch.where(own, index, dump).flatten(),), values.reshape(-1, *values.shape[2:]))
-
-
 CUDNN_MIN_LENGTH: int | None = 8192
-"""Documents of at least this many tokens run alone on cuDNN's attention (faster than flash varlen on long
-documents), padded to ``padded_width``; all shorter ones run together in one flash varlen call, which builds no
-plans and takes any mix of lengths. None: flash varlen for every document."""
+"""Documents of at least this many tokens run on cuDNN's attention (faster than flash varlen on long documents),
+padded to ``padded_width``, alone or with others of their width; shorter ones run on cuDNN only in batches of their
+width (``CUDNN_BATCH_SHAPES``), all others together in one flash varlen call, which builds no plans and takes any
+mix of lengths. None: flash varlen for every document."""
 MIN_WIDTH = 16
 """Narrowest cuDNN width: cuDNN refuses a sequence of one token."""
 
@@ -574,52 +681,55 @@ def _token_rows(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
-def _varlen_forward(q, k, v, starts, keep, scale):
+def _gpu_calls(segments: _Segments, q: Tensor, v: Tensor) -> list[_Call]:
+    plan = segments.calls((q.shape[1], q.shape[3], v.shape[3], q.dtype))
+    return [call.to(q.device) for call in plan]
+
+
+def _gpu_forward(q, k, v, segments, scale):
     b, h, n = q.shape[:3]
     rows = [_token_rows(t) for t in (q, _grouped(k, h), _grouped(v, h))]
-    # one row past the tokens takes what belongs to no document's own position (cuDNN's padding), then is dropped
-    out = q.new_zeros(b * n + 1, h, v.shape[3])
-    lse = q.new_full((b * n + 1, h), float("-inf"), dtype=torch.float32)
-    alone, together = _Segments.of(starts, keep).split(CUDNN_MIN_LENGTH)
-    if together.lengths:
-        cu, tokens = together.flash_maps(q.device)
-        o, m, *_ = torch.ops.aten._flash_attention_forward(*(r[tokens] for r in rows), cu, cu, together.longest,
-                                                           together.longest, 0.0, True, False, scale=scale)
-        out.index_copy_(0, tokens, o)
-        lse.index_copy_(0, tokens, m.t())
-    for index, own in alone.padded(q.device):
-        o, m, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            *(r[index].transpose(1, 2) for r in rows), None, True, 0.0, True, False, scale=scale)
-        _place(out, index, own, o.transpose(1, 2))
-        _place(lse, index, own, m.reshape(1, h, -1).transpose(1, 2))  # cuDNN's is (1, H, L, 1)
-    return out[:-1].view(b, n, h, -1).transpose(1, 2), lse[:-1].view(b, n, h).transpose(1, 2).contiguous()
+    outs, lses = [], []
+    for call in _gpu_calls(segments, q, v):
+        x = [call.take(r) for r in rows]
+        if call.cu is not None:
+            o, m, *_ = torch.ops.aten._flash_attention_forward(*x, call.cu, call.cu, call.longest, call.longest, 0.0,
+                                                               True, False, scale=scale)
+            m = m.t()
+        else:
+            o, m, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                *(t.transpose(1, 2) for t in x), None, True, 0.0, True, False, scale=scale)
+            o, m = o.transpose(1, 2), m.reshape(o.shape[0], h, -1).transpose(1, 2)  # cuDNN's is (G, H, W, 1)
+        outs.append((call, o))
+        lses.append((call, m))
+    out = _assemble(outs, b * n, rows[2], 0.0)
+    lse = _assemble(lses, b * n, rows[0].new_empty(0, h, dtype=torch.float32), float("-inf"))
+    return out.view(b, n, h, -1).transpose(1, 2), lse.view(b, n, h).transpose(1, 2).contiguous()
 
 
-def _varlen_backward(grad, q, k, v, out, lse, starts, keep, scale):
+def _gpu_backward(grad, q, k, v, out, lse, segments, scale):
     b, h, n = q.shape[:3]
     rows = [_token_rows(t) for t in (grad, q, _grouped(k, h), _grouped(v, h), out)]
     lse_rows = lse.transpose(1, 2).reshape(b * n, h)
-    grads = [r.new_zeros(b * n + 1, *r.shape[1:]) for r in rows[1:4]]
-    alone, together = _Segments.of(starts, keep).split(CUDNN_MIN_LENGTH)
-    if together.lengths:
-        cu, tokens = together.flash_maps(q.device)
-        parts = torch.ops.aten._flash_attention_backward(
-            *(r[tokens] for r in rows), lse_rows[tokens].t().contiguous(), cu, cu, together.longest,
-            together.longest, 0.0, True, torch.zeros(2, dtype=torch.uint64, device=q.device),
-            torch.empty(0, device=q.device), scale=scale)
-        for total, part in zip(grads, parts):
-            total.index_copy_(0, tokens, part)
+    parts: list[list] = [[], [], []]
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
-    for index, own in alone.padded(q.device):
-        g, qg, kg, vg, og = (r[index].transpose(1, 2) for r in rows)
-        g = g * own[:, None, :, None]  # padded rows take no part in the gradients of the document's own
-        width = index.shape[1]
-        parts = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            g, qg, kg, vg, og, lse_rows[index].transpose(1, 2).unsqueeze(-1).contiguous(), zero, zero, None, None,
-            None, width, width, 0.0, True, scale=scale)
-        for total, part in zip(grads, parts):
-            _place(total, index, own, part.transpose(1, 2))
-    dq, dk, dv = (t[:-1].view(b, n, h, -1).transpose(1, 2) for t in grads)
+    for call in _gpu_calls(segments, q, v):
+        g, qx, kx, vx, ox = (call.take(r) for r in rows)
+        m = call.take(lse_rows)
+        if call.cu is not None:
+            grads = torch.ops.aten._flash_attention_backward(
+                g, qx, kx, vx, ox, m.t().contiguous(), call.cu, call.cu, call.longest, call.longest, 0.0, True,
+                torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device), scale=scale)
+        else:
+            if call.own is not None:
+                g = g * call.own[..., None, None]  # padded rows take no part in the gradients of the document's own
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                *(t.transpose(1, 2) for t in (g, qx, kx, vx, ox)), m.transpose(1, 2).unsqueeze(-1).contiguous(),
+                zero, zero, None, None, None, call.longest, call.longest, 0.0, True, scale=scale)
+            grads = [t.transpose(1, 2) for t in grads]
+        for total, part in zip(parts, grads):
+            total.append((call, part))
+    dq, dk, dv = (_assemble(p, b * n, r, 0.0).view(b, n, h, -1).transpose(1, 2) for p, r in zip(parts, rows[1:4]))
     group = h // k.shape[1]
     if group > 1:
         dk, dv = (t.reshape(b, k.shape[1], group, n, -1).sum(2) for t in (dk, dv))
@@ -644,7 +754,7 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
     lhcompile's backend chooses per call between the rewritten graph and the graph as captured instead
     (``lhcompile.document_probe``)."""
     if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
-        found = _Segments.of(starts | (torch.arange(length, device=starts.device) == 0), None)
+        found = _Segments.of(starts)
         if found.longest < config.min_lighthouse_len:
             return dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale, rotary=rotary)
         if len(found.lengths) == batch:

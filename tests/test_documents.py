@@ -229,7 +229,7 @@ def test_eagerly_the_documents_of_a_batch_pick_the_work(monkeypatch):
         assert [name for name, n in calls.items() if n] == ([path] if path else []), mix
 
 
-def test_cudnn_sees_a_bounded_set_of_widths_however_documents_vary():
+def test_cudnn_sees_a_bounded_set_of_shapes_however_documents_vary(monkeypatch):
     # cuDNN builds an execution plan (~0.4-0.8 s) per new shape: widths that follow each batch's document lengths
     # made every batch of real documents build plans (the uneven torchtitan steps of BENCHMARKS.md)
     from lhcompile.documents import MIN_WIDTH, _Segments, padded_width
@@ -240,18 +240,43 @@ def test_cudnn_sees_a_bounded_set_of_widths_however_documents_vary():
         assert n <= w <= max(n + n / 16, MIN_WIDTH)
     for octave in range(4, 20):
         assert len({w for w in widths.values() if 1 << octave <= w < 2 << octave}) <= 16
-    rows = [[9000, 3, 20, 8192, 785], [8191, 9809]]
-    segments = _Segments.of(starts_of(rows), None)
-    alone, together = segments.split(8192)
-    assert alone.lengths == [9000, 8192, 9809] and together.lengths == [3, 20, 785, 8191]
-    assert segments.split(None)[0].lengths == [] and segments.split(1)[1].lengths == []
-    tokens = torch.arange(2 * 18000).view(2, 18000)
-    for (index, own), first, n in zip(alone.padded(torch.device("cpu")), alone.firsts, alone.lengths):
-        assert index.shape == own.shape == (1, padded_width(n)) and int(own.sum()) == n
-        assert torch.equal(tokens.flatten()[index[own]], torch.arange(first, first + n))
-    cu, picked = together.flash_maps(torch.device("cpu"))
-    assert cu.tolist() == [0, 3, 23, 808, 8999]
-    assert picked.tolist() == [*range(9000, 9023), *range(17215, 18000), *range(18000, 26191)]
+    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
+    key = (8, 128, 128, torch.bfloat16)
+    # documents of one width run together: 9000 and 9100 (padded), three 20s (two of them, consecutive and exact: a
+    # view), 8191 in both rows (short, padded), 785 in both rows, two 10240s (a view); 8192 (long) alone, 10544 alone
+    # (padded); 3, the third 20 and 4669 (short, in no batch) in one flash varlen call
+    rows = [[9000, 3, 20, 20, 20, 8192, 8191, 9100, 785, 4669], [8191, 10240, 10240, 785, 10544]]
+    tokens = torch.arange(2 * 40000)
+    calls = _Segments.of(starts_of(rows), None).calls(key)
+    assert [(c.shape, c.start, c.cu is None) for c in calls] == [
+        ((2, 9216), None, True), ((2, 20), 9003, True), ((1, 8192), 9063, True), ((2, 8192), None, True),
+        ((2, 800), None, True), ((2, 10240), 48191, True), ((1, 10752), None, True), ((4692,), None, False)]
+
+    def own_tokens(call):
+        return [tokens[i][o].tolist() for i, o in zip(call.index, call.own)]
+
+    assert own_tokens(calls[0]) == [list(range(0, 9000)), list(range(25446, 34546))]
+    assert own_tokens(calls[3]) == [list(range(17255, 25446)), list(range(40000, 48191))]
+    assert own_tokens(calls[4]) == [list(range(34546, 35331)), list(range(68671, 69456))]
+    assert own_tokens(calls[6]) == [list(range(69456, 80000))]
+    assert calls[6].index[0, -1] == 79999  # padding repeats the document's last token
+    flash = calls[-1]
+    assert flash.cu.tolist() == [0, 3, 23, 4692] and flash.longest == 4669
+    assert flash.index.tolist() == [*range(9000, 9003), *range(9043, 9063), *range(35331, 40000)]
+    # one call for every token is read and written as a view
+    (whole,) = _Segments.of(starts_of([[64] * 4, [64] * 4]), None).calls(key)
+    assert whole.shape == (8, 64) and whole.covers(512)
+    # past CUDNN_BATCH_SHAPES shapes, batches of short documents run on flash and long ones one at a time; shapes
+    # admitted before stay admitted, so a backward takes its forward's calls
+    admitted = set(lhcompile.documents._CUDNN_SHAPES)
+    assert len(admitted) == 6
+    monkeypatch.setattr(lhcompile.documents, "CUDNN_BATCH_SHAPES", 6)
+    assert [(c.shape, c.start) for c in _Segments.of(starts_of(rows), None).calls(key)] == [
+        (c.shape, c.start) for c in calls]
+    other = _Segments.of(starts_of(rows), None).calls((16, 64, 64, torch.bfloat16))
+    assert [c.shape for c in other] == [(1, 9216), (1, 9216), (1, 8192), (1, 10240), (1, 10240), (1, 10752),
+                                        (3 + 60 + 8191 + 785 + 4669 + 8191 + 785,)]
+    assert lhcompile.documents._CUDNN_SHAPES == admitted
 
 
 def _causal_math(q, k, v, scale, lse=None):
@@ -321,11 +346,22 @@ class _KernelsAsMath:
                                                                          scale) for i in range(q.shape[0]))))
 
 
+GPU_PATH_MIXES = {
+    # consecutive documents of one width (views), others padded to theirs, lone ones, a row of one document
+    "mixed": [[200, 3, 1, 100, 98, 16, 16, 16, 58, 4], [16, 16, 16, 464]],
+    "one width": [[64] * 8, [64] * 8],  # one call for every token
+}
+
+
 @pytest.mark.parametrize("cudnn_min_length", [1, 100, None], ids=["cudnn", "cudnn+flash", "flash"])
 @pytest.mark.parametrize("keep_some", [False, True], ids=["every document", "every other"])
-def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudnn_min_length, keep_some, monkeypatch):
-    # which documents go to which kernel, the gathers, placements, padding, GQA: run in CI with the kernels as math
-    rows = [[200, 3, 1, 100, 150, 58], [16, 16, 16, 464]]
+@pytest.mark.parametrize("mix", GPU_PATH_MIXES)
+@pytest.mark.parametrize("batch_shapes", [32, 0], ids=["batches", "no batch shapes left"])
+def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudnn_min_length, keep_some, mix,
+                                                                            batch_shapes, monkeypatch):
+    # which documents go to which kernel, the views, gathers, placements, padding, GQA: run in CI with the kernels
+    # as math
+    rows = GPU_PATH_MIXES[mix]
     starts = starts_of(rows)
     keep = starts.long().cumsum(1) % 2 == 0 if keep_some else None
     q, k, v = qkv(2, 8, 2, 512, 16, torch.float32)
@@ -333,8 +369,10 @@ def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudn
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), g)
     monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", cudnn_min_length)
-    monkeypatch.setattr(lhcompile.documents, "_implementation", lambda q: (lhcompile.documents._varlen_forward,
-                                                                           lhcompile.documents._varlen_backward))
+    monkeypatch.setattr(lhcompile.documents, "CUDNN_BATCH_SHAPES", batch_shapes)
+    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
+    monkeypatch.setattr(lhcompile.documents, "_implementation", lambda q: (lhcompile.documents._gpu_forward,
+                                                                           lhcompile.documents._gpu_backward))
     monkeypatch.setattr(torch.ops, "aten", _KernelsAsMath())
     out = document_attention(q, k, v, Documents(starts), keep=keep)
     grads = torch.autograd.grad(out, (q, k, v), g)
@@ -384,13 +422,18 @@ def test_cuda_per_document_equals_the_loop_over_documents_in_bf16(mix):
 
 @needs_cuda
 @pytest.mark.parametrize("cudnn_min_length", [1, 300, None], ids=["cudnn", "cudnn+flash", "flash"])
-def test_cuda_dense_document_attention_equals_the_masked_reference(cudnn_min_length, monkeypatch):
+@pytest.mark.parametrize("rows", [[[700, 3, 1, 300, 650, 394], [2048]], [[256] * 4 + [300, 290, 434], [512] * 2 + [1024]]],
+                         ids=["lone documents", "batches of one width"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["(B, H, N, d)", "(B, N, H, d) transposed"])
+def test_cuda_dense_document_attention_equals_the_masked_reference(cudnn_min_length, rows, token_major, monkeypatch):
     monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", cudnn_min_length)
-    rows = [[700, 3, 1, 300, 650, 394], [2048]]
+    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
     starts = starts_of(rows).cuda()
     q, k, v = (t.detach().cuda() for t in qkv(2, 8, 2, 2048, 64, torch.float32, grad=False))
     want = [t.requires_grad_() for t in (q.clone(), k.clone(), v.clone())]
-    got = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    # a model's projections hand attention (B, N, H, d) tensors transposed: the kernels then read them as views
+    got = [(t.transpose(1, 2).contiguous().transpose(1, 2) if token_major else t).bfloat16().requires_grad_()
+           for t in (q, k, v)]
     out_ref = document_attention(*want, Documents(starts))  # fp32 on CUDA: the masked reference
     out = document_attention(*got, Documents(starts))  # bf16 on CUDA: the kernel
     g = torch.randn_like(out_ref)
