@@ -98,7 +98,7 @@ def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequen
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     report = Report()
-    rewrite_graph(gm, options, report, Scope(training=gm.training))
+    rewrite_graph(gm, options, report, Scope(training=gm.training), variants=False)
     gm.meta.pop(RESTORED, None)
     gm.meta[STATE] = report
     return gm

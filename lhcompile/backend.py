@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .ddp_buckets import bucket_numbering, in_ddp_split
-from .document_probe import DocumentProbe
+from .document_probe import VARIANTS
 from .lighthouse_pass import Scope, rewrite_graph
 from .options import Options
 from .passes import erase_unused, prune_unused_inputs
@@ -61,26 +61,29 @@ class Backend:
         erase_unused(rewritten.read + prune_unused_inputs(gm))
         compiled = self.options.compile(gm, example_inputs)
         probe = rewritten.probe
-        # a batch of short documents only: Lighthouse per document is then dense attention within each, which the
-        # graph as captured computes with the model's own kernel, without the stages sized for long documents
-        dense = self._compile_as_captured(rewritten.captured, example_inputs, probe) if probe is not None else None
+        # batches that need less than Lighthouse per document run their own graph: the graph as captured (short
+        # documents only: dense within documents, the model's own kernel) or plain Lighthouse (a document per row)
+        variants = {name: self._compile_variant(name, variant, example_inputs)
+                    for name, variant in rewritten.variants.items()}
 
         def run(*args: Any) -> Any:
             self._runs += 1
-            if dense is not None and not probe.needs_lighthouse(args):
-                self.report.dense_batches += 1
-                return dense(*args)
+            if probe is not None:
+                name = probe.variant(args)
+                variant = variants.get(name)
+                if variant is not None:
+                    self.report.variant_calls[name] = self.report.variant_calls.get(name, 0) + 1
+                    return variant(*args)
             return compiled(*args)
 
         return run
 
-    def _compile_as_captured(self, captured: fx.GraphModule, example_inputs: Sequence[Any], probe: DocumentProbe
-                             ) -> Callable | None:
+    def _compile_variant(self, name: str, variant: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable | None:
         try:
-            return self.options.compile(captured, example_inputs)
+            return self.options.compile(variant, example_inputs)
         except Exception as err:  # a shortcut for some batches must never stop a model that trains without it
+            held, graph = VARIANTS[name]
             self.report.once.warn(
-                "as captured", f"lhcompile: the graph as captured, which would run batches with no document of "
-                f"{probe.shortest} tokens or more, did not compile ({type(err).__name__}: {err}); every batch runs "
-                "Lighthouse per document")
+                f"variant {name}", f"lhcompile: the graph {graph}, for batches with {held}, did not compile "
+                f"({type(err).__name__}: {err}); those batches run Lighthouse per document")
             return None

@@ -169,11 +169,22 @@ class _PackedVarlen(torch.nn.Module):
         return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0))
 
 
+class _PackedFlex(torch.nn.Module):
+    """torchtitan's FlexAttention: a document-causal block mask built outside the model."""
+
+    def forward(self, q, k, v, block_mask):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
 def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads: int = 8, dim: int = 128
                     ) -> list[dict]:
     """Per mix of ``mixes`` (names in MIXES): Lighthouse per document against the dense document-causal kernels on
-    the same documents (flash varlen, compiled FlexAttention), forward + backward ms; for one document also plain
-    Lighthouse and cuDNN."""
+    the same documents (flash varlen, compiled FlexAttention, lhcompile's document_attention), forward + backward
+    ms: eagerly, compiled, and through the pass in a varlen and in a FlexAttention model (what a model gets: a batch
+    without a long document runs the model's own call, one of a document per row plain Lighthouse); for one
+    document also plain Lighthouse and cuDNN."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
 
@@ -181,8 +192,10 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
     # compiled once for every mix: the documents are data
     per_document = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)))
     plain = torch.compile(lambda q, k, v: lighthouse_attention(q, k, v, config))
-    through_pass = _PackedVarlen()  # what a model gets: its varlen call rewritten, a batch without a long document
-    api.apply(through_pass, config, compiler="inductor")  # running the call as it was
+    varlen_model, flex_model = _PackedVarlen(), _PackedFlex()
+    for model in (varlen_model, flex_model):
+        # one attention site each, which the default dense_layers (the first and last two sites) would keep dense
+        api.apply(model, dataclasses.replace(config, dense_layers=()), compiler="inductor")
     rows = []
     for name in mixes:
         lengths = MIXES[name]
@@ -206,26 +219,30 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
         row = {"mix": name, "n": n,
                "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=packed)),
                "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, packed.starts)),
-               "lighthouse_documents_pass": fwdbwd(lambda: through_pass(*rows_, cu, longest), rows_,
+               "lighthouse_documents_pass": fwdbwd(lambda: varlen_model(*rows_, cu, longest), rows_,
                                                    grad[0].transpose(0, 1).contiguous()),
+               "lighthouse_documents_pass_flex": fwdbwd(lambda: flex_model(q, k, v, block_mask)),
                "flash_varlen": fwdbwd(lambda: varlen_attn(*rows_, cu, cu, longest, longest, window_size=(-1, 0)),
                                       rows_, grad[0].transpose(0, 1).contiguous()),
-               "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask))}
+               "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask)),
+               "document_attention": fwdbwd(lambda: documents.document_attention(q, k, v, packed))}
         if len(lengths) == 1:
             row["lighthouse"] = fwdbwd(lambda: lighthouse_attention(q, k, v, config))
             row["lighthouse_compiled"] = fwdbwd(lambda: plain(q, k, v))
             with sdpa_kernel(DENSE_BACKENDS):
                 row["cudnn"] = fwdbwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         rows.append(row)
-        best = min(row["flash_varlen"], row["flex"], row.get("cudnn", float("inf")))
+        best = min(row["flash_varlen"], row["flex"], row["document_attention"], row.get("cudnn", float("inf")))
         extra = (f"  plain Lighthouse {row['lighthouse']:.2f}, compiled {row['lighthouse_compiled']:.2f}; cuDNN "
                  f"{row['cudnn']:.2f}") if "lighthouse" in row else ""
-        print(f"{name:>14}  per document {row['lighthouse_documents']:7.2f}, compiled "
-              f"{row['lighthouse_documents_compiled']:7.2f}, through the pass {row['lighthouse_documents_pass']:7.2f}"
-              f"  flash varlen {row['flash_varlen']:7.2f}  Flex "
-              f"{row['flex']:7.2f}  fastest dense / per document (compiled) "
-              f"{best / row['lighthouse_documents_compiled']:6.2f}x (through the pass) "
-              f"{best / row['lighthouse_documents_pass']:6.2f}x{extra}", flush=True)
+        print(f"{name:>14}  per document: eager {row['lighthouse_documents']:7.2f}, compiled "
+              f"{row['lighthouse_documents_compiled']:7.2f}, through the pass (varlen) "
+              f"{row['lighthouse_documents_pass']:7.2f}, (Flex) {row['lighthouse_documents_pass_flex']:7.2f} | dense: "
+              f"flash varlen {row['flash_varlen']:7.2f}, Flex {row['flex']:7.2f}, document_attention "
+              f"{row['document_attention']:7.2f} | fastest dense / per document: eager "
+              f"{best / row['lighthouse_documents']:5.2f}x, through the pass "
+              f"{best / row['lighthouse_documents_pass']:5.2f}x / {best / row['lighthouse_documents_pass_flex']:5.2f}x"
+              f"{extra}", flush=True)
         del q, k, v, leaves, rows_, block_mask
         torch.cuda.empty_cache()
     return rows

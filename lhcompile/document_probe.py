@@ -1,12 +1,18 @@
-"""Whether a batch holds a document long enough for Lighthouse, found from a captured graph's inputs before it runs.
+"""Which graph a batch of packed documents needs, found from a captured graph's inputs before it runs.
 
 A rewritten graph runs Lighthouse per document with stages sized for the most long documents a batch could hold,
 since a graph cannot choose its work by data without ``torch.cond`` (whose backward recomputes the forward,
-BENCHMARKS.md). For a batch whose documents are all shorter than ``config.min_lighthouse_len``, Lighthouse per
-document is dense attention within each document, which is exactly what the graph computed before the pass: the
-backend then runs that graph instead. The probe evaluates each per-document site's document tensors (position
-ids, cumulative lengths, a FlexAttention mask's tables) from the graph's inputs, eagerly, and reads their lengths
-on the host (one sync per distinct set of documents: the sites of a model share theirs).
+BENCHMARKS.md). Two kinds of batch need less, and the backend keeps a graph for each:
+
+- ``AS_CAPTURED``: every document is shorter than ``config.min_lighthouse_len``, so Lighthouse per document is dense
+  attention within each document, which is exactly what the graph computed before the pass;
+- ``ROWS``: every row is one document (of the graph's static length), so Lighthouse per document is plain Lighthouse
+  on each row, the graph rewritten as for plain causal attention;
+- ``DOCUMENTS``: any other batch, the rewritten graph.
+
+The probe evaluates each per-document site's document tensors (position ids, cumulative lengths, a FlexAttention
+mask's tables) from the graph's inputs, eagerly, and reads their lengths on the host (one sync per distinct set of
+documents: the sites of a model share theirs).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .documents import longest_document
+from .documents import document_lengths, longest_document
 from .passes import Resolve, Site, ancestors, evaluate, source
 from .passes.meta import node_device
 
@@ -27,6 +33,11 @@ anything larger would be the model's own computation."""
 
 _OPS = ("call_function", "call_method", "get_attr", "placeholder")
 
+AS_CAPTURED, ROWS, DOCUMENTS = "as captured", "rows", "documents"
+VARIANTS = {AS_CAPTURED: ("no document long enough for Lighthouse", "as captured (dense within documents)"),
+            ROWS: ("one document per row", "rewritten for plain Lighthouse on each row")}
+"""What a batch that runs each graph besides the rewritten one held, and what that graph is."""
+
 
 @dataclass(frozen=True)
 class DocumentProbe:
@@ -34,8 +45,9 @@ class DocumentProbe:
 
     inputs: tuple[fx.Node, ...]
     """The captured graph's placeholders, in the order of the values it is called with."""
-    documents: tuple[tuple[str, tuple[fx.Node, ...]], ...]
-    """Per distinct set of documents: its form (``lhcompile.documents.starts_of``'s) and the nodes that hold it."""
+    documents: tuple[tuple[str, tuple[fx.Node, ...], tuple[int, int] | None], ...]
+    """Per distinct set of documents: its form (``lhcompile.documents.starts_of``'s), the nodes that hold it, and
+    the (batch, length) of its sites where both are static (else None)."""
     resolve: Resolve
     shortest: int
     """``config.min_lighthouse_len``: a document this long runs Lighthouse."""
@@ -51,7 +63,7 @@ class DocumentProbe:
                for s in sites):
             return None
         inputs = tuple(n for n in gm.graph.nodes if n.op == "placeholder")
-        documents: dict[tuple, tuple[str, tuple[fx.Node, ...]]] = {}
+        documents: dict[tuple, tuple[str, tuple[fx.Node, ...], tuple[int, int] | None]] = {}
         for site in lighthouse:
             if site.documents is None or site.documents.form == "whole_rows":
                 return None
@@ -61,13 +73,29 @@ class DocumentProbe:
                         n.op not in _OPS or isinstance(n.target, torch._ops.HigherOrderOperator) for n in nodes):
                     return None
             key = (site.documents.form, tuple(source(n, resolve) for n in site.documents.tensors))
-            documents.setdefault(key, (site.documents.form, site.documents.tensors))
+            batch, length = site.q_shape[0], site.q_shape[2]
+            shape = (batch, length) if isinstance(batch, int) and isinstance(length, int) else None
+            documents.setdefault(key, (site.documents.form, site.documents.tensors, shape))
         return cls(inputs, tuple(documents.values()), resolve, shortest) if documents else None
 
-    def needs_lighthouse(self, args: Sequence[Any]) -> bool:
-        """Whether the batch the graph is called with holds a document of at least ``shortest`` tokens."""
+    @property
+    def rows_known(self) -> bool:
+        """Whether a batch of one document per row can be told (the sites' shapes are static): ``ROWS`` exists."""
+        return all(shape is not None for _, _, shape in self.documents)
+
+    def variant(self, args: Sequence[Any]) -> str:
+        """The graph the batch the graph is called with needs: ``AS_CAPTURED``, ``ROWS`` or ``DOCUMENTS``."""
         values = dict(zip(self.inputs, args))
+        found = []
         with torch.no_grad():
-            return any(longest_document(form, [evaluate(n, self.resolve, values) for n in nodes]) >= self.shortest
-                       for form, nodes in self.documents)
+            for form, nodes, shape in self.documents:
+                tensors = [evaluate(n, self.resolve, values) for n in nodes]
+                if shape is None:
+                    found.append((longest_document(form, tensors), False))
+                else:
+                    lengths = document_lengths(form, tensors, *shape)
+                    found.append((max(lengths), len(lengths) == shape[0]))
+        if all(longest < self.shortest for longest, _ in found):
+            return AS_CAPTURED
+        return ROWS if all(rows for _, rows in found) else DOCUMENTS
 

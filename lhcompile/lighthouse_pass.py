@@ -21,12 +21,12 @@ import torch.fx as fx
 from .blocks import Block, compiled_alone, join_path
 from .ddp_buckets import Numbering
 from .debug import dump_graph
-from .document_probe import DocumentProbe
+from .document_probe import AS_CAPTURED, ROWS, DocumentProbe
 from .documents import starts_of
 from .options import Options
 from .placements import Inputs
-from .passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, copy_with_bodies,
-                     find_qk_rotation, find_sites, rewrite_sites, subgraph_calls, unrotated)
+from .passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, copy_with_bodies, erase_unused,
+                     find_qk_rotation, find_sites, prune_unused_inputs, rewrite_sites, subgraph_calls, unrotated)
 from .passes.meta import lifted_tensor, source_name, user_path
 from .report import Report, SiteReport
 from .rotary import Rotary
@@ -234,8 +234,9 @@ def _rope_note(rotation: tuple[RopeMatch, RopeMatch] | str | None, site: Site) -
     return f"; RoPE after selection ({match.form}, {match.rotary_dim} of {site.q_shape[3]} dims)"
 
 
-def rewrite(decisions: list[Decision], options: Options) -> list[fx.Node]:
-    """Apply the decisions; returns the nodes the replaced calls read (see ``passes.erase_unused``)."""
+def rewrite(decisions: list[Decision], options: Options, rows: bool = False) -> list[fx.Node]:
+    """Apply the decisions; returns the nodes the replaced calls read (see ``passes.erase_unused``). ``rows``: for
+    batches of one document per row, every Lighthouse site is rewritten as plain causal attention."""
     read: list[fx.Node] = []
     by_graph: dict[fx.GraphModule, list[Decision]] = {}
     for d in decisions:
@@ -244,11 +245,11 @@ def rewrite(decisions: list[Decision], options: Options) -> list[fx.Node]:
     for module, chosen in by_graph.items():
         decision = {d.site.node: d for d in chosen}
         read += rewrite_sites(module, [d.site for d in chosen],
-                              lambda site, args: _replacement(decision[site.node], args, options))
+                              lambda site, args: _replacement(decision[site.node], args, options, rows))
     return read
 
 
-def _replacement(d: Decision, args: dict[str, Any], options: Options) -> Any:
+def _replacement(d: Decision, args: dict[str, Any], options: Options, rows: bool) -> Any:
     """What replaces a site: the placement's Lighthouse or dense attention on the site's SDPA-layout inputs."""
     site, placement = d.site, options.placement
     tracer = next(a for a in args.values() if isinstance(a, fx.Proxy)).tracer
@@ -260,7 +261,7 @@ def _replacement(d: Decision, args: dict[str, Any], options: Options) -> Any:
     head_dim = site.q_shape[3]
     scale = (head_dim ** -0.5 if isinstance(head_dim, int) else q.size(3) ** -0.5) if scale is None else scale
     starts = None
-    if site.documents is not None:
+    if site.documents is not None and not (rows and d.lighthouse):
         starts = starts_of(site.documents.form, [fx.Proxy(t, tracer) for t in site.documents.tensors], batch, length)
     if not d.lighthouse:
         return site.kind.output_from(site, placement.dense(site, Inputs(q, k, v, scale, starts, batch, length)), args)
@@ -287,17 +288,19 @@ class Rewritten:
     read: list[fx.Node]
     """The nodes the rewritten calls read (see ``passes.erase_unused``)."""
     probe: DocumentProbe | None
-    """Where every Lighthouse site runs per document: how to tell a batch whose documents are all short (for which
-    the graph as captured computes the same), before the rewritten graph runs."""
-    captured: fx.GraphModule | None
-    """With a probe: the graph as it was captured, with its own bodies."""
+    """Where every Lighthouse site runs per document: how to tell, before the rewritten graph runs, a batch that
+    needs less (``lhcompile.document_probe``)."""
+    variants: dict[str, fx.GraphModule]
+    """With a probe, the graphs for such batches, each with its own bodies, by the probe's name for them: the graph
+    as it was captured, and where the probe can tell one document per row, the graph rewritten for that."""
 
 
 def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope,
-                  numbering: Numbering | None = None) -> Rewritten:
+                  numbering: Numbering | None = None, variants: bool = True) -> Rewritten:
     """The pass on gm and the bodies nested in it: decide, report, rewrite, warn. ``dense_layers`` counts the sites
     in execution order (or, for blocks, the layers), among the sites of the whole graph that gm was split from when
-    ``numbering`` says where gm's stand (DDP buckets)."""
+    ``numbering`` says where gm's stand (DDP buckets). ``variants``: also build the graphs for batches that need
+    less than Lighthouse per document (for a backend that chooses per call)."""
     graph_id = report.graphs
     report.graphs += 1
     resolve: dict[fx.Node, fx.Node] = {}
@@ -305,8 +308,10 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     decisions = decide(graphs, options, scope, numbering)
     lighthouse = [d.site for d in decisions if d.lighthouse]
     probe = DocumentProbe.of(gm, [d.site for d in decisions], lighthouse, resolve.get,
-                             options.config.min_lighthouse_len) if lighthouse else None
-    captured = copy_with_bodies(gm) if probe is not None else None
+                             options.config.min_lighthouse_len) if lighthouse and variants else None
+    others = {} if probe is None else {AS_CAPTURED: copy_with_bodies(gm)}
+    if probe is not None and probe.rows_known:
+        others[ROWS] = _rewritten_for_rows(copy_with_bodies(gm), graph_id, options, scope, numbering)
     if scope.root is not None:
         _warn_if_captured_below(gm, scope.root, [d.site for d in decisions], report)
     before = gm.print_readable(print_output=False) if options.debug else ""
@@ -320,7 +325,16 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
         _warn_about(graphs, graph_id, total, options, scope, report, rows)
     if options.debug:
         dump_graph(graph_id, before, gm.print_readable(print_output=False), report)
-    return Rewritten(read, probe, captured)
+    return Rewritten(read, probe, others)
+
+
+def _rewritten_for_rows(gm: fx.GraphModule, graph_id: int, options: Options, scope: Scope,
+                        numbering: Numbering | None) -> fx.GraphModule:
+    """gm rewritten with the same decisions, its Lighthouse sites as plain causal attention (their documents being
+    its rows); decided again on the copy's own nodes, reported and warned about once, for gm."""
+    graphs = list(_graphs(gm, f"graph {graph_id}", {}, {}))
+    erase_unused(rewrite(decide(graphs, options, scope, numbering), options, rows=True) + prune_unused_inputs(gm))
+    return gm
 
 
 def _warn_about_rope(decisions: list[Decision], graph_id: int, report: Report) -> None:

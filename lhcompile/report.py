@@ -7,6 +7,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .document_probe import VARIANTS
+
 
 REASON_WIDTH = 72
 """Characters per line of a reason in the report's table."""
@@ -64,9 +66,15 @@ class Report:
     """What was said about this model (each kind of warning once)."""
     state: str = "applied"
     """'applied', 'restored' (the model is dense again: the rows say what the pass did before) or 'not applied'."""
-    dense_batches: int = 0
-    """Calls of graphs whose Lighthouse sites all run per document that found no document of at least
-    ``config.min_lighthouse_len`` tokens in their batch, and so ran the graph as captured (dense within documents)."""
+    variant_calls: dict[str, int] = field(default_factory=dict)
+    """Calls of graphs whose Lighthouse sites all run per document that ran another graph for their batch, by
+    ``lhcompile.document_probe``'s name for it: 'as captured' (no document of ``config.min_lighthouse_len`` tokens:
+    dense within documents), 'rows' (one document per row: plain Lighthouse)."""
+
+    @property
+    def dense_batches(self) -> int:
+        """Graph calls whose batch held no document long enough for Lighthouse (run as captured)."""
+        return self.variant_calls.get("as captured", 0)
 
     @property
     def ordered(self) -> list[SiteReport]:
@@ -133,7 +141,6 @@ class Report:
         with_sites = sorted({s.graph for s in self.sites})
         summary = (f"{head}lhcompile: {len(self.rewritten)} of {len(self.sites)} attention sites rewritten, in graph"
                    f"{'s' if len(with_sites) > 1 else ''} {', '.join(map(str, with_sites))} ({self.graphs} captured)")
-        if self.dense_batches:
-            summary += (f"; {self.dense_batches} graph call(s) found no document long enough for Lighthouse in their "
-                        "batch and ran the graph as captured (dense within documents)")
+        summary += "".join(f"; {count} graph call(s) found {VARIANTS[name][0]} in their batch and ran the graph "
+                           f"{VARIANTS[name][1]}" for name, count in self.variant_calls.items())
         return "\n".join([summary, *(self.table().splitlines() if self.sites else []), *self.notes])

@@ -203,6 +203,36 @@ def test_a_batch_of_short_documents_runs_the_graph_as_captured(checkpointed, sel
     assert selections and lhcompile.inspect(model).dense_batches == 2  # a long document: Lighthouse per document
 
 
+def test_a_batch_of_one_document_per_row_runs_plain_lighthouse(selections, monkeypatch):
+    # Lighthouse per document on a document per row is plain Lighthouse on each row: its own graph, without the
+    # relayout and the stages sized for the most long documents a batch could hold. Compiled whole, the model's
+    # position ids reach the graph as an input, so only the probe can tell
+    from lhcompile import document_probe
+
+    plain = []
+    select = lhcompile.reference.select
+    monkeypatch.setattr(lhcompile.reference, "select", lambda *a: plain.append(1) or select(*a))
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    lhcompile.apply(model, CFG, compiler="eager", regional=False)
+    ids = torch.randint(0, VOCAB, (2, N))
+    rows = positions([[N], [N]])
+    out = model(input_ids=ids, position_ids=rows).logits
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(model.parameters()), g)
+    report = lhcompile.inspect(model)
+    assert plain and not selections and report.variant_calls == {"rows": 1}, str(report)
+    assert "1 graph call(s) found one document per row in their batch and ran the graph rewritten for plain " \
+           "Lighthouse on each row" in str(report)
+    # the same batch through the rewritten graph: Lighthouse per document
+    monkeypatch.setattr(document_probe.DocumentProbe, "variant", lambda self, args: document_probe.DOCUMENTS)
+    want = model(input_ids=ids, position_ids=rows).logits
+    assert selections
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(grads, torch.autograd.grad(want, list(model.parameters()), g)):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_a_graph_as_captured_that_does_not_compile_leaves_every_batch_to_lighthouse_per_document(selections):
 
     def compiler(gm, example_inputs):  # compiles what the pass rewrote, fails on the graph as captured
@@ -220,8 +250,8 @@ def test_a_graph_as_captured_that_does_not_compile_leaves_every_batch_to_lightho
 
 
 @pytest.mark.parametrize("mix", [[[70, 3, 1, 40, 78], [33, 60, 99]], [[20, 172], [192]], [[5] * 38 + [2]] * 2])
-def test_the_longest_document_is_found_from_every_form_of_documents(mix):
-    from lhcompile.documents import longest_document
+def test_the_documents_are_found_from_every_form_of_documents(mix):
+    from lhcompile.documents import document_lengths, longest_document
 
     longest = max(n for row in mix for n in row)
     pos = positions(mix)
@@ -236,6 +266,9 @@ def test_the_longest_document_is_found_from_every_form_of_documents(mix):
              ("ids", [ids[0]], max(mix[0])), ("first_token", [first, ids[0] - 1], max(mix[0]))]
     for form, tensors, want in cases:
         assert longest_document(form, tensors) == want, form
+    lengths = [n for row in mix for n in row]
+    for form, tensors, _ in cases[:4]:  # the lengths a probe reads, row after row (the rows are known there)
+        assert document_lengths(form, tensors, len(mix), N) == lengths, form
 
 
 def test_layers_compiled_on_their_own_run_plain_lighthouse_until_a_batch_is_packed():
@@ -275,8 +308,12 @@ def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse():
         assert out.shape == (1, n, VOCAB)
     report = lhcompile.inspect(model)
     assert report.graphs == 2, "the first length, then one graph with a dynamic length for all others"
-    # each compiled twice: rewritten, and as captured (for batches without a long document)
-    assert [any("select_documents" in str(n.target) for n in gm.graph.nodes) for gm in graphs] == [True, False] * 2
+    # each compiled rewritten and as captured (for batches without a long document); the first, of a static length,
+    # also rewritten for batches of one document per row (a dynamic length cannot run plain Lighthouse)
+    selections = [{str(n.target) for n in gm.graph.nodes} & {"lhcompile.select_documents.default",
+                                                             "lhcompile.select.default"} for gm in graphs]
+    assert selections == [{"lhcompile.select_documents.default"}, set(), {"lhcompile.select.default"},
+                          {"lhcompile.select_documents.default"}, set()]
     assert all(s.rewritten and s.documents for s in report), str(report)
 
 
