@@ -191,14 +191,14 @@ def _free_port() -> int:
 
 def test_torchtitans_trainer_runs_the_lighthouse_config_offline_and_logs_which_layers_run_lighthouse(tmp_path):
     # the example's own offline config through torchtitan's own entry point, config manager, local dataset and
-    # byte-level tokenizer; only the length (the pass needs N >= 8192), the batch, the backend and the corpus are
-    # cut for CPU
+    # byte-level tokenizer; only the length (the CPU config runs Lighthouse from 2048), the batch, the backend and
+    # the corpus are cut for CPU
     throughput = _example_module("throughput")
     env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHONPATH=str(EXAMPLE),
                HF_DATASETS_CACHE=str(tmp_path / "datasets"))
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "torchtitan_trainer_on_cpu.py"), "--module", "lighthouse_llama3",
-         "--config", "llama3_debugmodel_cpu_lighthouse", "--training.steps=2", "--training.seq_len=8192",
+         "--config", "llama3_debugmodel_cpu_lighthouse", "--training.steps=2", "--training.seq_len=2048",
          "--training.local_batch_size=1", "--compile.backend=aot_eager",
          f"--dataloader.dataset_path={ROOT / 'lhcompile'}"],  # lhcompile's own sources: enough for 2 steps
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

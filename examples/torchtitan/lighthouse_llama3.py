@@ -22,9 +22,9 @@ d_model 256, 16 heads of 16) or a ~100M model built the same way (12 layers, d_m
 torchtitan's FlexAttention or varlen attention (its block-causal document masks), at 32K context by default
 (``--training.seq_len`` to change it) on one GPU, fed the byte-level tokenizer and the ``local_files`` dataset of
 ``offline_data`` (every stdlib source file a document). ``throughput.py`` runs such pairs and prints tokens/s,
-peak memory and loss. ``llama3_debugmodel_cpu_lighthouse`` runs on a CPU: torchtitan's varlen attention with every
-layer Lighthouse per document (neither FlexAttention, which has no CPU backward, nor varlen, which has no CPU
-kernel, can stay dense there).
+peak memory and loss. ``llama3_debugmodel_cpu_lighthouse`` runs on a CPU (``--training.seq_len`` 2048 or more, k128
+in tiles of 32): torchtitan's varlen attention with every layer Lighthouse per document (neither FlexAttention,
+which has no CPU backward, nor varlen, which has no CPU kernel, can stay dense there).
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ for _size in ("debugmodel", "100m"):
 
 
 def llama3_debugmodel_cpu_lighthouse() -> Trainer.Config:
-    every = dataclasses.replace(DEBUG_LIGHTHOUSE, dense_layers=())
+    # a quarter of the GPU configs' top-k and tiles: Lighthouse from 2048 tokens, so that rows of 2048 train in
+    # seconds where the CPU's attention on 8192-token documents took minutes per step
+    every = dataclasses.replace(DEBUG_LIGHTHOUSE, topk=128, tile_budget=32, dense_layers=())
     config = _offline(lighthouse(_spec("debugmodel", "varlen"), every), "./outputs/debug_cpu_lighthouse")
     config.training.disable_cuda_graphs = True
     return config
