@@ -149,19 +149,31 @@ def test_evaluator_scores_copy_positions_by_distance(tmp_path):
     train = _example("train")
     corpus = _example("corpus")
     args = train.parse(TINY)
-    evaluator = train.Evaluator(corpus.python_corpus().heldout, args, torch.device("cpu"), train.contextlib.nullcontext)
+    # held-out bytes that repeat with periods of 40 and 160 (two distance buckets at 256 tokens), so that every
+    # window the evaluator draws holds copy positions; a window of the machine's own source files may hold none
+    g = torch.Generator().manual_seed(0)
+    held = torch.cat([torch.randint(0, 256, (period,), generator=g, dtype=torch.uint8).repeat(4000 // period)
+                      for period in (40, 160)])
+    evaluator = train.Evaluator(held, args, torch.device("cpu"), train.contextlib.nullcontext)
 
     class Copier(torch.nn.Module):
         """Predicts at every position the byte that followed the latest earlier occurrence of its 32-byte window,
-        where there is one: right on every copy position, uniform elsewhere."""
+        where there is one (every copy position among them; it sees only its input, as a model does), uniform
+        elsewhere."""
 
         training = False
 
         def forward(self, input_ids):
             logits = torch.zeros(*input_ids.shape, corpus.VOCAB)
+            w = corpus.WINDOW
             for row, ids in enumerate(input_ids):
-                found = corpus.copies(torch.cat([ids, ids.new_zeros(1)]))
-                logits[row, found.positions, ids[found.positions - found.distances + 1]] = 100.0
+                windows = ids.unfold(0, w, 1)  # windows[e - w + 1] ends at e
+                same = (windows[:, None] == windows[None]).all(-1).tril(-1)  # [t, s]: s < t, the same window
+                t, s = same.nonzero().unbind(1)
+                latest = torch.zeros(len(windows), dtype=torch.long).scatter_reduce(0, t, s, "amax")
+                found = same.any(1)
+                ends = torch.arange(len(windows))[found] + w - 1
+                logits[row, ends, ids[latest[found] + w]] = 100.0
             return type("Out", (), {"logits": logits})()
 
     result = evaluator(Copier())
