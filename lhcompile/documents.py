@@ -751,7 +751,7 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
     ``config.min_lighthouse_len`` tokens gets dense attention within each document alone, a batch of one document
     per row plain Lighthouse on each row. Traced (torch.compile, the pass) every batch takes the general path: a
     graph cannot choose without ``torch.cond``, whose backward recomputes its branch's forward (BENCHMARKS.md);
-    lhcompile's backend chooses per call between the rewritten graph and the graph as captured instead
+    lhcompile's backend makes the same two choices per call instead, between graphs compiled for each
     (``lhcompile.document_probe``)."""
     if not (isinstance(starts, fx.Proxy) or torch.compiler.is_compiling() or is_fake(starts)):
         found = _Segments.of(starts)
