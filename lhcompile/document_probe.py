@@ -12,11 +12,13 @@ BENCHMARKS.md). Two kinds of batch need less, and the backend keeps a graph for 
 
 The probe evaluates each per-document site's document tensors (position ids, cumulative lengths, a FlexAttention
 mask's tables) from the graph's inputs, eagerly, and reads their lengths on the host (one sync per distinct set of
-documents: the sites of a model share theirs).
+documents: the sites of a model share theirs), except where the call's own arguments bound its documents' lengths
+below ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) or the inputs are the last call's, unchanged.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .documents import document_lengths, longest_document
-from .passes import Resolve, Site, ancestors, evaluate, source
+from .passes import Resolve, Site, ValueNumbers, ancestors, evaluate, source
 from .passes.meta import node_device
 
 MAX_NODES = 64
@@ -40,17 +42,39 @@ VARIANTS = {AS_CAPTURED: ("no document long enough for Lighthouse", "as captured
 
 
 @dataclass(frozen=True)
-class DocumentProbe:
-    """The document tensors of a graph's per-document Lighthouse sites, as nodes to evaluate from its inputs."""
+class _DocumentSet:
+    """One set of documents that per-document sites of a graph share, as nodes to evaluate from its inputs."""
 
-    inputs: tuple[fx.Node, ...]
-    """The captured graph's placeholders, in the order of the values it is called with."""
-    documents: tuple[tuple[str, tuple[fx.Node, ...], tuple[int, int] | None], ...]
-    """Per distinct set of documents: its form (``lhcompile.documents.starts_of``'s), the nodes that hold it, and
-    the (batch, length) of its sites where both are static (else None)."""
-    resolve: Resolve
-    shortest: int
-    """``config.min_lighthouse_len``: a document this long runs Lighthouse."""
+    form: str
+    """``lhcompile.documents.starts_of``'s form."""
+    tensors: tuple[fx.Node, ...]
+    shape: tuple[int, int] | None
+    """The (batch, length) of its sites where both are static, else None."""
+    bound: fx.Node | int | None
+    """A graph input or constant at least as long as its longest document (``passes.DocumentSource.longest``)."""
+
+
+class DocumentProbe:
+    """The document tensors of a graph's per-document Lighthouse sites, as nodes to evaluate from its inputs.
+
+    A model's layers hand each of their calls the same document tensors (one per batch, made by the data pipeline
+    or the trainer), so the probe keeps the last batch's answer and gives it again while the graph is called with
+    the very same input tensors, unchanged since (same objects, same version counters, same storage): a model's
+    layers compiled on their own read the documents once per step, not once per layer. A write that bypasses the
+    version counter (through ``.data``) is not seen."""
+
+    def __init__(self, inputs: tuple[fx.Node, ...], documents: tuple[_DocumentSet, ...], resolve: Resolve,
+                 shortest: int) -> None:
+        self.inputs = inputs
+        """The captured graph's placeholders, in the order of the values it is called with."""
+        self.documents = documents
+        self.resolve = resolve
+        self.shortest = shortest
+        """``config.min_lighthouse_len``: a document this long runs Lighthouse."""
+        leaves = {leaf for d in documents for node in (*d.tensors, d.bound) if isinstance(node, fx.Node)
+                  for leaf in ancestors(node, resolve)[1]}
+        self._leaves = [i for i, node in enumerate(inputs) if node in leaves]
+        self._last: tuple[list, str] | None = None
 
     @classmethod
     def of(cls, gm: fx.GraphModule, sites: Sequence[Site], lighthouse: Sequence[Site], resolve: Resolve,
@@ -63,7 +87,8 @@ class DocumentProbe:
                for s in sites):
             return None
         inputs = tuple(n for n in gm.graph.nodes if n.op == "placeholder")
-        documents: dict[tuple, tuple[str, tuple[fx.Node, ...], tuple[int, int] | None]] = {}
+        documents: dict[tuple, _DocumentSet] = {}
+        numbers = ValueNumbers(resolve)  # layers that each compute the documents anew from one input share them
         for site in lighthouse:
             if site.documents is None or site.documents.form == "whole_rows":
                 return None
@@ -72,30 +97,64 @@ class DocumentProbe:
                 if len(nodes) > MAX_NODES or any(leaf not in inputs for leaf in leaves) or any(
                         n.op not in _OPS or isinstance(n.target, torch._ops.HigherOrderOperator) for n in nodes):
                     return None
-            key = (site.documents.form, tuple(source(n, resolve) for n in site.documents.tensors))
+            key = (site.documents.form, tuple(numbers(n) for n in site.documents.tensors))
             batch, length = site.q_shape[0], site.q_shape[2]
             shape = (batch, length) if isinstance(batch, int) and isinstance(length, int) else None
-            documents.setdefault(key, (site.documents.form, site.documents.tensors, shape))
+            bound = site.documents.longest
+            if isinstance(bound, fx.Node):
+                bound = source(bound, resolve)
+                bound = bound if bound in inputs else None
+            elif not isinstance(bound, int):
+                bound = None
+            documents.setdefault(key, _DocumentSet(site.documents.form, site.documents.tensors, shape, bound))
         return cls(inputs, tuple(documents.values()), resolve, shortest) if documents else None
 
     @property
     def rows_known(self) -> bool:
         """Whether a batch of one document per row can be told (the sites' shapes are static): ``ROWS`` exists."""
-        return all(shape is not None for _, _, shape in self.documents)
+        return all(d.shape is not None for d in self.documents)
 
     def variant(self, args: Sequence[Any]) -> str:
         """The graph the batch the graph is called with needs: ``AS_CAPTURED``, ``ROWS`` or ``DOCUMENTS``."""
         values = dict(zip(self.inputs, args))
+        unread = [d for d in self.documents if not self._short_by_bound(d, values)]
+        if not unread:
+            return AS_CAPTURED
+        identity = [_identity(args[i]) for i in self._leaves]
+        if self._last is not None and None not in identity and _same(self._last[0], identity):
+            return self._last[1]
         found = []
         with torch.no_grad():
-            for form, nodes, shape in self.documents:
-                tensors = [evaluate(n, self.resolve, values) for n in nodes]
-                if shape is None:
-                    found.append((longest_document(form, tensors), False))
+            for d in unread:
+                tensors = [evaluate(n, self.resolve, values) for n in d.tensors]
+                if d.shape is None:
+                    found.append((longest_document(d.form, tensors), False))
                 else:
-                    lengths = document_lengths(form, tensors, *shape)
-                    found.append((max(lengths), len(lengths) == shape[0]))
-        if all(longest < self.shortest for longest, _ in found):
-            return AS_CAPTURED
-        return ROWS if all(rows for _, rows in found) else DOCUMENTS
+                    lengths = document_lengths(d.form, tensors, *d.shape)
+                    found.append((max(lengths), len(lengths) == d.shape[0]))
+        name = (AS_CAPTURED if all(longest < self.shortest for longest, _ in found) else
+                ROWS if all(rows for _, rows in found) else DOCUMENTS)
+        self._last = (identity, name)
+        return name
 
+    def _short_by_bound(self, d: _DocumentSet, values: dict[fx.Node, Any]) -> bool:
+        bound = values.get(d.bound) if isinstance(d.bound, fx.Node) else d.bound
+        return isinstance(bound, int) and bound < self.shortest
+
+
+def _identity(value: Any) -> tuple | None:
+    """What tells a graph input unchanged since the last call: a tensor's object, version counter and storage (None
+    for an inference tensor, which has no version counter), any other value itself."""
+    if not isinstance(value, torch.Tensor):
+        return (value,)
+    try:
+        return (weakref.ref(value), value._version, value.data_ptr())
+    except RuntimeError:
+        return None
+
+
+def _same(last: list[tuple], now: list[tuple]) -> bool:
+    """Whether the inputs of ``now`` are those of ``last`` unchanged: for tensors, the very object ``last`` held,
+    still alive (an id alone can be reused once an object is freed)."""
+    return all(a[0]() is b[0]() and a[1:] == b[1:] if isinstance(a[0], weakref.ref) else a == b
+               for a, b in zip(last, now))

@@ -11,7 +11,7 @@ from .rope import RopeMatch, find_qk_rotation, find_rotation, unrotated
 from .rewrite import METADATA_TO_PORT, REWRITE_TAG, erase_unused, rewrite_sites
 from .site import DocumentSource, Site, SiteKind, bind_arguments, module_path
 from .subgraphs import Subgraph, copy_with_bodies, prune_unused_inputs, subgraph_calls
-from .values import ancestors, evaluate, source, stateless
+from .values import ValueNumbers, ancestors, evaluate, source, stateless
 
 __all__ = [
     "KINDS",
@@ -27,6 +27,7 @@ __all__ = [
     "Site",
     "SiteKind",
     "Subgraph",
+    "ValueNumbers",
     "attention_like_calls",
     "ancestors",
     "bind_arguments",

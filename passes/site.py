@@ -33,6 +33,10 @@ class DocumentSource:
     """The graph values that hold them (``first_token``: the table, then the index)."""
     description: str
     """For the report: e.g. "cu_seq_q of varlen_attn"."""
+    longest: Any = None
+    """A graph value (a node or a constant) that the call's own contract makes at least the longest document's
+    length, such as varlen's ``max_q``, or None: a batch whose bound is short has no long document, known without
+    reading the documents."""
 
 
 @dataclass

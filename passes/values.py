@@ -51,6 +51,27 @@ def source(node: fx.Node, resolve: Resolve | None) -> fx.Node:
     return node
 
 
+class ValueNumbers:
+    """Value numbering over a graph and its bodies: two nodes get the same number when they compute the same value
+    the same way from the graph's inputs, such as each layer's own copy of a mask made from the same input."""
+
+    def __init__(self, resolve: Resolve | None) -> None:
+        self.resolve = resolve
+        self._numbers: dict[tuple, int] = {}
+        self._of: dict[fx.Node, int] = {}
+
+    def __call__(self, node: fx.Node) -> int:
+        node = source(node, self.resolve)
+        if node not in self._of:
+            if node.op == "placeholder":
+                key: tuple = (node,)
+            else:
+                args = fx.map_arg((node.args, node.kwargs), self)
+                key = (node.op, str(node.target), repr(args))
+            self._of[node] = self._numbers.setdefault(key, len(self._numbers))
+        return self._of[node]
+
+
 def stateless(nodes: list[fx.Node]) -> bool:
     """Whether these nodes compute values only: no grad-mode, vmap or autocast switch."""
     return all(n.op in ("call_function", "call_method", "get_attr", "call_module", "placeholder")

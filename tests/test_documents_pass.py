@@ -342,3 +342,73 @@ def test_data_collator_with_flattening_trains_lighthouse_per_document_through_th
     assert report.graphs <= 2 * 2, f"{report.graphs} graphs for 6 batches of different lengths"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list:
+    """One entry per batch whose documents a probe read on the host."""
+    from lhcompile import document_probe
+
+    calls = []
+    for name in ("document_lengths", "longest_document"):
+        read = getattr(document_probe, name)
+        monkeypatch.setattr(document_probe, name, lambda *a, read=read: calls.append(1) or read(*a))
+    return calls
+
+
+@pytest.mark.parametrize("regional", [True, False], ids=["by layer", "whole"])
+def test_a_models_layers_read_each_batchs_documents_once(regional, reads):
+    # every layer is handed the batch's own document tensors: the first one's reading serves the others until the
+    # batch changes (other tensors, or the same ones written into)
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=3)
+    lhcompile.apply(model, CFG, compiler="eager", regional=regional)
+    ids = torch.randint(0, VOCAB, (1, N))
+    packed, short = positions([[70, 3, 1, 40, 78]]), positions([[20, 3, 1, 30, 31, 19, 25, 30, 25, 8]])
+    model(input_ids=ids, position_ids=packed)
+    assert len(reads) == 1
+    model(input_ids=ids, position_ids=short)
+    assert len(reads) == 2 and lhcompile.inspect(model).dense_batches == (3 if regional else 1)
+    short.copy_(packed)  # the same tensor, now packed with a long document: read again, and Lighthouse again
+    out = model(input_ids=ids, position_ids=short).logits
+    assert len(reads) == 3 and lhcompile.inspect(model).dense_batches == (3 if regional else 1)
+    torch.testing.assert_close(out, model(input_ids=ids, position_ids=positions([[70, 3, 1, 40, 78]])).logits)
+
+
+class VarlenBounded(torch.nn.Module):
+    """A varlen call handed its longest document's length, as torchtitan's VarlenMetadata and Hugging Face's
+    max_length_q hand it."""
+
+    def forward(self, q, k, v, cu, longest):
+        b, h, n, d = q.shape
+        rows = [t.transpose(1, 2).reshape(b * n, -1, d) for t in (q, k, v)]
+        out = varlen_attn(*rows, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
+        return out.view(b, n, h, d).transpose(1, 2)
+
+
+def test_varlens_max_q_below_min_lighthouse_len_runs_the_graph_as_captured_without_reading_the_documents(
+        reads, monkeypatch):
+    from lhcompile.passes.kinds import varlen
+
+    monkeypatch.setattr(varlen.Varlen, "trains_on", None)  # varlen_attn has no CPU kernel: stand in for it
+
+    def compiler(gm, example_inputs):
+        if any("varlen" in str(n.target) for n in gm.graph.nodes):  # the graph as captured
+            return lambda *args: ran.append("as captured") or [torch.zeros(1, N, 4, 8)]
+        return lambda *args: ran.append("rewritten") or gm.forward(*args)
+
+    ran = []
+    model = VarlenBounded()
+    lhcompile.apply(model, CFG, compiler=compiler)
+    q, k, v = qkv(1)
+    short = [20, 3, 1, 30, 31, 19, 25, 30, 25, 8]
+    for longest in (31, 30, 20):  # a constant at the first call, then an input of a graph with dynamic shapes
+        model(q, k, v, _cu([short]), longest)
+    assert ran == ["as captured"] * 3 and not reads
+    # a bound that is only a bound (max_q = N) makes the probe read the documents, which are still short
+    model(q, k, v, _cu([short]), N)
+    assert ran[-1] == "as captured" and len(reads) == 1
+    out = model(q, k, v, _cu([[70, 3, 1, 40, 78]]), 78)
+    assert ran[-1] == "rewritten" and len(reads) == 2
+    torch.testing.assert_close(out, lighthouse_attention(q, k, v, CFG, documents=Documents.from_positions(
+        positions([[70, 3, 1, 40, 78]]))), rtol=0, atol=0)

@@ -38,7 +38,8 @@ class Varlen(SdpaLayout):
         site.extra_nodes, site.output, problem = tuple_outputs(node, order)
         site.problem = self._problem(args) or problem
         cu = args["cu_seq_q"]
-        site.documents = DocumentSource("cu_seqlens", (cu,), "cu_seq_q of varlen_attn")
+        # varlen's kernels compute no row past max_q of a document, so it bounds every document's length
+        site.documents = DocumentSource("cu_seqlens", (cu,), "cu_seq_q of varlen_attn", longest=args.get("max_q"))
         return site
 
     @staticmethod
