@@ -311,39 +311,43 @@ def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
 
 @torch.library.custom_op("lhcompile::document_attention", mutates_args=())
 def _document_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, keep: Tensor | None, scale: float
-                        ) -> tuple[Tensor, Tensor]:
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     _check_dtypes(q, k, v)
-    out, lse = _implementation(q)[0](q, k, v, _Segments.of(starts, keep), scale)
-    return _laid_out_as(out, _token_major(*q.shape[:3], v.shape[3], q)), lse.contiguous()
+    flags = _host_flags(starts, keep)
+    out, lse = _implementation(q)[0](q, k, v, _Segments.read(flags), scale)
+    return _laid_out_as(out, _token_major(*q.shape[:3], v.shape[3], q)), lse.contiguous(), flags
 
 
 @_document_attention.register_fake
 def _(q, k, v, starts, keep, scale):
     _check_dtypes(q, k, v)
-    return _token_major(*q.shape[:3], v.shape[3], q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return (_token_major(*q.shape[:3], v.shape[3], q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q)),
+            torch.empty(1 if keep is None else 2, *starts.shape, dtype=torch.bool, device="cpu"))
 
 
 @torch.library.custom_op("lhcompile::document_attention_backward", mutates_args=())
 def _document_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 starts: Tensor, keep: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _implementation(q)[1](grad, q, k, v, out, lse, _Segments.of(starts, keep), scale)
+                                 flags: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _implementation(q)[1](grad, q, k, v, out, lse, _Segments.read(flags), scale)
     return tuple(_laid_out_as(g, torch.empty_like(x)) for g, x in zip(grads, (q, k, v)))
 
 
 @_document_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, starts, keep, scale):
+def _(grad, q, k, v, out, lse, flags, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output) -> None:
     q, k, v, starts, keep, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, *output, starts, keep)
+    ctx.save_for_backward(q, k, v, *output)
 
 
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse, starts, keep = ctx.saved_tensors
-    return (*_document_attention_backward(grad.contiguous(), q, k, v, out, lse, starts, keep, ctx.scale),
-            None, None, None)
+def _backward(ctx, grad, _grad_lse, _grad_flags):
+    # the forward's host copy of the documents: the backward reads them without waiting for the GPU
+    q, k, v, out, lse, flags = ctx.saved_tensors
+    # token-major as q, k and v are where a model hands them (a plain copy would be one, and _token_rows another)
+    grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    return *_document_attention_backward(grad, q, k, v, out, lse, flags, ctx.scale), None, None, None
 
 
 _document_attention.register_autograd(_backward, setup_context=_setup)
@@ -398,8 +402,8 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
     """Dense causal attention within each document: (B, H, N, d) in SDPA's layout, k/v may have fewer heads (GQA).
 
     ``keep`` (B, N) bool, the same for every token of a document, leaves whole documents out (their outputs are 0
-    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents are read on the host once per forward and once
-    per backward, and split into kernel calls by ``_Segments.calls``: cuDNN's attention for documents of one padded
+    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents are read on the host once per forward (the backward
+    reuses that copy), and split into kernel calls by ``_Segments.calls``: cuDNN's attention for documents of one padded
     width together, flash varlen for the rest; elsewhere (CPU, fp32): a reference, document by document, that holds
     each document's score matrix (for tests and modest lengths)."""
     documents.check(q, "document_attention")
@@ -501,8 +505,13 @@ class _Segments:
     def of(cls, starts: Tensor, keep: Tensor | None = None) -> _Segments:
         """The documents of (B, N) ``starts`` (each row's first token begins one, whatever its flag) that ``keep``
         keeps."""
+        return cls.read(_host_flags(starts, keep))
+
+    @classmethod
+    def read(cls, flags: Tensor) -> _Segments:
+        """The documents of ``_host_flags``' copy."""
         # numpy: torch's nonzero on the host takes ~15x as long on 128K flags (0.56 against 0.036 ms)
-        flags = _host_flags(starts, keep).numpy()
+        flags = flags.numpy()
         first = np.flatnonzero(flags[0])
         lengths = np.diff(first, append=flags[0].size)
         if len(flags) > 1:

@@ -137,6 +137,25 @@ def test_dense_document_attention_is_causal_attention_within_each_document():
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_dense_document_attention_reads_the_documents_once_for_forward_and_backward(compiled, monkeypatch):
+    # reading them waits for the GPU: the backward takes the forward's host copy instead of reading them again
+    reads = []
+    host_flags = lhcompile.documents._host_flags
+    monkeypatch.setattr(lhcompile.documents, "_host_flags", lambda *a: reads.append(1) or host_flags(*a))
+    rows = MIXES["long + many short"]
+    q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
+    attend = lambda q, k, v, s: document_attention(q, k, v, Documents(s))  # noqa: E731
+    f = torch.compile(attend, backend="aot_eager", fullgraph=True) if compiled else attend
+    out = f(q, k, v, starts_of(rows))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    assert len(reads) == 1
+    want = per_document(q, k, v, rows, LighthouseConfig(min_seq_len=10**6))
+    for mine, ref in ((out, want), *zip(grads, torch.autograd.grad(want, (q, k, v), g))):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_under_autocast_q_k_and_v_run_in_its_dtype_as_sdpa_would():
     # fp32 master weights under bf16 autocast: the projections give bf16, a rotation with fp32 tables turns q and k
     # back into fp32, and SDPA (the call these ops stand for) casts all three to bf16. Before, the op got mixed
