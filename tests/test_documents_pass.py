@@ -50,12 +50,14 @@ def qkv(b, n=N, grad=False):
 
 
 class Varlen(torch.nn.Module):
-    """torchtitan's VarlenAttention: (B, N) rows laid end to end, documents by cumulative lengths."""
+    """torchtitan's VarlenAttention: (B, N) rows laid end to end, documents by cumulative lengths, and a bound on
+    their length (``longest``, as torchtitan's VarlenMetadata and Hugging Face's max_length_q hand it; else N)."""
 
-    def forward(self, q, k, v, cu):
+    def forward(self, q, k, v, cu, longest=None):
         b, h, n, d = q.shape
         rows = [t.transpose(1, 2).reshape(b * n, -1, d) for t in (q, k, v)]
-        out = varlen_attn(*rows, cu, cu, n, n, window_size=(-1, 0), enable_gqa=True)
+        longest = n if longest is None else longest
+        out = varlen_attn(*rows, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
         return out.view(b, n, h, d).transpose(1, 2)
 
 
@@ -375,17 +377,6 @@ def test_a_models_layers_read_each_batchs_documents_once(regional, reads):
     torch.testing.assert_close(out, model(input_ids=ids, position_ids=positions([[70, 3, 1, 40, 78]])).logits)
 
 
-class VarlenBounded(torch.nn.Module):
-    """A varlen call handed its longest document's length, as torchtitan's VarlenMetadata and Hugging Face's
-    max_length_q hand it."""
-
-    def forward(self, q, k, v, cu, longest):
-        b, h, n, d = q.shape
-        rows = [t.transpose(1, 2).reshape(b * n, -1, d) for t in (q, k, v)]
-        out = varlen_attn(*rows, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
-        return out.view(b, n, h, d).transpose(1, 2)
-
-
 def test_varlens_max_q_below_min_lighthouse_len_runs_the_graph_as_captured_without_reading_the_documents(
         reads, monkeypatch):
     from lhcompile.passes.kinds import varlen
@@ -398,7 +389,7 @@ def test_varlens_max_q_below_min_lighthouse_len_runs_the_graph_as_captured_witho
         return lambda *args: ran.append("rewritten") or gm.forward(*args)
 
     ran = []
-    model = VarlenBounded()
+    model = Varlen()
     lhcompile.apply(model, CFG, compiler=compiler)
     q, k, v = qkv(1)
     short = [20, 3, 1, 30, 31, 19, 25, 30, 25, 8]
