@@ -402,10 +402,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
     """Dense causal attention within each document: (B, H, N, d) in SDPA's layout, k/v may have fewer heads (GQA).
 
     ``keep`` (B, N) bool, the same for every token of a document, leaves whole documents out (their outputs are 0
-    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents are read on the host once per forward (the backward
-    reuses that copy), and split into kernel calls by ``_Segments.calls``: cuDNN's attention for documents of one padded
-    width together, flash varlen for the rest; elsewhere (CPU, fp32): a reference, document by document, that holds
-    each document's score matrix (for tests and modest lengths)."""
+    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents are read on the host once per forward (the
+    backward reuses that copy), and split into kernel calls by ``_Segments.calls``: cuDNN's attention for documents
+    of one padded width together, flash varlen for the rest; elsewhere (CPU, fp32): a reference, document by
+    document, that holds each document's score matrix (for tests and modest lengths)."""
     documents.check(q, "document_attention")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"document_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
