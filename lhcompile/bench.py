@@ -188,8 +188,9 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
     """Per mix of ``mixes`` (names in MIXES): Lighthouse per document against the dense document-causal kernels on
     the same documents (flash varlen, compiled FlexAttention, lhcompile's document_attention), forward + backward
     ms: eagerly, compiled, and through the pass in a varlen and in a FlexAttention model (what a model gets: a batch
-    without a long document runs the model's own call, one of a document per row plain Lighthouse); for one
-    document also plain Lighthouse and cuDNN."""
+    without a long document runs the model's own call, one of a document per row plain Lighthouse), with the
+    documents new each call (a model's first layer reads them) or not (its later layers), beside the same model
+    compiled without the pass; for one document also plain Lighthouse and cuDNN."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
 
@@ -198,6 +199,8 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
     per_document = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)))
     plain = torch.compile(lambda q, k, v: lighthouse_attention(q, k, v, config))
     varlen_model, flex_model = _PackedVarlen(), _PackedFlex()
+    # the same models compiled without the pass: what a model runs without lhcompile
+    varlen_stock, flex_stock = torch.compile(_PackedVarlen()), torch.compile(_PackedFlex())
     for model in (varlen_model, flex_model):
         # one attention site each, which the default dense_layers (the first and last two sites) would keep dense
         api.apply(model, dataclasses.replace(config, dense_layers=()), compiler="inductor")
@@ -217,6 +220,7 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
                                        device="cuda", _compile=True)
         rows_ = [t.detach()[0].requires_grad_() for t in leaves]  # varlen's (T, H, d)
         longest = max(lengths)
+        rows_grad = grad[0].transpose(0, 1).contiguous()
 
         def fwdbwd(fn, inputs=leaves, g=grad):
             return median_ms(lambda: torch.autograd.grad(fn(), inputs, g), reps)
@@ -225,13 +229,17 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
                "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=packed)),
                "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, packed.starts)),
                # the documents written into before each call, so that the pass reads them every call, as a
-               # model's first layer does (its later layers reuse that reading)
+               # model's first layer does; "_later": left as they are, as a model's later layers find them
                "lighthouse_documents_pass": fwdbwd(lambda: _written(cu) or varlen_model(*rows_, cu, longest), rows_,
-                                                   grad[0].transpose(0, 1).contiguous()),
+                                                   rows_grad),
+               "lighthouse_documents_pass_later": fwdbwd(lambda: varlen_model(*rows_, cu, longest), rows_, rows_grad),
                "lighthouse_documents_pass_flex": fwdbwd(lambda: _written(doc) or flex_model(q, k, v, block_mask)),
+               "lighthouse_documents_pass_flex_later": fwdbwd(lambda: flex_model(q, k, v, block_mask)),
                "flash_varlen": fwdbwd(lambda: varlen_attn(*rows_, cu, cu, longest, longest, window_size=(-1, 0)),
-                                      rows_, grad[0].transpose(0, 1).contiguous()),
+                                      rows_, rows_grad),
+               "varlen_model_compiled": fwdbwd(lambda: varlen_stock(*rows_, cu, longest), rows_, rows_grad),
                "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask)),
+               "flex_model_compiled": fwdbwd(lambda: flex_stock(q, k, v, block_mask)),
                "document_attention": fwdbwd(lambda: documents.document_attention(q, k, v, packed))}
         if len(lengths) == 1:
             row["lighthouse"] = fwdbwd(lambda: lighthouse_attention(q, k, v, config))
@@ -243,11 +251,13 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
         extra = (f"  plain Lighthouse {row['lighthouse']:.2f}, compiled {row['lighthouse_compiled']:.2f}; cuDNN "
                  f"{row['cudnn']:.2f}") if "lighthouse" in row else ""
         print(f"{name:>14}  per document: eager {row['lighthouse_documents']:7.2f}, compiled "
-              f"{row['lighthouse_documents_compiled']:7.2f}, through the pass (varlen) "
-              f"{row['lighthouse_documents_pass']:7.2f}, (Flex) {row['lighthouse_documents_pass_flex']:7.2f} | dense: "
-              f"flash varlen {row['flash_varlen']:7.2f}, Flex {row['flex']:7.2f}, document_attention "
-              f"{row['document_attention']:7.2f} | fastest dense / per document: eager "
-              f"{best / row['lighthouse_documents']:5.2f}x, through the pass "
+              f"{row['lighthouse_documents_compiled']:7.2f} | through the pass, first / later layer, and the model "
+              f"compiled without it: varlen {row['lighthouse_documents_pass']:7.2f} / "
+              f"{row['lighthouse_documents_pass_later']:7.2f} / {row['varlen_model_compiled']:7.2f}, Flex "
+              f"{row['lighthouse_documents_pass_flex']:7.2f} / {row['lighthouse_documents_pass_flex_later']:7.2f} / "
+              f"{row['flex_model_compiled']:7.2f} | dense: flash varlen {row['flash_varlen']:7.2f}, Flex "
+              f"{row['flex']:7.2f}, document_attention {row['document_attention']:7.2f} | fastest dense / per "
+              f"document: eager {best / row['lighthouse_documents']:5.2f}x, through the pass "
               f"{best / row['lighthouse_documents_pass']:5.2f}x / {best / row['lighthouse_documents_pass_flex']:5.2f}x"
               f"{extra}", flush=True)
         del q, k, v, leaves, rows_, block_mask
