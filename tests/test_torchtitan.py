@@ -207,6 +207,8 @@ def test_torchtitans_trainer_runs_the_lighthouse_config_offline_and_logs_which_l
     steps = throughput.parse(log)
     assert sorted(steps) == [1, 2], log[-3000:]
     assert steps[2][0] < steps[1][0], f"the loss did not move down: {steps}"
+    summary = throughput.summarize(steps, warmup=1)
+    assert summary["timed_tokens_per_s"] == [steps[2][2]] and summary["tokens_per_s"] == steps[2][2], summary
     report = throughput.site_report(log)
     assert "lhcompile: 6 of 6 attention sites rewritten" in report, log[-3000:]
     rows = [re.split(r"\s{2,}", line) for line in report.splitlines() if "inner_attention" in line]

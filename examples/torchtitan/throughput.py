@@ -38,10 +38,11 @@ def parse(log: str) -> dict:
 
 
 def summarize(steps: dict, warmup: int) -> dict:
-    timed = [tps for step, (_, _, tps) in steps.items() if step > warmup]
+    timed = [tps for step, (_, _, tps) in sorted(steps.items()) if step > warmup]
     if not timed:
         raise SystemExit(f"no step after the {warmup} warm-up steps was logged: run more --steps")
-    return {"steps": len(steps), "tokens_per_s": statistics.median(timed),
+    # each timed step too: a median of few steps hides one-time costs (a cuDNN plan for a new document width)
+    return {"steps": len(steps), "tokens_per_s": statistics.median(timed), "timed_tokens_per_s": timed,
             "peak_reserved_gib": max(mem for _, mem, _ in steps.values()),
             "last_loss": steps[max(steps)][0]}
 
@@ -99,6 +100,9 @@ def main() -> None:
     for config, r in results.items():
         print(f"{config:<36} {r['tokens_per_s']:>12,.0f} {r['tokens_per_s'] / base:>7.2f}x "
               f"{r['peak_reserved_gib']:>9.2f} {r['last_loss']:>9.4f}")
+    print(f"\ntokens/s of each step after step {args.warmup}:")
+    for config, r in results.items():
+        print(f"{config:<36} {' '.join(f'{tps / 1000:.0f}k' for tps in r['timed_tokens_per_s'])}")
     for config, report in reports.items():
         if report:
             print(f"\n{config}:\n{report}")
