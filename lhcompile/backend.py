@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .ddp_buckets import bucket_numbering, in_ddp_split
-from .document_probe import VARIANTS
+from .document_probe import INSTEAD, VARIANTS
 from .lighthouse_pass import Scope, rewrite_graph
 from .options import Options
 from .passes import erase_unused, prune_unused_inputs
@@ -62,7 +62,8 @@ class Backend:
         compiled = self.options.compile(gm, example_inputs)
         probe = rewritten.probe
         # batches that need less than Lighthouse per document run their own graph: the graph as captured (short
-        # documents only: dense within documents, the model's own kernel) or plain Lighthouse (a document per row)
+        # documents only: dense within documents, the model's own kernel), the graph on document_attention (short
+        # documents where it is faster) or plain Lighthouse (a document per row)
         variants = {name: self._compile_variant(name, variant, example_inputs)
                     for name, variant in rewritten.variants.items()}
 
@@ -70,6 +71,7 @@ class Backend:
             self._runs += 1
             if probe is not None:
                 name = probe.variant(args)
+                name = name if variants.get(name) is not None else INSTEAD.get(name, name)
                 variant = variants.get(name)
                 if variant is not None:
                     self.report.variant_calls[name] = self.report.variant_calls.get(name, 0) + 1

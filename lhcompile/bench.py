@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -149,14 +151,29 @@ def bench(n: int, config: LighthouseConfig, *, reps: int, dense_reps: int, bandw
     return row
 
 
+def lognormal(median: int, total: int = 131072, seed: int = 0) -> list[int]:
+    """Document lengths as a corpus has them: lognormal (sigma 1) around ``median``, at least 16 tokens, seeded, the
+    last one cut to fill ``total``."""
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(max(16, int(rng.lognormal(math.log(median), 1.0))))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
 MIXES = {
     "1 x 128K": [131072],
     "2 x 64K": [65536] * 2,
     "96K + 32 x 1K": [98304] + [1024] * 32,
     "16 x 8K": [8192] * 16,
     "128 x 1K": [1024] * 128,
+    "lognormal ~1K": lognormal(1024),
+    "lognormal ~3K": lognormal(3072),
+    "lognormal ~8K": lognormal(8192),
 }
-"""The packed-document mixes of one 128K sequence that the targets name (TARGETS.md)."""
+"""The packed-document mixes of one 128K sequence: the five that the targets name (TARGETS.md), then documents of
+random lengths around a median."""
 
 
 class _PackedVarlen(torch.nn.Module):
@@ -225,6 +242,8 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
         def fwdbwd(fn, inputs=leaves, g=grad):
             return median_ms(lambda: torch.autograd.grad(fn(), inputs, g), reps)
 
+        before = [dict(api.inspect(m).variant_calls) for m in (varlen_model, flex_model)]
+
         row = {"mix": name, "n": n,
                "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=packed)),
                "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, packed.starts)),
@@ -240,7 +259,12 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
                "varlen_model_compiled": fwdbwd(lambda: varlen_stock(*rows_, cu, longest), rows_, rows_grad),
                "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask)),
                "flex_model_compiled": fwdbwd(lambda: flex_stock(q, k, v, block_mask)),
-               "document_attention": fwdbwd(lambda: documents.document_attention(q, k, v, packed))}
+               "document_attention": fwdbwd(lambda: documents.document_attention(q, k, v, packed)),
+               "cudnn_share": documents.cudnn_share(lengths)}
+        # which graph the models ran for this batch (besides the rewritten one): lhcompile.document_probe's names
+        for key, model, was in (("varlen_graphs", varlen_model, before[0]), ("flex_graphs", flex_model, before[1])):
+            row[key] = sorted(name for name, count in api.inspect(model).variant_calls.items()
+                              if count > was.get(name, 0))
         if len(lengths) == 1:
             row["lighthouse"] = fwdbwd(lambda: lighthouse_attention(q, k, v, config))
             row["lighthouse_compiled"] = fwdbwd(lambda: plain(q, k, v))
@@ -259,7 +283,8 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
               f"{row['flex']:7.2f}, document_attention {row['document_attention']:7.2f} | fastest dense / per "
               f"document: eager {best / row['lighthouse_documents']:5.2f}x, through the pass "
               f"{best / row['lighthouse_documents_pass']:5.2f}x / {best / row['lighthouse_documents_pass_flex']:5.2f}x"
-              f"{extra}", flush=True)
+              f"{extra} | {len(lengths)} documents, cuDNN share {row['cudnn_share']:.2f}, graphs besides the "
+              f"rewritten one: varlen {row['varlen_graphs']}, Flex {row['flex_graphs']}", flush=True)
         del q, k, v, leaves, rows_, block_mask
         torch.cuda.empty_cache()
     return rows

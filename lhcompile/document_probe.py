@@ -6,6 +6,9 @@ BENCHMARKS.md). Two kinds of batch need less, and the backend keeps a graph for 
 
 - ``AS_CAPTURED``: every document is shorter than ``config.min_lighthouse_len``, so Lighthouse per document is dense
   attention within each document, which is exactly what the graph computed before the pass;
+- ``DENSE``: as ``AS_CAPTURED``, where lhcompile's ``document_attention`` is faster than the model's own kernel on
+  the batch's documents (``documents.cudnn_share``: most of their work in cuDNN batches of one width, such as
+  documents of one length), the graph rewritten for it; on a GPU, in half precision, on one device;
 - ``ROWS``: every row is one document (of the graph's static length), so Lighthouse per document is plain Lighthouse
   on each row, the graph rewritten as for plain causal attention;
 - ``DOCUMENTS``: any other batch, the rewritten graph.
@@ -13,7 +16,8 @@ BENCHMARKS.md). Two kinds of batch need less, and the backend keeps a graph for 
 The probe evaluates each per-document site's document tensors (position ids, cumulative lengths, a FlexAttention
 mask's tables) from the graph's inputs, eagerly, and reads their lengths on the host (one sync per distinct set of
 documents: the sites of a model share theirs), except where the call's own arguments bound its documents' lengths
-below ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) or the inputs are the last call's, unchanged.
+below ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) and there is no ``DENSE`` graph to choose, or
+the inputs are the last call's, unchanged.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .documents import document_lengths, longest_document
+from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document
 from .passes import Resolve, Site, ValueNumbers, ancestors, evaluate, source
-from .passes.meta import node_device
+from .passes.meta import node_device, node_dtype
+
+HALF = (torch.bfloat16, torch.float16)
 
 MAX_NODES = 64
 """Most nodes evaluated per set of documents: documents come from the inputs in a few integer operations, and
@@ -35,10 +41,16 @@ anything larger would be the model's own computation."""
 
 _OPS = ("call_function", "call_method", "get_attr", "placeholder")
 
-AS_CAPTURED, ROWS, DOCUMENTS = "as captured", "rows", "documents"
+AS_CAPTURED, DENSE, ROWS, DOCUMENTS = "as captured", "dense", "rows", "documents"
 VARIANTS = {AS_CAPTURED: ("no document long enough for Lighthouse", "as captured (dense within documents)"),
+            DENSE: ("no document long enough for Lighthouse, and documents of few widths",
+                    "rewritten for dense attention within documents (lhcompile.document_attention)"),
             ROWS: ("one document per row", "rewritten for plain Lighthouse on each row")}
 """What a batch that runs each graph besides the rewritten one held, and what that graph is."""
+INSTEAD = {DENSE: AS_CAPTURED}
+"""The graph that serves a batch where its own did not compile (else the rewritten one does)."""
+DENSE_DEVICES = ("cuda",)
+"""Where ``document_attention`` batches documents on cuDNN: elsewhere it is a reference, never the faster."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +76,15 @@ class DocumentProbe:
     version counter (through ``.data``) is not seen."""
 
     def __init__(self, inputs: tuple[fx.Node, ...], documents: tuple[_DocumentSet, ...], resolve: Resolve,
-                 shortest: int) -> None:
+                 shortest: int, dense: bool) -> None:
         self.inputs = inputs
         """The captured graph's placeholders, in the order of the values it is called with."""
         self.documents = documents
         self.resolve = resolve
         self.shortest = shortest
         """``config.min_lighthouse_len``: a document this long runs Lighthouse."""
+        self.dense = dense and self.rows_known
+        """Whether a batch without a long document may run the ``DENSE`` graph (its documents' lengths are read)."""
         leaves = {leaf for d in documents for node in (*d.tensors, d.bound) if isinstance(node, fx.Node)
                   for leaf in ancestors(node, resolve)[1]}
         self._leaves = [i for i, node in enumerate(inputs) if node in leaves]
@@ -78,11 +92,13 @@ class DocumentProbe:
 
     @classmethod
     def of(cls, gm: fx.GraphModule, sites: Sequence[Site], lighthouse: Sequence[Site], resolve: Resolve,
-           shortest: int) -> DocumentProbe | None:
+           shortest: int, dense: bool) -> DocumentProbe | None:
         """The probe for gm, whose ``sites`` include the ``lighthouse`` ones, or None where the graph as captured
         cannot stand in for them: a Lighthouse site that is not per document, or whose documents are its whole rows
         (their length is the graph's), documents computed from anything but the graph's inputs in a few stateless
-        operations, or an attention call that does not train on its device (varlen_attn on a CPU)."""
+        operations, or an attention call that does not train on its device (varlen_attn on a CPU). ``dense``: the
+        placement can run ``DENSE``, which the probe then chooses where every Lighthouse site is a model's own
+        kernel (not already ``document_attention``) on a ``DENSE_DEVICES`` device in half precision."""
         if any(s.kind.trains_on is not None and getattr(node_device(s.q), "type", None) not in s.kind.trains_on
                for s in sites):
             return None
@@ -107,7 +123,9 @@ class DocumentProbe:
             elif not isinstance(bound, int):
                 bound = None
             documents.setdefault(key, _DocumentSet(site.documents.form, site.documents.tensors, shape, bound))
-        return cls(inputs, tuple(documents.values()), resolve, shortest) if documents else None
+        dense = dense and all(s.kind.name != "document_attention" and node_dtype(s.q) in HALF
+                              and getattr(node_device(s.q), "type", None) in DENSE_DEVICES for s in lighthouse)
+        return cls(inputs, tuple(documents.values()), resolve, shortest, dense) if documents else None
 
     @property
     def rows_known(self) -> bool:
@@ -115,25 +133,29 @@ class DocumentProbe:
         return all(d.shape is not None for d in self.documents)
 
     def variant(self, args: Sequence[Any]) -> str:
-        """The graph the batch the graph is called with needs: ``AS_CAPTURED``, ``ROWS`` or ``DOCUMENTS``."""
+        """The graph the batch the graph is called with needs: ``AS_CAPTURED``, ``DENSE``, ``ROWS`` or
+        ``DOCUMENTS``."""
         values = dict(zip(self.inputs, args))
-        unread = [d for d in self.documents if not self._short_by_bound(d, values)]
+        unread = [d for d in self.documents if self.dense or not self._short_by_bound(d, values)]
         if not unread:
             return AS_CAPTURED
         identity = [_identity(args[i]) for i in self._leaves]
         if self._last is not None and None not in identity and _same(self._last[0], identity):
             return self._last[1]
-        found = []
+        found, lengths = [], []
         with torch.no_grad():
             for d in unread:
                 tensors = [evaluate(n, self.resolve, values) for n in d.tensors]
                 if d.shape is None:
                     found.append((longest_document(d.form, tensors), False))
                 else:
-                    lengths = document_lengths(d.form, tensors, *d.shape)
-                    found.append((max(lengths), len(lengths) == d.shape[0]))
-        name = (AS_CAPTURED if all(longest < self.shortest for longest, _ in found) else
-                ROWS if all(rows for _, rows in found) else DOCUMENTS)
+                    these = document_lengths(d.form, tensors, *d.shape)
+                    lengths += these
+                    found.append((max(these), len(these) == d.shape[0]))
+        if all(longest < self.shortest for longest, _ in found):
+            name = DENSE if self.dense and cudnn_share(lengths) >= DENSE_SHARE else AS_CAPTURED
+        else:
+            name = ROWS if all(rows for _, rows in found) else DOCUMENTS
         self._last = (identity, name)
         return name
 

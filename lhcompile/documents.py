@@ -530,19 +530,14 @@ class _Segments:
         (``key``: the rest of what a cuDNN plan depends on); every other document goes to one flash varlen call."""
         if CUDNN_MIN_LENGTH is None:
             return [_Call.flash(self.firsts, self.lengths)] if self.lengths else []
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, n in enumerate(self.lengths):
-            groups.setdefault((padded_width(n), n >= CUDNN_MIN_LENGTH), []).append(i)
         batches, flash = [], []
-        for (width, long), members in groups.items():
-            for size in _powers_of_two(len(members)):
-                part, members = members[:size], members[size:]
-                if size > 1 and _admit((size, width, *key)):
-                    batches.append((part, width))
-                elif long:
-                    batches += [([i], width) for i in part]
-                else:
-                    flash += part
+        for members, width, long in _parts(self.lengths):
+            if len(members) > 1 and _admit((len(members), width, *key)):
+                batches.append((members, width))
+            elif long:
+                batches += [([i], width) for i in members]
+            else:
+                flash += members
         calls = [_Call.cudnn([self.firsts[i] for i in part], [self.lengths[i] for i in part], width)
                  for part, width in batches]
         flash.sort()
@@ -563,6 +558,41 @@ def _host_flags(starts: Tensor, keep: Tensor | None) -> Tensor:
     return flags
 
 
+def _parts(lengths: list[int]) -> list[tuple[list[int], int, bool]]:
+    """The documents (indices into ``lengths``) as cuDNN may batch them: of one ``padded_width``, long (at least
+    ``CUDNN_MIN_LENGTH`` tokens) or not, in parts of a power of two; each part with its width and whether it is
+    long."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault((padded_width(n), n >= CUDNN_MIN_LENGTH), []).append(i)
+    parts = []
+    for (width, long), members in groups.items():
+        for size in _powers_of_two(len(members)):
+            parts.append((members[:size], width, long))
+            members = members[size:]
+    return parts
+
+
+def cudnn_share(lengths: list[int]) -> float:
+    """The share of the attention work of documents of these lengths (n^2 each) that ``document_attention`` runs on
+    cuDNN on a GPU: long documents, and short ones in batches of their width while ``_admit`` has room for the
+    batch's shape or has one like it (of any heads and dtype: close enough for a choice of kernel)."""
+    if CUDNN_MIN_LENGTH is None or not lengths:
+        return 0.0
+    on_cudnn = sum(lengths[i] ** 2 for members, width, long in _parts(lengths)
+                   if long or len(members) > 1 and _room(len(members), width) for i in members)
+    return on_cudnn / sum(n * n for n in lengths)
+
+
+DENSE_SHARE = 0.5
+"""A batch without a long document runs ``document_attention`` in place of the model's own kernel (the pass's
+``document_probe.DENSE`` graph) where at least this share of its attention work runs on cuDNN (``cudnn_share``).
+Measured on an H100 at 128K tokens (BENCHMARKS.md): cuDNN batches of one width take 0.72-0.93x the time of
+FlexAttention on the same documents, flash varlen (the rest of ``document_attention``'s work) 1.08-1.26x it, so
+past about half the work on cuDNN ``document_attention`` is the faster of the two, and faster than flash varlen
+whatever the share."""
+
+
 def _powers_of_two(count: int) -> list[int]:
     """count as a sum of distinct powers of two, the largest first."""
     return [1 << b for b in reversed(range(count.bit_length())) if count >> b & 1]
@@ -580,6 +610,10 @@ def _admit(shape: tuple) -> bool:
     if shape not in _CUDNN_SHAPES and len(_CUDNN_SHAPES) < CUDNN_BATCH_SHAPES:
         _CUDNN_SHAPES.add(shape)
     return shape in _CUDNN_SHAPES
+
+
+def _room(size: int, width: int) -> bool:
+    return len(_CUDNN_SHAPES) < CUDNN_BATCH_SHAPES or any(shape[:2] == (size, width) for shape in _CUDNN_SHAPES)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ import torch.fx as fx
 from .blocks import Block, compiled_alone, join_path
 from .ddp_buckets import Numbering
 from .debug import dump_graph
-from .document_probe import AS_CAPTURED, ROWS, DocumentProbe
-from .documents import starts_of
+from .document_probe import AS_CAPTURED, DENSE, DOCUMENTS, ROWS, DocumentProbe
+from .documents import dense_documents, starts_of
 from .options import Options
-from .placements import Inputs
+from .placements import Inputs, SingleDevice
 from .passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, copy_with_bodies, erase_unused,
                      find_qk_rotation, find_sites, prune_unused_inputs, rewrite_sites, subgraph_calls, unrotated)
 from .passes.meta import lifted_tensor, source_name, user_path
@@ -234,9 +234,11 @@ def _rope_note(rotation: tuple[RopeMatch, RopeMatch] | str | None, site: Site) -
     return f"; RoPE after selection ({match.form}, {match.rotary_dim} of {site.q_shape[3]} dims)"
 
 
-def rewrite(decisions: list[Decision], options: Options, rows: bool = False) -> list[fx.Node]:
-    """Apply the decisions; returns the nodes the replaced calls read (see ``passes.erase_unused``). ``rows``: for
-    batches of one document per row, every Lighthouse site is rewritten as plain causal attention."""
+def rewrite(decisions: list[Decision], options: Options, batches: str = DOCUMENTS) -> list[fx.Node]:
+    """Apply the decisions; returns the nodes the replaced calls read (see ``passes.erase_unused``). ``batches``:
+    the ``document_probe`` graph to build: ``DOCUMENTS`` (any batch), ``ROWS`` (one document per row: every
+    Lighthouse site as plain causal attention) or ``DENSE`` (no long document: every Lighthouse site as
+    ``document_attention``)."""
     read: list[fx.Node] = []
     by_graph: dict[fx.GraphModule, list[Decision]] = {}
     for d in decisions:
@@ -245,11 +247,11 @@ def rewrite(decisions: list[Decision], options: Options, rows: bool = False) -> 
     for module, chosen in by_graph.items():
         decision = {d.site.node: d for d in chosen}
         read += rewrite_sites(module, [d.site for d in chosen],
-                              lambda site, args: _replacement(decision[site.node], args, options, rows))
+                              lambda site, args: _replacement(decision[site.node], args, options, batches))
     return read
 
 
-def _replacement(d: Decision, args: dict[str, Any], options: Options, rows: bool) -> Any:
+def _replacement(d: Decision, args: dict[str, Any], options: Options, batches: str) -> Any:
     """What replaces a site: the placement's Lighthouse or dense attention on the site's SDPA-layout inputs."""
     site, placement = d.site, options.placement
     tracer = next(a for a in args.values() if isinstance(a, fx.Proxy)).tracer
@@ -261,10 +263,13 @@ def _replacement(d: Decision, args: dict[str, Any], options: Options, rows: bool
     head_dim = site.q_shape[3]
     scale = (head_dim ** -0.5 if isinstance(head_dim, int) else q.size(3) ** -0.5) if scale is None else scale
     starts = None
-    if site.documents is not None and not (rows and d.lighthouse):
+    if site.documents is not None and not (batches == ROWS and d.lighthouse):
         starts = starts_of(site.documents.form, [fx.Proxy(t, tracer) for t in site.documents.tensors], batch, length)
     if not d.lighthouse:
         return site.kind.output_from(site, placement.dense(site, Inputs(q, k, v, scale, starts, batch, length)), args)
+    if batches == DENSE:
+        return site.kind.output_from(site, dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale),
+                                     args)
     rotary = None
     if isinstance(d.rotation, tuple):
         q, k, rotary = _unrotated(site, d.rotation, tracer)
@@ -292,7 +297,8 @@ class Rewritten:
     needs less (``lhcompile.document_probe``)."""
     variants: dict[str, fx.GraphModule]
     """With a probe, the graphs for such batches, each with its own bodies, by the probe's name for them: the graph
-    as it was captured, and where the probe can tell one document per row, the graph rewritten for that."""
+    as it was captured, where the probe chooses by the documents' lengths the graph rewritten for
+    ``document_attention``, and where it can tell one document per row the graph rewritten for that."""
 
 
 def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: Scope,
@@ -308,10 +314,12 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     decisions = decide(graphs, options, scope, numbering)
     lighthouse = [d.site for d in decisions if d.lighthouse]
     probe = DocumentProbe.of(gm, [d.site for d in decisions], lighthouse, resolve.get,
-                             options.config.min_lighthouse_len) if lighthouse and variants else None
+                             options.config.min_lighthouse_len, isinstance(options.placement, SingleDevice)
+                             ) if lighthouse and variants else None
     others = {} if probe is None else {AS_CAPTURED: copy_with_bodies(gm)}
-    if probe is not None and probe.rows_known:
-        others[ROWS] = _rewritten_for_rows(copy_with_bodies(gm), graph_id, options, scope, numbering)
+    for name, wanted in ((DENSE, probe is not None and probe.dense), (ROWS, probe is not None and probe.rows_known)):
+        if wanted:
+            others[name] = _rewritten_for(name, copy_with_bodies(gm), graph_id, options, scope, numbering)
     if scope.root is not None:
         _warn_if_captured_below(gm, scope.root, [d.site for d in decisions], report)
     before = gm.print_readable(print_output=False) if options.debug else ""
@@ -328,12 +336,12 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, report: Report, scope: S
     return Rewritten(read, probe, others)
 
 
-def _rewritten_for_rows(gm: fx.GraphModule, graph_id: int, options: Options, scope: Scope,
-                        numbering: Numbering | None) -> fx.GraphModule:
-    """gm rewritten with the same decisions, its Lighthouse sites as plain causal attention (their documents being
-    its rows); decided again on the copy's own nodes, reported and warned about once, for gm."""
+def _rewritten_for(batches: str, gm: fx.GraphModule, graph_id: int, options: Options, scope: Scope,
+                   numbering: Numbering | None) -> fx.GraphModule:
+    """gm rewritten with the same decisions for the probe's ``batches`` (see ``rewrite``); decided again on the
+    copy's own nodes, reported and warned about once, for gm."""
     graphs = list(_graphs(gm, f"graph {graph_id}", {}, {}))
-    erase_unused(rewrite(decide(graphs, options, scope, numbering), options, rows=True) + prune_unused_inputs(gm))
+    erase_unused(rewrite(decide(graphs, options, scope, numbering), options, batches) + prune_unused_inputs(gm))
     return gm
 
 

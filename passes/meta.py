@@ -23,12 +23,23 @@ def node_shape(node: Any) -> tuple[Any, ...] | None:
 
 def node_device(node: Any) -> torch.device | None:
     """Device of a node's tensor value as recorded by export/make_fx ('val') or Dynamo ('example_value')."""
+    value = _tensor_value(node)
+    return None if value is None else value.device
+
+
+def node_dtype(node: Any) -> torch.dtype | None:
+    """Dtype of a node's tensor value as recorded by export/make_fx ('val') or Dynamo ('example_value')."""
+    value = _tensor_value(node)
+    return None if value is None else value.dtype
+
+
+def _tensor_value(node: Any) -> torch.Tensor | None:
     if not isinstance(node, fx.Node):
         return None
     for key in ("val", "example_value"):
         val = node.meta.get(key)
         if isinstance(val, torch.Tensor):
-            return val.device
+            return val
     return None
 
 

@@ -298,6 +298,28 @@ def test_cudnn_sees_a_bounded_set_of_shapes_however_documents_vary(monkeypatch):
     assert lhcompile.documents._CUDNN_SHAPES == admitted
 
 
+@pytest.mark.parametrize("mix", ["16 x 8K", "128 x 1K", "mixed rows", "lognormal ~1K", "lognormal ~3K"])
+def test_the_share_of_work_on_cudnn_is_what_document_attentions_calls_run_there(mix, monkeypatch):
+    # the pass runs a batch of short documents on document_attention where most of its work runs on cuDNN there
+    from lhcompile.bench import MIXES
+    from lhcompile.documents import DENSE_SHARE, _Segments, cudnn_share
+
+    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
+    rows = ([[9000, 3, 20, 20, 20, 8192, 8191, 9100, 785, 4669], [8191, 10240, 10240, 785, 10544]]
+            if mix == "mixed rows" else [MIXES[mix]])
+    lengths = [n for row in rows for n in row]
+    share = cudnn_share(lengths)
+    calls = _Segments.of(starts_of(rows), None).calls((8, 128, 128, torch.bfloat16))
+    on_cudnn = sum((int(own.sum()) if own is not None else width) ** 2
+                   for call in calls if call.cu is None for width in [call.shape[1]]
+                   for own in (call.own if call.own is not None else [None] * call.shape[0]))
+    assert share == pytest.approx(on_cudnn / sum(n * n for n in lengths))
+    # documents of one length run on cuDNN whole; at random lengths most short documents are alone in their width
+    assert (share >= DENSE_SHARE) == (mix != "lognormal ~1K"), share
+    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", None)
+    assert cudnn_share(lengths) == 0
+
+
 def _causal_math(q, k, v, scale, lse=None):
     """Causal attention of one sequence, (H, n, d) q and (H_kv, n, d) k, v, in fp64: probabilities (from ``lse``
     where given, as a backward kernel takes them), log-sum-exp, and k, v with every query head."""
@@ -485,6 +507,46 @@ def test_cuda_torchtitans_flex_document_mask_under_inductor_runs_lighthouse_per_
     assert site.rewritten and site.documents, site.reason
     want = lighthouse_attention(q, k, v, GPU_CONFIG, documents=Documents.from_positions(positions))
     assert ((out.double() - want.double()).norm() / want.double().norm()).item() < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["varlen", "flex"])
+def test_cuda_a_batch_of_short_documents_runs_the_faster_dense_kernel_through_the_pass(kind):
+    # documents of one length run on document_attention (cuDNN batches), documents of many lengths on the model's
+    # own kernel; either way dense attention within each document
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.varlen import varlen_attn
+
+    n = 32768
+
+    class Model(torch.nn.Module):
+        def forward(self, q, k, v, cu, longest, block_mask):
+            if kind == "flex":
+                return flex_attention(q, k, v, block_mask=block_mask)
+            rows = [t.transpose(1, 2).reshape(n, -1, t.shape[3]) for t in (q, k, v)]
+            return varlen_attn(*rows, cu, cu, longest, longest, window_size=(-1, 0)).view(1, n, 8, -1).transpose(1, 2)
+
+    model = Model()
+    lhcompile.apply(model, GPU_CONFIG, compiler="inductor")
+    many = [512 + 61 * i for i in range(40)]
+    many = many[: next(i for i in range(len(many)) if sum(many[: i + 1]) >= n)]
+    for lengths, graph in (([1024] * 32, "dense"), (many + [n - sum(many)], "as captured")):
+        starts = starts_of([lengths]).cuda()
+        cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).int()
+        doc = starts.long().cumsum(1)[0]
+        block_mask = create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) & (i >= j), 1, None, n, n,
+                                       device="cuda", _compile=True)
+        q, k, v = (t.detach().cuda().requires_grad_() for t in qkv(1, 8, 8, n, 64, torch.bfloat16))
+        before = dict(lhcompile.inspect(model).variant_calls)
+        out = model(q, k, v, cu, max(lengths), block_mask)
+        calls = lhcompile.inspect(model).variant_calls
+        assert {name for name in calls if calls[name] > before.get(name, 0)} == {graph}, (lengths, calls)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        wide = [t.detach().float().requires_grad_() for t in (q, k, v)]  # the reference, document by document
+        want = document_attention(*wide, Documents(starts))
+        for mine, ref in zip((out, *grads), (want, *torch.autograd.grad(want, wide, g.float()))):
+            assert ((mine.double() - ref.double()).norm() / ref.double().norm()).item() < 1e-2
 
 
 def test_the_documents_ops_pass_torch_librarys_checks():

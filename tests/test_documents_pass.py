@@ -403,3 +403,48 @@ def test_varlens_max_q_below_min_lighthouse_len_runs_the_graph_as_captured_witho
     assert ran[-1] == "rewritten" and len(reads) == 2
     torch.testing.assert_close(out, lighthouse_attention(q, k, v, CFG, documents=Documents.from_positions(
         positions([[70, 3, 1, 40, 78]]))), rtol=0, atol=0)
+
+
+def test_short_documents_of_one_length_run_document_attention_where_it_is_the_faster_kernel(reads, monkeypatch):
+    # on a GPU, document_attention runs documents of one width together on cuDNN, faster than the model's own
+    # kernel there (BENCHMARKS.md), while documents of many lengths would mostly run on its flash varlen: the probe
+    # chooses by the batch's lengths. Here the CPU stands in for the GPU, and a stub for varlen_attn as captured
+    from lhcompile import document_probe
+    from lhcompile.passes.kinds import varlen
+
+    monkeypatch.setattr(varlen.Varlen, "trains_on", None)
+    monkeypatch.setattr(document_probe, "DENSE_DEVICES", ("cpu",))
+
+    def compiler(gm, example_inputs):
+        targets = " ".join(str(n.target) for n in gm.graph.nodes)
+        name = ("as captured" if "varlen" in targets else "rewritten" if "select_documents" in targets else
+                "dense" if "document_attention" in targets else "?")
+        if name == "as captured":
+            return lambda *args: ran.append(name) or [torch.zeros(1, N, 4, 8, dtype=torch.bfloat16)]
+        return lambda *args: ran.append(name) or gm.forward(*args)
+
+    ran = []
+    model = Varlen()
+    lhcompile.apply(model, CFG, compiler=compiler)
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(1))
+    equal, mixed = [[16] * 12], [[17, 18, 19, 20, 21, 22, 23, 24, 28]]
+    out = model(q, k, v, _cu(equal), 16)
+    assert ran == ["dense"] and len(reads) == 1  # a short max_q no longer spares the read: the lengths choose
+    g = torch.randn_like(out)
+    want = lighthouse_attention(q, k, v, CFG, documents=Documents.from_positions(positions(equal)))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    model(q, k, v, _cu(mixed), 28)
+    assert ran[-1] == "as captured" and len(reads) == 2
+    model(q, k, v, _cu([[70, 3, 1, 40, 78]]), 78)
+    assert ran[-1] == "rewritten" and len(reads) == 3
+    report = lhcompile.inspect(model)
+    assert report.variant_calls == {"dense": 1, "as captured": 1} and report.dense_batches == 2
+    assert "1 graph call(s) found no document long enough for Lighthouse, and documents of few widths in their " \
+           "batch and ran the graph rewritten for dense attention within documents" in str(report)
+    # in full precision document_attention is a reference on every device: the model's own kernel stays
+    lhcompile.restore(model)
+    lhcompile.apply(model, CFG, compiler=compiler)
+    model(*(t.float() for t in (q, k, v)), _cu(equal), 16)
+    assert ran[-1] == "as captured" and len(reads) == 3
