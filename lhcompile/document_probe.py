@@ -2,7 +2,7 @@
 
 A rewritten graph runs Lighthouse per document with stages sized for the most long documents a batch could hold,
 since a graph cannot choose its work by data without ``torch.cond`` (whose backward recomputes the forward,
-BENCHMARKS.md). Two kinds of batch need less, and the backend keeps a graph for each:
+BENCHMARKS.md). Some batches need less, and the backend keeps a graph for each kind:
 
 - ``AS_CAPTURED``: every document is shorter than ``config.min_lighthouse_len``, so Lighthouse per document is dense
   attention within each document, which is exactly what the graph computed before the pass;
