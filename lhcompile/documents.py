@@ -526,13 +526,14 @@ class _Segments:
     def calls(self, key: tuple) -> list[_Call]:
         """The kernel calls that compute these documents, each document in one: documents of one ``padded_width``
         run together on cuDNN, in batches of a power of two (which bounds their shapes); long documents (at least
-        ``CUDNN_MIN_LENGTH`` tokens) always, short ones two or more at a time while ``_admit`` allows the shape
-        (``key``: the rest of what a cuDNN plan depends on); every other document goes to one flash varlen call."""
+        ``CUDNN_MIN_LENGTH`` tokens) always, short ones two or more and ``CUDNN_MIN_BATCH`` positions at a time
+        while ``_admit`` allows the shape (``key``: the rest of what a cuDNN plan depends on); every other document
+        goes to one flash varlen call."""
         if CUDNN_MIN_LENGTH is None:
             return [_Call.flash(self.firsts, self.lengths)] if self.lengths else []
         batches, flash = [], []
         for members, width, long in _parts(self.lengths):
-            if len(members) > 1 and _admit((len(members), width, *key)):
+            if _batched(members, width) and _admit((len(members), width, *key)):
                 batches.append((members, width))
             elif long:
                 batches += [([i], width) for i in members]
@@ -573,6 +574,10 @@ def _parts(lengths: list[int]) -> list[tuple[list[int], int, bool]]:
     return parts
 
 
+def _batched(members: list[int], width: int) -> bool:
+    return len(members) > 1 and len(members) * width >= CUDNN_MIN_BATCH
+
+
 def cudnn_share(lengths: list[int]) -> float:
     """The share of the attention work of documents of these lengths (n^2 each) that ``document_attention`` runs on
     cuDNN on a GPU: long documents, and short ones in batches of their width while ``_admit`` has room for the
@@ -580,17 +585,18 @@ def cudnn_share(lengths: list[int]) -> float:
     if CUDNN_MIN_LENGTH is None or not lengths:
         return 0.0
     on_cudnn = sum(lengths[i] ** 2 for members, width, long in _parts(lengths)
-                   if long or len(members) > 1 and _room(len(members), width) for i in members)
+                   if long or _batched(members, width) and _room(len(members), width) for i in members)
     return on_cudnn / sum(n * n for n in lengths)
 
 
-DENSE_SHARE = 0.5
+DENSE_SHARE = 0.9
 """A batch without a long document runs ``document_attention`` in place of the model's own kernel (the pass's
 ``document_probe.DENSE`` graph) where at least this share of its attention work runs on cuDNN (``cudnn_share``).
-Measured on an H100 at 128K tokens (BENCHMARKS.md): cuDNN batches of one width take 0.72-0.93x the time of
-FlexAttention on the same documents, flash varlen (the rest of ``document_attention``'s work) 1.08-1.26x it, so
-past about half the work on cuDNN ``document_attention`` is the faster of the two, and faster than flash varlen
-whatever the share."""
+Measured on an H100 at 128K tokens (BENCHMARKS.md, 2026-12-07): with all of the work on cuDNN (16 x 8K, 128 x 1K)
+``document_attention`` took 0.74-0.82x the time of FlexAttention and 0.62-0.77x that of flash varlen, with 94% (14
+documents of random lengths around 8K) 0.92-0.93x and 0.81-0.83x, with 63% (37 around 3K, before
+``CUDNN_MIN_BATCH``) 1.47-1.48x and 1.24-1.29x: the rest runs on flash varlen, and documents not laid end to end
+are gathered and scattered."""
 
 
 def _powers_of_two(count: int) -> list[int]:
@@ -636,10 +642,10 @@ class _Call:
         total = sum(lengths)
         cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
         if _consecutive(firsts, lengths):
-            return cls((total,), firsts[0], None, None, _pinned(cu), max(lengths))
+            return cls((total,), firsts[0], None, None, cu, max(lengths))
         first, size = torch.tensor(firsts), torch.tensor(lengths)
         index = torch.repeat_interleave(first - cu[:-1], size, output_size=total) + torch.arange(total)
-        return cls((total,), None, _pinned(index), None, _pinned(cu), max(lengths))
+        return cls((total,), None, index, None, cu, max(lengths))
 
     @classmethod
     def cudnn(cls, firsts: list[int], lengths: list[int], width: int) -> _Call:
@@ -649,12 +655,7 @@ class _Call:
             return cls(shape, firsts[0], None, None, None, width)
         offset = torch.arange(width)[None]
         first, size = torch.tensor(firsts)[:, None], torch.tensor(lengths)[:, None]
-        return cls(shape, None, _pinned(first + torch.minimum(offset, size - 1)), _pinned(offset < size), None, width)
-
-    def to(self, device: torch.device) -> _Call:
-        """The call with its index tables on ``device`` (copies from pinned memory that do not wait for the GPU)."""
-        move = (lambda t: t if t is None else t.to(device, non_blocking=True))
-        return _Call(self.shape, self.start, move(self.index), move(self.own), move(self.cu), self.longest)
+        return cls(shape, None, first + torch.minimum(offset, size - 1), offset < size, None, width)
 
     @property
     def size(self) -> int:
@@ -685,8 +686,19 @@ def _consecutive(firsts: list[int], lengths: list[int]) -> bool:
     return all(a + n == b for a, n, b in zip(firsts, lengths, firsts[1:]))
 
 
-def _pinned(t: Tensor) -> Tensor:
-    return t.pin_memory() if torch.cuda.is_available() else t
+def _on_device(calls: list[_Call], device: torch.device) -> list[_Call]:
+    """The calls with their index tables on ``device``: one copy from pinned memory per dtype for all of them (which
+    does not wait for the GPU), each table a view of it."""
+    tables = [t for call in calls for t in (call.index, call.own, call.cu) if t is not None]
+    moved: dict[int, Tensor] = {}
+    for dtype in {t.dtype for t in tables}:
+        same = [t for t in tables if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
+        for t, part in zip(same, flat.split([t.numel() for t in same])):
+            moved[id(t)] = part.view(t.shape)
+    move = (lambda t: None if t is None else moved[id(t)])
+    return [_Call(c.shape, c.start, move(c.index), move(c.own), move(c.cu), c.longest) for c in calls]
 
 
 def _assemble(parts: list[tuple[_Call, Tensor]], total: int, like: Tensor, fill: float) -> Tensor:
@@ -717,6 +729,11 @@ width (``CUDNN_BATCH_SHAPES``), all others together in one flash varlen call, wh
 mix of lengths. None: flash varlen for every document."""
 MIN_WIDTH = 16
 """Narrowest cuDNN width: cuDNN refuses a sequence of one token."""
+CUDNN_MIN_BATCH = 16384
+"""Fewest positions (documents x width) of a cuDNN batch of short documents; smaller ones go to the flash varlen
+call. On an H100 (BENCHMARKS.md, 2026-12-07), 21 batches of 2-4 documents of 1-6K tokens beside one flash varlen
+call for the rest took 1.9-2.0x the time of flash varlen on all 76 documents (37 documents around 3K: 1.24-1.29x),
+while one batch of 128 x 1K took 0.75-0.77x."""
 
 
 def _token_rows(x: Tensor) -> Tensor:
@@ -725,8 +742,7 @@ def _token_rows(x: Tensor) -> Tensor:
 
 
 def _gpu_calls(segments: _Segments, q: Tensor, v: Tensor) -> list[_Call]:
-    plan = segments.calls((q.shape[1], q.shape[3], v.shape[3], q.dtype))
-    return [call.to(q.device) for call in plan]
+    return _on_device(segments.calls((q.shape[1], q.shape[3], v.shape[3], q.dtype)), q.device)
 
 
 def _gpu_forward(q, k, v, segments, scale):
