@@ -725,7 +725,7 @@ def padded_width(n: int) -> int:
 CUDNN_MIN_LENGTH: int | None = 8192
 """Documents of at least this many tokens run on cuDNN's attention (faster than flash varlen on long documents),
 padded to ``padded_width``, alone or with others of their width; shorter ones run on cuDNN only in batches of their
-width (``CUDNN_BATCH_SHAPES``), all others together in one flash varlen call, which builds no plans and takes any
+width (``CUDNN_MIN_BATCH``, ``CUDNN_BATCH_SHAPES``), all others together in one flash varlen call, which builds no plans and takes any
 mix of lengths. None: flash varlen for every document."""
 MIN_WIDTH = 16
 """Narrowest cuDNN width: cuDNN refuses a sequence of one token."""
