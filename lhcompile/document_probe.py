@@ -29,11 +29,9 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document
+from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document, runs_kernels
 from .passes import Resolve, Site, ValueNumbers, ancestors, evaluate, source
 from .passes.meta import node_device, node_dtype
-
-HALF = (torch.bfloat16, torch.float16)
 
 MAX_NODES = 64
 """Most nodes evaluated per set of documents: documents come from the inputs in a few integer operations, and
@@ -49,8 +47,6 @@ VARIANTS = {AS_CAPTURED: ("no document long enough for Lighthouse", "as captured
 """What a batch that runs each graph besides the rewritten one held, and what that graph is."""
 INSTEAD = {DENSE: AS_CAPTURED}
 """The graph that serves a batch where its own did not compile (else the rewritten one does)."""
-DENSE_DEVICES = ("cuda",)
-"""Where ``document_attention`` batches documents on cuDNN: elsewhere it is a reference, never the faster."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,8 @@ class DocumentProbe:
         (their length is the graph's), documents computed from anything but the graph's inputs in a few stateless
         operations, or an attention call that does not train on its device (varlen_attn on a CPU). ``dense``: the
         placement can run ``DENSE``, which the probe then chooses where every Lighthouse site is a model's own
-        kernel (not already ``document_attention``) on a ``DENSE_DEVICES`` device in half precision."""
+        kernel (not already ``document_attention``) where ``document_attention`` runs its GPU kernels
+        (``documents.runs_kernels``: elsewhere it is a reference, never the faster)."""
         if any(s.kind.trains_on is not None and getattr(node_device(s.q), "type", None) not in s.kind.trains_on
                for s in sites):
             return None
@@ -123,8 +120,8 @@ class DocumentProbe:
             elif not isinstance(bound, int):
                 bound = None
             documents.setdefault(key, _DocumentSet(site.documents.form, site.documents.tensors, shape, bound))
-        dense = dense and all(s.kind.name != "document_attention" and node_dtype(s.q) in HALF
-                              and getattr(node_device(s.q), "type", None) in DENSE_DEVICES for s in lighthouse)
+        dense = dense and all(s.kind.name != "document_attention" and runs_kernels(node_device(s.q), node_dtype(s.q))
+                              for s in lighthouse)
         return cls(inputs, tuple(documents.values()), resolve, shortest, dense) if documents else None
 
     @property

@@ -413,8 +413,14 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
     return _document_attention(q, k, v, documents.starts, keep, q.shape[3] ** -0.5 if scale is None else scale)[0]
 
 
+def runs_kernels(device: torch.device | None, dtype: torch.dtype | None) -> bool:
+    """Whether ``document_attention`` runs its GPU kernels (cuDNN batches, flash varlen) on tensors of this device
+    and dtype; elsewhere, and in full precision, it runs a reference document by document."""
+    return getattr(device, "type", None) == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
 def _implementation(q: Tensor):
-    fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    fast = runs_kernels(q.device, q.dtype)
     return (_gpu_forward, _gpu_backward) if fast else (_reference_forward, _reference_backward)
 
 
@@ -725,8 +731,8 @@ def padded_width(n: int) -> int:
 CUDNN_MIN_LENGTH: int | None = 8192
 """Documents of at least this many tokens run on cuDNN's attention (faster than flash varlen on long documents),
 padded to ``padded_width``, alone or with others of their width; shorter ones run on cuDNN only in batches of their
-width (``CUDNN_MIN_BATCH``, ``CUDNN_BATCH_SHAPES``), all others together in one flash varlen call, which builds no plans and takes any
-mix of lengths. None: flash varlen for every document."""
+width (``CUDNN_MIN_BATCH``, ``CUDNN_BATCH_SHAPES``), all others together in one flash varlen call, which builds no
+plans and takes any mix of lengths. None: flash varlen for every document."""
 MIN_WIDTH = 16
 """Narrowest cuDNN width: cuDNN refuses a sequence of one token."""
 CUDNN_MIN_BATCH = 16384

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .document_probe import VARIANTS
+from .document_probe import AS_CAPTURED, DENSE, VARIANTS
 
 
 REASON_WIDTH = 72
@@ -75,7 +75,7 @@ class Report:
     @property
     def dense_batches(self) -> int:
         """Graph calls whose batch held no document long enough for Lighthouse (dense within documents)."""
-        return self.variant_calls.get("as captured", 0) + self.variant_calls.get("dense", 0)
+        return sum(self.variant_calls.get(name, 0) for name in (AS_CAPTURED, DENSE))
 
     @property
     def ordered(self) -> list[SiteReport]:

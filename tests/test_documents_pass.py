@@ -413,7 +413,9 @@ def test_short_documents_of_one_length_run_document_attention_where_it_is_the_fa
     from lhcompile.passes.kinds import varlen
 
     monkeypatch.setattr(varlen.Varlen, "trains_on", None)
-    monkeypatch.setattr(document_probe, "DENSE_DEVICES", ("cpu",))
+    # the CPU taken for a GPU where the probe asks, the dtype rule kept
+    monkeypatch.setattr(document_probe, "runs_kernels",
+                        lambda device, dtype: lhcompile.documents.runs_kernels(torch.device("cuda"), dtype))
     monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_BATCH", 64)  # this test's batch holds 192 tokens
 
     def compiler(gm, example_inputs):
