@@ -85,7 +85,8 @@ class Backend:
             return self.options.compile(variant, example_inputs)
         except Exception as err:  # a shortcut for some batches must never stop a model that trains without it
             held, graph = VARIANTS[name]
+            instead = f"the graph {VARIANTS[INSTEAD[name]][1]} where that compiled, else " if name in INSTEAD else ""
             self.report.once.warn(
                 f"variant {name}", f"lhcompile: the graph {graph}, for batches with {held}, did not compile "
-                f"({type(err).__name__}: {err}); those batches run Lighthouse per document")
+                f"({type(err).__name__}: {err}); those batches run {instead}Lighthouse per document")
             return None

@@ -405,23 +405,33 @@ def test_varlens_max_q_below_min_lighthouse_len_runs_the_graph_as_captured_witho
         positions([[70, 3, 1, 40, 78]]))), rtol=0, atol=0)
 
 
-def test_short_documents_of_one_length_run_document_attention_where_it_is_the_faster_kernel(reads, monkeypatch):
-    # on a GPU, document_attention runs documents of one width together on cuDNN, faster than the model's own
-    # kernel there (BENCHMARKS.md), while documents of many lengths would mostly run on its flash varlen: the probe
-    # chooses by the batch's lengths. Here the CPU stands in for the GPU, and a stub for varlen_attn as captured
+@pytest.fixture
+def dense_on_cpu(monkeypatch) -> None:
+    """The CPU stands in for the GPU where the pass asks whether document_attention runs its kernels (the dtype rule
+    kept), and for varlen_attn's training device; batches of this file's 192 tokens count as large enough."""
     from lhcompile import document_probe
     from lhcompile.passes.kinds import varlen
 
     monkeypatch.setattr(varlen.Varlen, "trains_on", None)
-    # the CPU taken for a GPU where the probe asks, the dtype rule kept
     monkeypatch.setattr(document_probe, "runs_kernels",
                         lambda device, dtype: lhcompile.documents.runs_kernels(torch.device("cuda"), dtype))
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_BATCH", 64)  # this test's batch holds 192 tokens
+    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_BATCH", 64)
+
+
+def _graph_name(gm: torch.fx.GraphModule) -> str:
+    """Which of the backend's graphs of a Varlen model gm is."""
+    targets = " ".join(str(n.target) for n in gm.graph.nodes)
+    return ("as captured" if "varlen" in targets else "rewritten" if "select_documents" in targets else
+            "dense" if "document_attention" in targets else "?")
+
+
+def test_short_documents_of_one_length_run_document_attention_where_it_is_the_faster_kernel(reads, dense_on_cpu):
+    # on a GPU, document_attention runs documents of one width together on cuDNN, faster than the model's own
+    # kernel there (BENCHMARKS.md), while documents of many lengths would mostly run on its flash varlen: the probe
+    # chooses by the batch's lengths. Here a stub stands in for varlen_attn as captured
 
     def compiler(gm, example_inputs):
-        targets = " ".join(str(n.target) for n in gm.graph.nodes)
-        name = ("as captured" if "varlen" in targets else "rewritten" if "select_documents" in targets else
-                "dense" if "document_attention" in targets else "?")
+        name = _graph_name(gm)
         if name == "as captured":
             return lambda *args: ran.append(name) or [torch.zeros(1, N, 4, 8, dtype=torch.bfloat16)]
         return lambda *args: ran.append(name) or gm.forward(*args)
@@ -451,3 +461,24 @@ def test_short_documents_of_one_length_run_document_attention_where_it_is_the_fa
     lhcompile.apply(model, CFG, compiler=compiler)
     model(*(t.float() for t in (q, k, v)), _cu(equal), 16)
     assert ran[-1] == "as captured" and len(reads) == 3
+
+
+def test_a_dense_graph_that_does_not_compile_leaves_its_batches_to_the_graph_as_captured(dense_on_cpu):
+
+    def compiler(gm, example_inputs):
+        name = _graph_name(gm)
+        if name == "dense":
+            raise RuntimeError("no kernel for this op here")
+        if name == "as captured":
+            return lambda *args: ran.append(name) or [torch.zeros(1, N, 4, 8, dtype=torch.bfloat16)]
+        return lambda *args: ran.append(name) or gm.forward(*args)
+
+    ran = []
+    model = Varlen()
+    lhcompile.apply(model, CFG, compiler=compiler)
+    q, k, v = (t.bfloat16() for t in qkv(1))
+    with pytest.warns(LighthouseWarning, match=r"dense attention within documents .*did not compile \(RuntimeError: "
+                      r"no kernel for this op here\); those batches run the graph as captured \(dense within "
+                      r"documents\) where that compiled, else Lighthouse per document"):
+        model(q, k, v, _cu([[16] * 12]), 16)
+    assert ran == ["as captured"] and lhcompile.inspect(model).variant_calls == {"as captured": 1}
