@@ -305,8 +305,12 @@ def _token_major(b: int, h: int, n: int, d: int, like: Tensor) -> Tensor:
 
 
 def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
-    """t with the strides of ``like`` (what the op's fake promises the compiler), copied only if they differ."""
-    return t if t.stride() == like.stride() else like.copy_(t)
+    """t with the layout of ``like`` (what the op's fake promises the compiler), copied only if it differs. A stride
+    of a dimension of size 1 is no layout (the compiler's stride checks skip it), and a compiled graph's views of a
+    model's (N, H, d) rows carry a batch stride of H * d: comparing it would copy every gradient of a batch of one
+    row."""
+    same = all(a == b for a, b, size in zip(t.stride(), like.stride(), t.shape) if size > 1)
+    return t if same else like.copy_(t)
 
 
 @torch.library.custom_op("lhcompile::document_attention", mutates_args=())

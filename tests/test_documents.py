@@ -434,6 +434,21 @@ def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudn
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
+
+def test_a_result_in_the_layout_the_op_promises_is_not_copied_whatever_the_stride_of_a_batch_of_one():
+    # a compiled graph hands document_attention views of a model's (N, H, d) rows, whose batch stride is H * d; the
+    # GPU path's results, (B * N, H, d) rows viewed back, have N * H * d: the same layout, which must not cost a copy
+    # of every gradient in every layer. A result truly laid out otherwise is copied into the promised layout
+    from lhcompile.documents import _laid_out_as
+
+    n, h, d = 64, 4, 8
+    promised = torch.empty_strided((1, h, n, d), (h * d, d, h * d, 1))
+    result = torch.randn(n, h, d).view(1, n, h, d).transpose(1, 2)
+    assert _laid_out_as(result, promised) is result
+    other = torch.randn(1, h, n, d)
+    copied = _laid_out_as(other, promised)
+    assert copied is promised and copied.stride() == (h * d, d, h * d, 1) and torch.equal(copied, other)
+
 # -- on a GPU: the Triton kernels, flash varlen and Inductor at lengths that need them --------------------------
 
 CUDA = torch.cuda.is_available()
