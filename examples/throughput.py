@@ -62,7 +62,11 @@ def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float
     torch.cuda.synchronize()
     rate = args.steps * seq_len / (time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    sites = "" if mode == "dense" else f"{len(lhcompile.inspect(model).rewritten)} sites rewritten"
+    # a layer's site appears once per graph captured (packed batches recapture at a new length): count layers
+    report = lhcompile.inspect(model)
+    sites = "" if mode == "dense" else (f"{len({s.module_path for s in report.rewritten})} of "
+                                        f"{len({s.module_path for s in report})} layers rewritten, "
+                                        f"{report.graphs} graphs captured")
     return rate, peak, sites
 
 
