@@ -434,7 +434,6 @@ def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudn
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_result_in_the_layout_the_op_promises_is_not_copied_whatever_the_stride_of_a_batch_of_one():
     # a compiled graph hands document_attention views of a model's (N, H, d) rows, whose batch stride is H * d; the
     # GPU path's results, (B * N, H, d) rows viewed back, have N * H * d: the same layout, which must not cost a copy
@@ -448,6 +447,7 @@ def test_a_result_in_the_layout_the_op_promises_is_not_copied_whatever_the_strid
     other = torch.randn(1, h, n, d)
     copied = _laid_out_as(other, promised)
     assert copied is promised and copied.stride() == (h * d, d, h * d, 1) and torch.equal(copied, other)
+
 
 # -- on a GPU: the Triton kernels, flash varlen and Inductor at lengths that need them --------------------------
 

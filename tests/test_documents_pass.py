@@ -266,6 +266,7 @@ def test_a_graph_for_some_batches_compiles_with_inductor_at_the_first_batch_that
         assert compiled == ["rewritten", "other"], "compiled once, at the first batch without a long document"
     assert lhcompile.inspect(model).variant_calls == {"as captured": 4}  # 2 batches, a layer's forward and recompute
 
+
 def test_a_graph_as_captured_that_does_not_compile_leaves_every_batch_to_lighthouse_per_document(selections):
 
     def compiler(gm, example_inputs):  # compiles what the pass rewrote, fails on the graph as captured
