@@ -11,12 +11,11 @@ import torch.fx as fx
 
 def node_shape(node: Any) -> tuple[Any, ...] | None:
     """Shape of a node's tensor value as recorded by export/make_fx ('val'), Dynamo ('example_value') or ShapeProp."""
+    value = _tensor_value(node)
+    if value is not None:
+        return tuple(value.shape)
     if not isinstance(node, fx.Node):
         return None
-    for key in ("val", "example_value"):
-        val = node.meta.get(key)
-        if isinstance(val, torch.Tensor):
-            return tuple(val.shape)
     tm = node.meta.get("tensor_meta")
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
