@@ -457,18 +457,28 @@ def _graph_name(gm: torch.fx.GraphModule) -> str:
             "dense" if "document_attention" in targets else "?")
 
 
+def _recording_compiler(ran: list, failing: str | None = None):
+    """A compiler that appends to ``ran`` the name of each of a Varlen model's graphs as it runs, stands in for
+    varlen_attn as captured (no CPU kernel) with zeros, and fails to compile the graph named ``failing``."""
+
+    def compiler(gm, example_inputs):
+        name = _graph_name(gm)
+        if name == failing:
+            raise RuntimeError("no kernel for this op here")
+        if name == "as captured":
+            return lambda *args: ran.append(name) or [torch.zeros(1, N, 4, 8, dtype=torch.bfloat16)]
+        return lambda *args: ran.append(name) or gm.forward(*args)
+
+    return compiler
+
+
 def test_short_documents_of_one_length_run_document_attention_where_it_is_the_faster_kernel(reads, dense_on_cpu):
     # on a GPU, document_attention runs documents of one width together on cuDNN, faster than the model's own
     # kernel there (BENCHMARKS.md), while documents of many lengths would mostly run on its flash varlen: the probe
     # chooses by the batch's lengths. Here a stub stands in for varlen_attn as captured
 
-    def compiler(gm, example_inputs):
-        name = _graph_name(gm)
-        if name == "as captured":
-            return lambda *args: ran.append(name) or [torch.zeros(1, N, 4, 8, dtype=torch.bfloat16)]
-        return lambda *args: ran.append(name) or gm.forward(*args)
-
     ran = []
+    compiler = _recording_compiler(ran)
     model = Varlen()
     lhcompile.apply(model, CFG, compiler=compiler)
     q, k, v = (t.bfloat16().requires_grad_() for t in qkv(1))
@@ -496,18 +506,9 @@ def test_short_documents_of_one_length_run_document_attention_where_it_is_the_fa
 
 
 def test_a_dense_graph_that_does_not_compile_leaves_its_batches_to_the_graph_as_captured(dense_on_cpu):
-
-    def compiler(gm, example_inputs):
-        name = _graph_name(gm)
-        if name == "dense":
-            raise RuntimeError("no kernel for this op here")
-        if name == "as captured":
-            return lambda *args: ran.append(name) or [torch.zeros(1, N, 4, 8, dtype=torch.bfloat16)]
-        return lambda *args: ran.append(name) or gm.forward(*args)
-
     ran = []
     model = Varlen()
-    lhcompile.apply(model, CFG, compiler=compiler)
+    lhcompile.apply(model, CFG, compiler=_recording_compiler(ran, failing="dense"))
     q, k, v = (t.bfloat16() for t in qkv(1))
     with pytest.warns(LighthouseWarning, match=r"dense attention within documents .*did not compile \(RuntimeError: "
                       r"no kernel for this op here\); those batches run the graph as captured \(dense within "
