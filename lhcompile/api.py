@@ -17,13 +17,12 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .backend import Backend
-from .blocks import find_blocks, group_blocks
-from .compiled_module import STATE, Applied, Kind, applied
+from .compiled_module import STATE, Applied, applied
 
 RESTORED = "_lhcompile_restored"
 """Where a restored model keeps the report of what the pass did before (``inspect`` returns it)."""
 from .config import LighthouseConfig
-from .lighthouse_pass import Scope, rewrite_graph
+from .lighthouse_pass import Scope, rewrite_in_place
 from .options import Compiler, FilterFn, Options
 from .passes import restore_sites
 from .report import LighthouseWarning, Report
@@ -98,7 +97,7 @@ def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequen
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     report = Report()
-    rewrite_graph(gm, options, report, Scope(training=gm.training), variants=False)
+    rewrite_in_place(gm, options, report, Scope(training=gm.training))
     gm.meta.pop(RESTORED, None)
     gm.meta[STATE] = report
     return gm
@@ -114,13 +113,8 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
                       LighthouseWarning, stacklevel=3)
         return model
     _warn_if_never_long_enough(model, options)
-    groups = group_blocks(find_blocks(model, options.config, options.regional), options.filter_fn)
-    kinds = tuple(Kind(tuple(block for block, _ in members), tuple(module for _, module in members))
-                  for members in groups)
     model.__dict__.pop(RESTORED, None)
-    # regionally compiled, the model's own call runs as written around its compiled layers; its call is still
-    # taken over, so that a later torch.compile(model) or model.compile() cannot trace the layers into a dense graph
-    Applied.install(model, options, (*kinds, Kind((), (model,), compiled=not (options.regional and kinds))))
+    Applied.install(model, options)
     return model
 
 

@@ -1,18 +1,22 @@
-"""A module that ``apply`` compiled in place: its compiled call per mode, kept through what users do to models.
+"""A module that ``apply`` compiled in place: its compiled calls per mode, kept through what users do to models.
 
-``apply`` compiles each kind of layer of the model's layer stack (or, compiled whole, the model) twice, for
-training (rewritten) and for eval (dense), and lets the module's ``training`` flag choose at every call; a model
-whose layers are compiled on their own runs its own code as written around them. The ``Applied`` state sits on
-the model and follows it:
+``apply`` takes over the model's call. Its first call makes the model's ``Plan`` (``lhcompile.plan``: which
+modules are its layers, where each attention call stands); then each kind of layer (one class) is compiled twice,
+for training (rewritten) and for eval (dense), or, without layers, the model is, and the module's ``training``
+flag chooses at every call. A model whose layers are compiled on their own runs its own code as written around
+them. Every call of the model is one ``calls.Batch``; every call of a layer (or of the model compiled whole) says
+where its attention sites stand (``calls.Sites``), which the graphs it runs read. The ``Applied`` state sits on the
+model and follows it:
 
-- ``copy.deepcopy`` (EMA and reference copies): the copy gets compiled calls of its own and runs Lighthouse like
-  the original, with a report of its own; ``pickle`` / ``torch.save``: torch drops compiled calls from pickles and
-  ``filter_fn`` or the process group may not pickle, so the loaded copy is plainly not applied (``inspect`` is
-  empty, ``apply`` works) and the pickling says so; a shallow ``copy.copy`` shares its layers with the original
-  and is not applied itself either;
+- ``copy.deepcopy`` (EMA and reference copies): the copy gets compiled calls of its own, made at its first call,
+  and runs Lighthouse like the original, with a report of its own; ``pickle`` / ``torch.save``: torch drops
+  compiled calls from pickles and ``filter_fn`` or the process group may not pickle, so the loaded copy is plainly
+  not applied (``inspect`` is empty, ``apply`` works) and the pickling says so; a shallow ``copy.copy`` shares its
+  layers with the original and is not applied itself either;
 - ``module.compile(...)`` after ``apply``: Lighthouse stays; the user's compile is kept for ``restore`` to give
   back, and that is said;
-- input shapes beyond Dynamo's recompile limit: Dynamo then runs the model eagerly, so dense; said.
+- attention that runs outside the compiled graphs (Dynamo's recompile limit, a graph break, code outside the
+  layers): dense; said with the cause, and in the report's row of each such site.
 """
 
 from __future__ import annotations
@@ -27,28 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .backend import Backend
-from .blocks import Block
-from .lighthouse_pass import Scope, warn_if_nothing_rewritten
+from .calls import Batch, Sites, current_batch, current_sites, entered
+from .lighthouse_pass import Pattern, Scope, pattern_of, warn_if_nothing_rewritten
 from .options import Options
-from .report import LighthouseWarning, Report
+from .plan import Plan, discover
+from .report import LighthouseWarning, Report, SiteReport
 
 STATE = "_lhcompile"
 """The attribute of an applied module that holds its ``Applied`` state."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    """Modules that share one backend per mode, so that Dynamo reuses one graph for all of them: the model
-    itself (``blocks`` empty), or the layers of one kind compiled on their own (see ``lhcompile.blocks``)."""
-
-    blocks: tuple[Block, ...]
-    modules: tuple[torch.nn.Module, ...]
-    compiled: bool = True
-    """False: the model's own call runs as written around its layers compiled on their own (regional)."""
 
 
 @dataclass
@@ -59,36 +52,69 @@ class Applied:
     model: torch.nn.Module = field(repr=False, compare=False)
     options: Options
     report: Report
-    kinds: tuple[Kind, ...]
-    previous: dict[torch.nn.Module, Callable | None]
+    previous: dict[torch.nn.Module, Callable | None] = field(default_factory=dict, repr=False)
+    plan: Plan | None = None
+    """Made at the model's first call."""
+    counts: Counter = field(default_factory=Counter, repr=False)
+    """Calls of each layer so far in the current model call."""
 
     @classmethod
-    def install(cls, model: torch.nn.Module, options: Options, kinds: tuple[Kind, ...], hooks: bool = True
-                ) -> Applied:
-        """Compile every module of ``kinds`` in place, per mode, and keep the state on ``model``; with ``hooks``,
-        hook the model's children to notice them run outside its compiled call (a deep copy copies the hooks)."""
-        state = cls(model, options, Report(), kinds, {})
-        if hooks and any(not kind.blocks and kind.compiled for kind in kinds):
-            # a block compiled on its own runs Lighthouse wherever it is called; a hook on it would also make Dynamo
-            # call its compiled call instead of inlining it into the model's graph
-            blocks = {module for kind in kinds if kind.blocks for module in kind.modules}
-            for path, part in _parts(model):
-                if part not in blocks:
-                    part.register_forward_pre_hook(_CalledAround(model, path))
-        for kind in kinds:
-            backends = _backends(options, state.report, kind, model)
-            calls = {training: _Calls() for training in backends}  # one kind's layers share their graphs
-            for module in kind.modules:
-                state.previous[module] = module.__dict__.get("_compiled_call_impl")
-                whole = None if kind.blocks else state.report  # the model's own call: it sees every layer run
-                if kind.compiled:
-                    _compile_per_mode(module, backends, calls, whole, sum(k.compiled for k in kinds))
-                else:
-                    _run_as_written(module, whole)
-                # Module.compile would overwrite the compiled call: this instance attribute answers instead
-                object.__setattr__(module, "compile", functools.partial(_compile_after_apply, model, module))
+    def install(cls, model: torch.nn.Module, options: Options) -> Applied:
+        """Take over the model's call (the plan and the compiles follow at its first call)."""
+        state = cls(model, options, Report())
+        state._take(model, _ModelCall(state))
+        for path, part in _parts(model):
+            part.register_forward_pre_hook(_CalledAround(model, path), with_kwargs=True)
         object.__setattr__(model, STATE, state)
         return state
+
+    def _take(self, module: torch.nn.Module, call: Callable) -> None:
+        self.previous.setdefault(module, module.__dict__.get("_compiled_call_impl"))
+        # object.__setattr__: also on a deep copy whose attributes are not set yet (see __deepcopy__)
+        object.__setattr__(module, "_compiled_call_impl", call)
+        # Module.compile would overwrite the compiled call: this instance attribute answers instead
+        object.__setattr__(module, "compile", functools.partial(_compile_after_apply, self.model, module))
+
+    def make_plan(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Find the model's layers on its first call's inputs (or the first call of a part of it, ``module``, run
+        on its own) and compile them, or the model whole."""
+        model, options = self.model, self.options
+        with _inside():
+            self.plan = plan = discover(model, lambda: module._call_impl(*args, **kwargs), options.regional)
+        self._warn_about_dense_layers(plan.total)
+        kinds: dict[type, list[torch.nn.Module]] = {}
+        for module in plan.layers:
+            kinds.setdefault(type(module), []).append(module)
+        compiled = len(kinds) + (not kinds)
+        for modules in kinds.values():
+            backends = self._backends(modules)
+            calls = {training: _Calls() for training in backends}  # one kind's layers share their graphs
+            for module in modules:
+                self._take(module, _LayerCall(self, module, backends, calls, compiled))
+        call: _ModelCall = model.__dict__["_compiled_call_impl"]
+        if not kinds:
+            backends = {training: Backend(options, Scope(training=training, root=model, model=model), self.report)
+                        for training in (True, False)}
+            call.whole = _Compiled(model, backends, {t: _Calls() for t in backends}, compiled)
+
+    def _backends(self, modules: list[torch.nn.Module]) -> dict[bool, Backend]:
+        plan, options = self.plan, self.options
+
+        def predict(count: int) -> set[Pattern]:
+            return {pattern_of(options, positions, plan.paths(positions), plan.total)
+                    for m in modules for positions in plan.calls.get(m, ()) if len(positions) == count}
+
+        scope = dict(root=modules[0], root_path=plan.layers[modules[0]], model=self.model,
+                     serves=tuple(plan.layers[m] for m in modules))
+        return {training: Backend(options, Scope(training=training, **scope), self.report, predict)
+                for training in (True, False)}
+
+    def _warn_about_dense_layers(self, total: int) -> None:
+        outside = [i for i in self.options.config.dense_layers if not -total <= i < total]
+        if total and outside:
+            self.report.note("dense_layers range",
+                             f"lhcompile: dense_layers entries {outside} are outside the {total} attention sites of "
+                             f"{type(self.model).__name__}; they keep nothing dense", stacklevel=5)
 
     def uninstall(self) -> None:
         """Give every compiled module back the compiled call it had before ``apply`` (``restore``)."""
@@ -103,12 +129,15 @@ class Applied:
 
     def __deepcopy__(self, memo: dict) -> Applied:
         # deepcopy makes the model's copy (kept in memo) before it copies the model's attributes, this state last
-        # among them: the copies of the compiled layers are whole by now, the model's is being filled in
+        # among them. torch drops compiled calls from copies; the copy plans and compiles at its own first call
         model = copy.deepcopy(self.model, memo)
-        kinds = tuple(Kind(kind.blocks, tuple(copy.deepcopy(m, memo) for m in kind.modules), kind.compiled)
-                      for kind in self.kinds)
-        state = Applied.install(model, self.options, kinds, hooks=False)
-        state.previous = dict.fromkeys(state.previous)  # torch drops compiled calls from copies
+        for module in self.previous:
+            twin = memo.get(id(module))
+            if twin is not None and twin is not model:
+                twin.__dict__.pop("compile", None)
+        state = Applied(model, self.options, Report())
+        state._take(model, _ModelCall(state))
+        state.previous = dict.fromkeys(state.previous)
         return state
 
     def __reduce__(self) -> tuple:
@@ -123,6 +152,12 @@ def _not_applied() -> None:
     return None
 
 
+def applied(model: torch.nn.Module) -> Applied | None:
+    """The model's state, if apply was called on it (a shallow copy shares the original's state: not its own)."""
+    state = model.__dict__.get(STATE)
+    return state if state is not None and state.model is model else None
+
+
 _INSIDE = threading.local()
 """How many of lhcompile's compiled calls run on this thread (a part of the model run outside them is dense)."""
 
@@ -133,39 +168,41 @@ def _parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 class _CalledAround:
-    """A pre-hook on a part of an applied model: says when that part runs outside the model's compiled call
-    (``model.forward(...)``, ``model.model(...)``, PEFT's tuners calling ``base.forward``), dense and uncompiled.
-    Traced away under compile; a class, so that an applied model pickles."""
+    """A pre-hook on a part of an applied model, for when that part runs outside the model's own call
+    (``model.forward(...)``, ``model.model(...)``, PEFT's tuners calling ``base.forward``): before the model's first
+    call it makes the plan from the part's call (its layers run compiled from then on); where the model is compiled
+    whole, it says that the part runs dense and uncompiled. Traced away under compile; a class, so that an applied
+    model pickles."""
 
     def __init__(self, model: torch.nn.Module, path: str) -> None:
         self.model, self.path = model, path
 
-    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+    def __call__(self, module: torch.nn.Module, args: Any, kwargs: dict) -> None:
         if torch.compiler.is_compiling() or getattr(_INSIDE, "depth", 0):
             return
         state = applied(self.model)
-        if state is None or not any(site.module_path.startswith(f"{self.path}.") or site.module_path == self.path
-                                    for site in state.report):
+        if state is not None and state.plan is None:
+            state.make_plan(module, args, kwargs)
+        call = None if state is None else self.model.__dict__.get("_compiled_call_impl")
+        if not isinstance(call, _ModelCall) or call.whole is None or not any(
+                s.path.startswith(f"{self.path}.") or s.path == self.path for s in state.plan.sites):
             return  # not applied any more, or no attention in this part (e.g. a head a loss calls on its own)
-        note = (f"lhcompile: {type(self.model).__name__}.{self.path} ran outside the compiled call that lhcompile "
-                f"installed on {type(self.model).__name__} (model.forward(...) called directly, a submodule called on "
-                "its own, or a wrapper such as PEFT's tuners calling base.forward), so its attention ran dense and "
-                "uncompiled; call the model itself, model(...), or lhcompile.apply the module you call (for PEFT: "
-                "apply to the PeftModel after get_peft_model)")
-        if state.report.once.warn("called around", note, stacklevel=3):
-            state.report.notes.append(note)
+        state.report.note(
+            "called around",
+            f"lhcompile: {type(self.model).__name__}.{self.path} ran outside the compiled call that lhcompile "
+            f"installed on {type(self.model).__name__} (model.forward(...) called directly, a submodule called on "
+            "its own, or a wrapper such as PEFT's tuners calling base.forward), so its attention ran dense and "
+            "uncompiled; call the model itself, model(...), or lhcompile.apply the module you call (for PEFT: "
+            "apply to the PeftModel after get_peft_model)", stacklevel=3)
 
 
-def applied(model: torch.nn.Module) -> Applied | None:
-    """The model's state, if apply was called on it (a shallow copy shares the original's state: not its own)."""
-    state = model.__dict__.get(STATE)
-    return state if state is not None and state.model is model else None
-
-
-def _backends(options: Options, report: Report, kind: Kind, model: torch.nn.Module) -> dict[bool, Backend]:
-    root = kind.modules[0] if kind.blocks else model
-    return {training: Backend(options, Scope(training=training, root=root, blocks=kind.blocks, model=model), report)
-            for training in (True, False)}
+@contextlib.contextmanager
+def _inside() -> Any:
+    _INSIDE.depth = getattr(_INSIDE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _INSIDE.depth -= 1
 
 
 @dataclass
@@ -178,116 +215,223 @@ class _Calls:
     """Gone to dynamic shapes: a packed batch's length is data."""
 
 
-def _compile_per_mode(module: torch.nn.Module, backends: dict[bool, Backend], calls: dict[bool, _Calls],
-                      whole: Report | None, kinds: int) -> None:
-    """Compile the module in place twice, for training (rewritten) and for eval (dense), and let its ``training``
-    flag choose at every call: Dynamo guards on the flag only where the model's code reads it. ``calls``: per mode,
-    how the modules sharing these backends were called; ``whole``: the model's report, where the module is the
-    model (said after a training call if it rewrote nothing); ``kinds``: how many kinds of module are compiled in
-    place."""
-    # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly. Where sites run
-    # per document (their lengths are data), new inputs go to Dynamo's automatic dynamic shapes instead: the sizes
-    # and ints that changed (a packed batch's total length, varlen's longest document) become dynamic, so one more
-    # graph serves every later batch
-    compiled = {training: torch.compile(module._call_impl, dynamic=False, backend=backend)
-                for training, backend in backends.items()}
-    dynamic = {training: torch.compile(module._call_impl, dynamic=None, backend=backend)
-               for training, backend in backends.items()}
+def _graph_breaks() -> Counter:
+    return Counter(torch._dynamo.utils.counters["graph_break"])
 
-    @torch.compiler.disable  # a later torch.compile(model) must call this, not trace through it and lose the rewrite
-    def call(*args, **kwargs):
-        _INSIDE.depth = getattr(_INSIDE, "depth", 0) + 1
-        try:
-            with _unwatched():
-                return _call(*args, **kwargs)
-        finally:
-            _INSIDE.depth -= 1
 
-    def _call(*args, **kwargs):
-        mode = module.training
-        backend, shapes, seen = backends[mode], _shapes(args, kwargs), calls[mode]
+def _dynamo_config(kinds: int) -> contextlib.AbstractContextManager:
+    """Dynamo's settings for lhcompile's compiled calls: Dynamo counts its recompile limit per code, and every module
+    compiled here shares nn.Module's call, so each kind of layer gets the limit the user set; inside an
+    activation-checkpointed region a side effect (transformers' context variables, a counter the model keeps) is
+    applied once, in the forward, as without checkpointing, instead of making Dynamo give up the region."""
+    patch: dict[str, Any] = {}
+    if kinds > 1:
+        patch["recompile_limit"] = torch._dynamo.config.recompile_limit * kinds
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        patch["skip_fwd_side_effects_in_bwd_under_checkpoint"] = True
+    return torch._dynamo.config.patch(**patch)
+
+
+class _Compiled:
+    """A module compiled in place twice, for training (rewritten) and for eval (dense); its ``training`` flag
+    chooses at every call (Dynamo guards on the flag only where the model's code reads it). ``calls``: per mode, how
+    the modules sharing these backends were called; ``kinds``: how many kinds of module are compiled in place."""
+
+    def __init__(self, module: torch.nn.Module, backends: dict[bool, Backend], calls: dict[bool, _Calls],
+                 kinds: int, body: Callable | None = None) -> None:
+        self.module, self.backends, self.calls, self.kinds = module, backends, calls, kinds
+        self.new = False
+        """Whether the last call's input shapes were new to this kind of module in its mode."""
+        # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly. Where sites
+        # run per document (their lengths are data), new inputs go to Dynamo's automatic dynamic shapes instead: the
+        # sizes and ints that changed (a packed batch's total length, varlen's longest document) become dynamic, so
+        # one more graph serves every later batch
+        function = module._call_impl if body is None else body
+        self.compiled = {dynamic: {training: torch.compile(function, dynamic=None if dynamic else False,
+                                                           backend=backend)
+                                   for training, backend in backends.items()} for dynamic in (False, True)}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        mode = self.module.training
+        backend, shapes, seen = self.backends[mode], _shapes(args, kwargs), self.calls[mode]
         new = shapes not in seen.shapes
         seen.dynamic = seen.dynamic or (new and bool(seen.shapes) and backend.documents)
-        runs = backend.runs
-        # Dynamo counts its recompile limit per code, and every module compiled here shares nn.Module's call: each
-        # kind of layer gets the limit the user set
-        share = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * kinds) \
-            if kinds > 1 else contextlib.nullcontext()
-        with share:
-            out = (dynamic if seen.dynamic else compiled)[mode](*args, **kwargs)
-        if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
-            return out
+        self.new = new
+        with _dynamo_config(self.kinds):
+            out = self.compiled[seen.dynamic][mode](*args, **kwargs)
         if new:
             seen.shapes.append(shapes)
-        if backend.runs == runs:
-            _warn_ran_eagerly(module, backend, shapes, new)
-        if whole is not None and mode:
-            _warn_if_nothing_rewritten(whole)
         return out
 
-    # object.__setattr__: also on a deep copy whose attributes are not set yet (see Applied.__deepcopy__)
-    object.__setattr__(module, "_compiled_call_impl", call)
 
+class _ModelCall:
+    """The applied model's own call: its plan at the first call, one ``Batch`` per call; compiled whole where the
+    model has no layers, else its own code as written around its layers compiled on their own (a torch.compile of
+    the model defers to this call, so that Dynamo does not trace the layers into one dense graph)."""
 
-def _run_as_written(module: torch.nn.Module, whole: Report) -> None:
-    """The model's own call, uncompiled: a torch.compile of the model around it defers to it, so that Dynamo does
-    not trace the layers it holds, each compiled on its own, into one dense graph. Its first training call says
-    whether the model's own code calls attention outside those layers (uncompiled, so dense)."""
-    watched = False
+    def __init__(self, state: Applied) -> None:
+        self.state = state
+        self.whole: _Compiled | None = None
+        self._told = False
 
     @torch.compiler.disable
-    def call(*args, **kwargs):
-        nonlocal watched
-        if module.training and not watched:
-            watched = True
-            with _AttentionOutsideLayers() as watch:
-                out = module._call_impl(*args, **kwargs)
-            _warn_about_attention_outside(module, whole, watch)
-        else:
-            out = module._call_impl(*args, **kwargs)
-        if module.training:
-            _warn_if_nothing_rewritten(whole)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        model = state.model
+        if torch.compiler.is_exporting():  # export traces the module's own code: no graph is captured, by design
+            return model._call_impl(*args, **kwargs)
+        if state.plan is None:
+            state.make_plan(model, args, kwargs)
+        state.counts.clear()
+        plan = state.plan
+        with entered(Batch()), _inside():
+            if self.whole is None:
+                out = model._call_impl(*args, **kwargs)
+            else:
+                sites = Sites(tuple(range(plan.total)), plan.paths(tuple(range(plan.total))), plan.total)
+                out = _run(model, self.whole, sites, state, args, kwargs)
+        if model.training:
+            self._after_training_call()
         return out
 
-    object.__setattr__(module, "_compiled_call_impl", call)
+    def _after_training_call(self) -> None:
+        state = self.state
+        if not self._told and state.plan.outside:
+            self._told = True
+            _report_outside(state)
+        warn_if_nothing_rewritten(state.report, [s for s in state.report.sites if s.training], stacklevel=4)
 
 
-class _AttentionOutsideLayers(TorchFunctionMode):
-    """Counts the attention calls a model's own code makes around its layers compiled on their own (a layer's call
-    pops this mode: Dynamo must not trace it into the layer's graph)."""
-
-    NAMES = frozenset({"scaled_dot_product_attention", "flex_attention", "varlen_attn", "document_attention"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "").removesuffix(".default")
-        if name in self.NAMES:
-            self.calls[name] += 1
-        return func(*args, **(kwargs or {}))
+def _report_outside(state: Applied) -> None:
+    """Attention the model's own code calls outside its layers: uncompiled, so dense; in the report and said."""
+    outside = state.plan.outside
+    calls = ", ".join(f"{op} x{count}" for op, count in Counter(s.op for s in outside).items())
+    reason = ("called by the model's own code outside its layers, which runs uncompiled when layers are compiled "
+              "on their own; apply with regional=False to compile the whole model")
+    state.report.record([SiteReport(-1, s.position, s.path, s.op, None, None, False, reason, True) for s in outside])
+    state.report.note("attention outside the layers",
+                      f"lhcompile: {type(state.model).__name__}'s own code calls attention outside its layer stack "
+                      f"({calls}); regional compilation compiles only the layers, so those calls run uncompiled and "
+                      "dense. Apply with regional=False to compile the whole model, where the pass sees them too",
+                      stacklevel=5)
 
 
-def _warn_about_attention_outside(model: torch.nn.Module, report: Report, watch: _AttentionOutsideLayers) -> None:
-    if not watch.calls:
-        return
-    calls = ", ".join(f"{name} x{count}" for name, count in watch.calls.items())
-    note = (f"lhcompile: {type(model).__name__}'s own code calls attention outside its layer stack ({calls}); "
-            "regional compilation compiles only the layers, so those calls run uncompiled and dense. Apply with "
-            "regional=False to compile the whole model, where the pass sees them too")
-    if report.once.warn("attention outside the layers", note, stacklevel=4):
-        report.notes.append(note)
+class _LayerCall:
+    """A layer's call: where its attention sites stand at this call (from the plan, by how often it was called in
+    this model call), then its compiled graphs."""
+
+    def __init__(self, state: Applied, module: torch.nn.Module, backends: dict[bool, Backend],
+                 calls: dict[bool, _Calls], kinds: int) -> None:
+        self.state, self.module = state, module
+        self.compiled = _Compiled(module, backends, calls, kinds)
+        self.body = _Compiled(module, backends, calls, kinds, body=_forward_body)
+
+    @torch.compiler.disable
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state, module = self.state, self.module
+        if torch.compiler.is_exporting():
+            return module._call_impl(*args, **kwargs)
+        if current_sites() is not None:  # called inside another layer: its sites are the other's
+            return self._run(None, args, kwargs)
+        plan = state.plan
+        planned = plan.calls.get(module) or [()]
+        positions = planned[state.counts[module] % len(planned)]
+        state.counts[module] += 1
+        return self._run(Sites(positions, plan.paths(positions), plan.total), args, kwargs)
+
+    def _run(self, sites: Sites | None, args: tuple, kwargs: dict) -> Any:
+        module = self.module
+        original = _checkpointing(module)
+        if original is None:
+            return _run(module, self.compiled, sites, self.state, args, kwargs)
+
+        # a layer that checkpoints itself (transformers' gradient checkpointing, with or without offloading its
+        # saved activations to the host): its call runs as written, the checkpoint (and its saved-tensor hooks)
+        # eagerly, and the compiled graph is the body it checkpoints, so that Dynamo neither meets the context
+        # managers nor the side effects of the checkpointed code. The recompute in the backward runs the same body
+        # at the same positions
+        batch = current_batch()
+
+        def checkpointed(function: functools.partial, *inputs: Any) -> Any:
+            def body(*tensors: Any) -> Any:
+                # the recompute in the backward runs outside the model's call: it enters the forward's batch, so that
+                # its graph reads what the forward's did
+                fresh = None if sites is None else Sites(sites.positions, sites.paths, sites.total)
+                with entered(batch) if batch is not None and current_batch() is None else contextlib.nullcontext():
+                    return _run(module, self.body, fresh, self.state, (function.func, *function.args, *tensors),
+                                function.keywords)
+            return original(body, *inputs)
+
+        module.__dict__["_gradient_checkpointing_func"] = checkpointed
+        try:
+            return module._call_impl(*args, **kwargs)
+        finally:
+            module.__dict__["_gradient_checkpointing_func"] = original
 
 
-def _unwatched() -> contextlib.AbstractContextManager:
-    if isinstance(torch.overrides._get_current_function_mode(), _AttentionOutsideLayers):
-        return torch.overrides._pop_mode_temporarily()
-    return contextlib.nullcontext()
+def _forward_body(forward: Callable, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What a checkpointing layer checkpoints: its forward (compiled inside the checkpoint, see ``_LayerCall``)."""
+    return forward(module, *args, **kwargs)
 
 
-def _warn_if_nothing_rewritten(report: Report) -> None:
-    warn_if_nothing_rewritten(report, [s for s in report.sites if s.training])
+def _checkpointing(module: torch.nn.Module) -> Callable | None:
+    """The checkpoint function of a layer that checkpoints its own forward at this call (transformers'
+    ``GradientCheckpointingLayer``: ``gradient_checkpointing`` set, training, gradients enabled), else None."""
+    function = module.__dict__.get("_gradient_checkpointing_func") or getattr(module, "_gradient_checkpointing_func",
+                                                                              None)
+    if not (getattr(module, "gradient_checkpointing", False) is True and callable(function) and module.training
+            and torch.is_grad_enabled() and _wraps_forward(module)):
+        return None
+    return function
+
+
+def _wraps_forward(module: torch.nn.Module) -> bool:
+    """Whether the module's forward is transformers' checkpointing wrapper around its own forward."""
+    forward = type(module).forward
+    return getattr(forward, "__name__", "") == "forward_with_checkpointing" or (
+        getattr(forward, "__code__", None) is not None and forward.__code__.co_name == "forward_with_checkpointing")
+
+
+def _run(module: torch.nn.Module, compiled: _Compiled, sites: Sites | None, state: Applied,
+         args: tuple = (), kwargs: dict | None = None) -> Any:
+    """Run a compiled call at ``sites``, and say what of it ran outside the compiled graphs, with the cause."""
+    kwargs = kwargs or {}
+    backend = compiled.backends[module.training]
+    runs, breaks = backend.runs, _graph_breaks()
+    with entered(sites) if sites is not None else contextlib.nullcontext():
+        out = compiled(*args, **kwargs)
+    if torch.compiler.is_exporting():
+        return out
+    if backend.runs == runs:
+        _warn_ran_eagerly(module, backend, _shapes(args, kwargs), compiled.new, _graph_breaks() - breaks,
+                          compiled.kinds)
+    if sites is not None and sites.missed and module.training:
+        _report_missed(state, sites, _graph_breaks() - breaks, backend.runs == runs)
+    return out
+
+
+def _first_break(breaks: Counter) -> str | None:
+    reasons = [r for r in breaks if "recompile limit" not in r.lower()]
+    return " ".join(reasons[0].split("\n")[0:1]).strip() if reasons else None
+
+
+def _report_missed(state: Applied, sites: Sites, breaks: Counter, eager: bool) -> None:
+    """Attention of a call that no compiled graph ran: dense; in the report's rows and said once."""
+    plan, cause = state.plan, _first_break(breaks)
+    why = (f"Dynamo could not capture it ({cause})" if cause else
+           "Dynamo ran the call eagerly (its recompile limit, or TORCHDYNAMO_DISABLE)" if eager else
+           "it ran outside the compiled graphs")
+    reason = f"ran outside lhcompile's compiled graphs, so dense: {why}"
+    # a site a compiled graph has run keeps its row (that graph still serves the calls Dynamo can match to it)
+    state.report.record([SiteReport(-1, p, plan.sites[p].path, plan.sites[p].op, None, None, False, reason, True)
+                         for p in sites.missed if (True, -1, p) not in state.report.rows])
+    if eager:
+        return  # said by _warn_ran_eagerly
+    first = plan.sites[sites.missed[0]]
+    state.report.note(f"missed {cause}",
+                      f"lhcompile: the attention at {first.path or '<top>'} (site {first.position} of {plan.total}"
+                      f"{f' and {len(sites.missed) - 1} more' if len(sites.missed) > 1 else ''}) ran dense: {why}. "
+                      "TORCH_LOGS=graph_breaks shows where", stacklevel=5)
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:
@@ -295,20 +439,26 @@ def _shapes(args: tuple, kwargs: dict) -> tuple:
                  for x in tree_leaves((args, kwargs)))
 
 
-def _warn_ran_eagerly(module: torch.nn.Module, backend: Backend, shapes: tuple, new: bool) -> None:
+def _warn_ran_eagerly(module: torch.nn.Module, backend: Backend, shapes: tuple, new: bool, breaks: Counter,
+                      kinds: int) -> None:
     mode = "training" if backend.scope.training else "eval"
-    limit = torch._dynamo.config.recompile_limit
-    what = (f"with input shapes it had not seen ({', '.join(map(str, shapes[:3]))})" if new else
-            "with input shapes it had seen, but something else Dynamo guards on changed (grad mode, e.g. a forward "
-            "under torch.no_grad(); autocast; a module attribute)")
-    note = (f"lhcompile: {type(module).__name__} was called in {mode} mode {what}, and none of the graphs lhcompile "
-            f"compiled ran: Dynamo has reached its recompile limit (torch._dynamo.config.recompile_limit={limit} "
-            "graphs per forward, every sequence length, mode and guard counted), or it is disabled "
-            "(TORCHDYNAMO_DISABLE), and runs the model eagerly, with dense attention. Use few distinct sequence "
-            "lengths (pad or bucket them), keep grad and autocast modes alike across calls, or raise "
-            "torch._dynamo.config.recompile_limit")
-    if backend.report.once.warn(f"ran eagerly {mode}", note, stacklevel=4):
-        backend.report.notes.append(note)
+    cause = _first_break(breaks)
+    if cause is not None:
+        note = (f"lhcompile: {type(module).__name__}'s call in {mode} mode ran none of the graphs lhcompile compiled: "
+                f"Dynamo could not capture it ({cause}), so it ran eagerly, with dense attention. TORCH_LOGS="
+                "graph_breaks shows where")
+    else:
+        limit = torch._dynamo.config.recompile_limit * (kinds if kinds > 1 else 1)
+        what = (f"with input shapes it had not seen ({', '.join(map(str, shapes[:3]))})" if new else
+                "with input shapes it had seen, but something else Dynamo guards on changed (grad mode, e.g. a "
+                "forward under torch.no_grad(); autocast; a module attribute)")
+        note = (f"lhcompile: {type(module).__name__} was called in {mode} mode {what}, and none of the graphs "
+                f"lhcompile compiled ran: Dynamo has reached its recompile limit (recompile_limit={limit}, as Dynamo "
+                "counts it: graphs per code, every sequence length, mode and guard counted, lhcompile's layer calls "
+                "sharing nn.Module's code), or it is disabled (TORCHDYNAMO_DISABLE), and runs the call eagerly, with "
+                "dense attention. Use few distinct sequence lengths (pad or bucket them), keep grad and autocast "
+                "modes alike across calls, or raise torch._dynamo.config.recompile_limit")
+    backend.report.note(f"ran eagerly {mode} {cause}", note, stacklevel=6)
 
 
 def _compile_after_apply(model: torch.nn.Module, module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -16,21 +16,23 @@ BENCHMARKS.md). Some batches need less, and the backend keeps a graph for each k
 The probe evaluates each per-document site's document tensors (position ids, cumulative lengths, a FlexAttention
 mask's tables) from the graph's inputs, eagerly, and reads their lengths on the host (one sync per distinct set of
 documents: the sites of a model share theirs), except where the call's own arguments bound its documents' lengths
-below ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) and there is no ``DENSE`` graph to choose, or
-the inputs are the last call's, unchanged.
+below ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) and there is no ``DENSE`` graph to choose.
+Within one call of an applied model (``lhcompile.calls.Batch``) the layers' graphs share what the first one read,
+while they are handed the very same input tensors; nothing read in one model call serves another.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
+from .calls import current_batch
 from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document, runs_kernels
-from .passes import Resolve, Site, ValueNumbers, ancestors, evaluate, source
+from .passes import Resolve, Site, ValueNumbers, ancestors, causal_verdict, evaluate, source
 from .passes.meta import node_device, node_dtype
 
 MAX_NODES = 64
@@ -66,10 +68,10 @@ class DocumentProbe:
     """The document tensors of a graph's per-document Lighthouse sites, as nodes to evaluate from its inputs.
 
     A model's layers hand each of their calls the same document tensors (one per batch, made by the data pipeline
-    or the trainer), so the probe keeps the last batch's answer and gives it again while the graph is called with
-    the very same input tensors, unchanged since (same objects, same version counters, same storage): a model's
-    layers compiled on their own read the documents once per step, not once per layer. A write that bypasses the
-    version counter (through ``.data``) is not seen."""
+    or the trainer), so within one call of the model (``lhcompile.calls.Batch``) the first graph's answer serves
+    every later graph handed the very same tensors (same objects, version counters and storage): the layers read
+    the documents once per step, not once per layer. Nothing is kept from one model call to the next, so a batch
+    written into the last one's tensors by any means is read anew."""
 
     def __init__(self, inputs: tuple[fx.Node, ...], documents: tuple[_DocumentSet, ...], resolve: Resolve,
                  shortest: int, dense: bool) -> None:
@@ -84,7 +86,8 @@ class DocumentProbe:
         leaves = {leaf for d in documents for node in (*d.tensors, d.bound) if isinstance(node, fx.Node)
                   for leaf in ancestors(node, resolve)[1]}
         self._leaves = [i for i, node in enumerate(inputs) if node in leaves]
-        self._last: tuple[list, str] | None = None
+        self._question = (shortest, self.dense, tuple(_signature(d, resolve) for d in documents))
+        """What the answer depends on besides the inputs' values: graphs whose probes ask the same share it."""
 
     @classmethod
     def of(cls, gm: fx.GraphModule, sites: Sequence[Site], lighthouse: Sequence[Site], resolve: Resolve,
@@ -136,9 +139,9 @@ class DocumentProbe:
         unread = [d for d in self.documents if self.dense or not self._short_by_bound(d, values)]
         if not unread:
             return AS_CAPTURED
-        identity = [_identity(args[i]) for i in self._leaves]
-        if self._last is not None and None not in identity and _same(self._last[0], identity):
-            return self._last[1]
+        return once_per_batch(self._question, [args[i] for i in self._leaves], lambda: self._read(unread, values))
+
+    def _read(self, unread: list[_DocumentSet], values: dict[fx.Node, Any]) -> str:
         found, lengths = [], []
         with torch.no_grad():
             for d in unread:
@@ -153,7 +156,6 @@ class DocumentProbe:
             name = DENSE if self.dense and cudnn_share(lengths) >= DENSE_SHARE else AS_CAPTURED
         else:
             name = ROWS if all(rows for _, rows in found) else DOCUMENTS
-        self._last = (identity, name)
         return name
 
     def _short_by_bound(self, d: _DocumentSet, values: dict[fx.Node, Any]) -> bool:
@@ -161,15 +163,68 @@ class DocumentProbe:
         return isinstance(bound, int) and bound < self.shortest
 
 
+class MaskProbe:
+    """The explicit masks a graph is handed (``Site.runtime_mask``: a layer compiled on its own receives its mask
+    from the model's code), checked at each call: per site, None where the call's mask is the causal mask, else
+    what it is (``passes.causal_verdict``). One check per model call for each mask tensor its layers share."""
+
+    def __init__(self, inputs: tuple[fx.Node, ...], masks: tuple[fx.Node | None, ...], resolve: Resolve) -> None:
+        self.inputs, self.masks, self.resolve = inputs, masks, resolve
+        leaves = {leaf for mask in masks if mask is not None for leaf in ancestors(mask, resolve)[1]}
+        self._leaves = [i for i, node in enumerate(inputs) if node in leaves]
+        self._question = ("mask", tuple(_computation(m, resolve) if m is not None else None for m in masks))
+
+    def verdicts(self, args: Sequence[Any]) -> tuple[str | None, ...]:
+        def check() -> tuple[str | None, ...]:
+            values = dict(zip(self.inputs, args))
+            with torch.no_grad():
+                return tuple(None if mask is None else causal_verdict(evaluate(mask, self.resolve, values))
+                             for mask in self.masks)
+        return once_per_batch(self._question, [args[i] for i in self._leaves], check)
+
+
+def once_per_batch(question: Any, inputs: Sequence[Any], answer: Callable[[], Any]) -> Any:
+    """``answer()`` for these graph inputs, asked once per model call (``lhcompile.calls.Batch``) while the graphs
+    asking ``question`` are handed the very same inputs; outside a model call, asked each time."""
+    batch = current_batch()
+    identity = tuple(_identity(x) for x in inputs)
+    if batch is None or None in identity:
+        return answer()
+    key = (question, _key(identity))
+    known = batch.found.get(key)
+    if known is not None and _same(known[0], identity):
+        return known[1]
+    value = answer()
+    batch.found[key] = (identity, value)
+    return value
+
+
+def _computation(node: fx.Node, resolve: Resolve) -> tuple:
+    """How a value is computed from a graph's inputs, as a key that two graphs computing it alike share."""
+    ancestry, _ = ancestors(node, resolve)
+    return tuple(sorted(f"{n.op}:{getattr(n.target, '__name__', n.target)}" for n in ancestry if n.op != "placeholder"))
+
+
+def _signature(documents: _DocumentSet, resolve: Resolve) -> tuple:
+    """How a set of documents is computed from a graph's inputs, as a key that two graphs computing it alike share."""
+    return documents.form, tuple(_computation(t, resolve) for t in documents.tensors), documents.shape
+
+
 def _identity(value: Any) -> tuple | None:
-    """What tells a graph input unchanged since the last call: a tensor's object, version counter and storage (None
-    for an inference tensor, which has no version counter), any other value itself."""
+    """What tells a graph input the same within a model call: a tensor's object, version counter and storage (None
+    for an inference tensor, which has no version counter), any other value itself. Weakly held and compared by
+    object, so that it never keys a freed tensor's successor."""
     if not isinstance(value, torch.Tensor):
         return (value,)
     try:
         return (weakref.ref(value), value._version, value.data_ptr())
     except RuntimeError:
         return None
+
+
+def _key(identity: tuple) -> tuple:
+    """``_identity``s as a dict key: the object's id in place of the weak reference (``_same`` checks the object)."""
+    return tuple((id(i[0]()), *i[1:]) if isinstance(i[0], weakref.ref) else i for i in identity)
 
 
 def _same(last: list[tuple], now: list[tuple]) -> bool:

@@ -46,6 +46,9 @@ class Placement(Protocol):
     any_length: bool
     """Whether a plainly causal site at a dynamic length runs Lighthouse (per document, one per row, whose
     lengths are data); else it stays dense."""
+    runtime_masks: bool
+    """Whether a site handed an explicit mask it cannot prove causal at capture may run Lighthouse at the calls
+    where the mask is the causal one (checked at each call), keeping its call with its mask at the others."""
 
     def check(self, site: Site) -> None:
         """Raise if this placement cannot run the graph because of this site."""
@@ -70,6 +73,7 @@ class SingleDevice:
     dense_note = ""
     rewrites_dense = False
     any_length = True
+    runtime_masks = True
 
     def check(self, site: Site) -> None:
         pass
@@ -105,6 +109,7 @@ class ContextParallel:
     dense_note = "; dense ring attention across the context-parallel group"
     rewrites_dense = True
     any_length = False
+    runtime_masks = False  # every site becomes ring attention, which cannot keep a mask
 
     @classmethod
     def make(cls, group: dist.ProcessGroup, config: LighthouseConfig) -> ContextParallel:

@@ -35,10 +35,13 @@ class Once:
 
 @dataclass(frozen=True)
 class SiteReport:
-    """One attention call found in a captured graph, and whether it was rewritten (or every reason why not)."""
+    """One attention site of the model, and whether it runs Lighthouse (or every reason why not)."""
 
     graph: int
+    """The graph that ran it last."""
     index: int
+    """Its place among the model's attention sites in execution order (what ``dense_layers`` counts); within its
+    graph, where the graph was seen without the model (``lhcompile.backend``, a GraphModule)."""
     module_path: str
     op: str
     """The call, e.g. 'F.scaled_dot_product_attention', 'flex_attention', 'varlen_attn'."""
@@ -54,14 +57,21 @@ class SiteReport:
 
 @dataclass
 class Report:
-    """Every attention site lhcompile has seen in a model, graph by graph, and what it could not do elsewhere.
+    """Every attention site lhcompile has seen in a model, and what it could not do elsewhere: one row per site
+    and mode, as the latest graph to run it left it.
 
-    It is a sequence of its ``SiteReport`` rows: ``for site in report``, ``len(report)``, ``report[0]``."""
+    It is a sequence of its ``SiteReport`` rows, in the model's order: ``for site in report``, ``len(report)``,
+    ``report[0]``."""
 
-    sites: list[SiteReport] = field(default_factory=list)
+    rows: dict[tuple, SiteReport] = field(default_factory=dict)
+    """Each site's row, by its key (see ``record``)."""
     graphs: int = 0
+    """Graphs captured."""
+    compiled: int = 0
+    """Graphs compiled: a captured graph compiles once per kind of place it runs at (Lighthouse, dense layer) and
+    kind of batch (see ``variant_calls``) that it meets."""
     notes: list[str] = field(default_factory=list)
-    """Graphs in which the pass found nothing to rewrite, and why (also warned about)."""
+    """What was said about the model beyond its rows (also warned about)."""
     once: Once = field(default_factory=Once)
     """What was said about this model (each kind of warning once)."""
     state: str = "applied"
@@ -72,47 +82,55 @@ class Report:
     dense within documents, the model's own kernel), 'dense' (the same, on ``document_attention`` where it is the
     faster), 'rows' (one document per row: plain Lighthouse)."""
 
+    def record(self, rows: list[SiteReport], per_graph: bool = False) -> None:
+        """Keep ``rows``, each replacing the row of its site: a site is its position among the model's sites and
+        its mode, or with ``per_graph`` (positions counted within each graph, as ``lhcompile.backend`` sees them
+        where it cannot see the model) also its graph."""
+        for row in rows:
+            self.rows[(row.training, row.graph if per_graph else -1, row.index)] = row
+
+    def note(self, key: str, message: str, stacklevel: int = 2) -> bool:
+        """Warn with ``message`` once per ``key`` and keep it among the notes; returns whether it warned."""
+        said = self.once.warn(key, message, stacklevel + 1)
+        if said:
+            self.notes.append(message)
+        return said
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        """The rows in the model's order: by mode (in the order the modes were first seen), then position."""
+        modes: dict[bool, int] = {}
+        for training, _, _ in self.rows:
+            modes.setdefault(training, len(modes))
+        return [self.rows[key] for key in sorted(self.rows, key=lambda k: (modes[k[0]], k[1], k[2]))]
+
     @property
     def dense_batches(self) -> int:
         """Graph calls whose batch held no document long enough for Lighthouse (dense within documents)."""
         return sum(self.variant_calls.get(name, 0) for name in (AS_CAPTURED, DENSE))
 
-    @property
-    def ordered(self) -> list[SiteReport]:
-        """The rows in the model's order of sites. ``sites`` holds them as graphs were captured; where layers are
-        compiled on their own, one model call captures one graph per kind of layer, each holding some layers'
-        sites. A round of captures ends where a site's index comes again or the mode changes (a new length, the
-        other mode); rounds keep their order, and rows within one are put in the model's order."""
-        keys, round_, seen, mode = [], -1, set(), None
-        for s in self.sites:
-            if s.index in seen or s.training != mode:
-                round_, seen, mode = round_ + 1, set(), s.training
-            seen.add(s.index)
-            keys.append((round_, s.index))
-        return [self.sites[i] for i in sorted(range(len(self.sites)), key=keys.__getitem__)]
-
     def __iter__(self) -> Iterator[SiteReport]:
-        return iter(self.ordered)
+        return iter(self.sites)
 
     def __len__(self) -> int:
-        return len(self.sites)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> SiteReport:
-        return self.ordered[i]
+        return self.sites[i]
 
     @property
     def rewritten(self) -> list[SiteReport]:
-        return [s for s in self.ordered if s.rewritten]
+        return [s for s in self.sites if s.rewritten]
 
     @property
     def dense(self) -> list[SiteReport]:
-        return [s for s in self.ordered if not s.rewritten]
+        return [s for s in self.sites if not s.rewritten]
 
     def table(self, sites: list[SiteReport] | None = None, reason_width: int = REASON_WIDTH) -> str:
         """The rows as a table; reasons are wrapped at ``reason_width`` characters, so a row stays readable in a
         terminal."""
         rows = [("graph", "#", "module", "op", "q shape", "kv heads", "lighthouse", "reason")]
-        for s in self.ordered if sites is None else sites:
+        for s in self.sites if sites is None else sites:
             shape = "x".join(map(str, s.q_shape)) if s.q_shape else "?"
             rows.append(
                 (str(s.graph), str(s.index), s.module_path or "<top>", s.op, shape, str(s.kv_heads or "?"),

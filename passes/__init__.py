@@ -4,7 +4,7 @@ Nothing here knows about kernels: the rewrite takes the replacement as a callabl
 ``lhcompile.passes``.
 """
 
-from .causal_mask import MaskProof, Proofs, Resolve
+from .causal_mask import MaskProof, Proofs, Resolve, causal_verdict
 from .kinds import KINDS, SDPA_PARAMS, SDPA_TARGETS, attention_like_calls, count_sites, find_sites, kind_of
 from .restore import restore_sites
 from .rope import RopeMatch, find_qk_rotation, find_rotation, unrotated
@@ -29,6 +29,7 @@ __all__ = [
     "Subgraph",
     "ValueNumbers",
     "attention_like_calls",
+    "causal_verdict",
     "ancestors",
     "bind_arguments",
     "copy_with_bodies",

@@ -30,6 +30,10 @@ class MaskProof:
     """None: the mask is the causal mask; else why it is not, or cannot be shown to be."""
     buffers: tuple[str, ...] = ()
     """Module buffers (user paths) whose values at capture entered the proof: taken as constants."""
+    runtime: bool = False
+    """The mask is computed from the graph's inputs (e.g. handed to a layer compiled on its own) in at most
+    ``MAX_RUNTIME_NODES`` stateless operations: its value can be checked at each call instead (see
+    ``causal_verdict``)."""
 
 
 Proofs = dict[fx.Node, MaskProof]
@@ -71,7 +75,8 @@ def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
         return MaskProof(
             f"explicit attn_mask is computed from the graph's inputs ({', '.join(kinds['input'][:3])}) at run time: "
             "a padding or packing mask, or a mask made outside this graph (a layer compiled on its own receives "
-            "its mask as an input); it cannot be proven causal")
+            "its mask as an input); it cannot be proven causal",
+            runtime="parameter" not in kinds and len(nodes) <= MAX_RUNTIME_NODES and stateless(nodes))
     if "parameter" in kinds:
         return MaskProof(
             f"explicit attn_mask is a learned bias, computed from parameters ({', '.join(kinds['parameter'][:3])}), "
@@ -88,17 +93,35 @@ def _prove(mask: fx.Node, resolve: Resolve | None) -> MaskProof:
         return MaskProof(f"explicit attn_mask has {numel} entries (> {MAX_MASK_ENTRIES}); too large to prove causal")
     with torch.no_grad():
         value = evaluate(mask, resolve)
+    verdict = causal_verdict(value)
+    return MaskProof(None, tuple(kinds.get("buffer", ()))) if verdict is None else MaskProof(verdict)
+
+
+MAX_RUNTIME_NODES = 16
+"""Most operations between a graph's inputs and a mask checked at each call: a mask handed to a layer is sliced or
+cast at most; anything larger is the model's own mask construction."""
+
+
+def causal_verdict(value: torch.Tensor) -> str | None:
+    """None if an attn_mask value (bool: True attends; float: 0 attends, -inf or the dtype's min does not) is
+    exactly the causal mask over its last two axes, else what it is instead."""
+    shape = tuple(value.shape)
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        return f"explicit attn_mask of shape {shape} is not a square mask (padding, or queries other than the keys)"
     n = shape[-1]
     allowed = value if value.dtype == torch.bool else value == 0
     if value.dtype != torch.bool and not bool((value[~allowed] <= torch.finfo(value.dtype).min / 2).all()):
-        return MaskProof("explicit float attn_mask adds finite biases; not a pure causal mask")
+        return "explicit float attn_mask adds finite biases (a position bias such as ALiBi); not a pure causal mask"
     rows = max(1, 2**26 // n)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         causal = torch.ones(stop - start, n, dtype=torch.bool, device=value.device).tril(start)
-        if not bool((allowed[..., start:stop, :] == causal).all()):
-            return MaskProof("explicit attn_mask is not the causal mask (sliding window, packing or padding?)")
-    return MaskProof(None, tuple(kinds.get("buffer", ())))
+        part = allowed[..., start:stop, :]
+        if not bool((part == causal).all()):
+            return ("explicit attn_mask is not the causal mask: " + (
+                "it hides keys the causal mask keeps (a sliding window, padding or packed documents)"
+                if bool((part <= causal).all()) else "it shows keys after the query (not causal)"))
+    return None
 
 
 def constant_value(node: fx.Node, resolve: Resolve | None = None) -> Any:

@@ -6,13 +6,15 @@ import copy
 import dataclasses
 import importlib
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import lhcompile
-from lhcompile import LighthouseConfig, Rotary, lighthouse_attention
+from lhcompile import LighthouseWarning, LighthouseConfig, Rotary, lighthouse_attention
 from lhcompile.context_parallel import cp_reference, lighthouse_attention_cp, shard
 from tests.distributed import WORLD, close, shard_with_fsdp2, spawn
 from tests.models import VOCAB, EmbeddingAttentionLM, RopeMoved, SdpaAt, hf_model, hf_rotation, logits
@@ -138,11 +140,11 @@ def _per_layer_fsdp(rank, part):
         close(p.grad.full_tensor(), p_ref.grad, f"grad of {name}")
     fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites}
     assert fates == {
-        "model.layers.0.self_attn": "dense layer (layer 0 of 4 is in dense_layers=(0, -1))",
+        "model.layers.0.self_attn": "dense layer (site 0 of 4 is in dense_layers=(0, -1))",
         # the model's own code asked transformers for the mask eagerly: one document per row, plain Lighthouse
         "model.layers.1.self_attn": "lighthouse",
         "model.layers.2.self_attn": "excluded by filter_fn",
-        "model.layers.3.self_attn": "dense layer (layer 3 of 4 is in dense_layers=(0, -1))",
+        "model.layers.3.self_attn": "dense layer (site 3 of 4 is in dense_layers=(0, -1))",
     }, str(lhcompile.inspect(model))
 
     with torch.no_grad():
@@ -151,10 +153,6 @@ def _per_layer_fsdp(rank, part):
         model.train()
         lhcompile.restore(model)
         close(model(input_ids=ids).logits, dense, "logits after restore")
-
-    # more kinds of layer than Dynamo keeps graphs for would silently leave layers uncompiled, i.e. dense
-    with torch._dynamo.config.patch(recompile_limit=2), pytest.raises(ValueError, match="into 2 kinds"):
-        lhcompile.apply(model, CFG)
 
 
 @pytest.mark.parametrize("part", ["", "self_attn"], ids=["layers", "attention-modules"])
@@ -165,13 +163,17 @@ def test_per_layer_fsdp2_compiles_each_kind_of_layer_with_its_own_decision(tmp_p
 
 def _sub_layer_fsdp(rank):
     model = hf_model("llama")
-    shard_with_fsdp2(model, [model.model])  # compiled on its own: its site paths lack the "model." of the root's
+    shard_with_fsdp2(model, [model.model])  # compiled on its own: Dynamo traces it from its own frame
     lhcompile.apply(model, CFG, compiler="eager", regional=False)  # by layer, the layers are compiled on their own
-    with pytest.warns(UserWarning, match="captured in a graph of one submodule"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
         model(input_ids=torch.randint(0, VOCAB, (2, N)))
+    # its graph's sites still take their places in the model: paths and dense_layers as the model has them
+    assert [(s.module_path, s.rewritten) for s in lhcompile.inspect(model)] == [
+        (f"model.layers.{i}.self_attn", i in (1, 2)) for i in range(4)], str(lhcompile.inspect(model))
 
 
-def test_sharding_outside_the_layer_stack_is_warned_about(tmp_path):
+def test_sharding_outside_the_layer_stack_keeps_the_models_sites(tmp_path):
     spawn(_sub_layer_fsdp, tmp_path)
 
 

@@ -30,7 +30,7 @@ def _ddp(rank):
     assert len({s.graph for s in report}) > 2, f"DDP did not split the graph into buckets:\n{report}"
     assert [s.index for s in report] == list(range(8))
     assert [s.rewritten for s in report] == [False] + [True] * 6 + [False], str(report)
-    assert report[7].reason == "dense layer (site 7 is in dense_layers=(0, -1))"
+    assert report[7].reason == "dense layer (site 7 of 8 is in dense_layers=(0, -1))"
 
 
 def test_ddp_buckets_count_dense_layers_across_the_whole_model(tmp_path):

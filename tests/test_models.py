@@ -139,11 +139,12 @@ def test_debug_mode_writes_graph_code_and_site_table(tmp_path, monkeypatch, caps
     model, _ = _pair("titan")
     lhcompile.apply(model, CFG, compiler="eager")
     logits(model, torch.randint(0, VOCAB, (1, N)))
-    # graph 0 serves the dense layers 0 and 3, graph 1 the Lighthouse layers 1 and 2
-    after = (tmp_path / "graph1_after.py").read_text()
-    before = (tmp_path / "graph1_before.py").read_text()  # its source comments may name a folder 'lhcompile'
+    # graph 0 serves every layer: rewritten with Lighthouse for layers 1 and 2, dense for layers 0 and 3
+    after = (tmp_path / "graph0_after.py").read_text()
+    dense = (tmp_path / "graph0_after_dense.py").read_text()
+    before = (tmp_path / "graph0_before.py").read_text()  # its source comments may name a folder 'lhcompile'
     for stage in ("lhcompile.score", "lhcompile.select", "lhcompile.gather", "lhcompile.scatter"):
-        assert stage in after and stage not in before
+        assert stage in after and stage not in before and stage not in dense
     table = (tmp_path / "sites.txt").read_text()
     assert "2 of 4 attention sites rewritten" in table and "layers.1.attention" in table
     assert "2 of 4 attention sites rewritten" in capsys.readouterr().err
@@ -161,8 +162,8 @@ def test_a_deep_model_compiles_one_graph_per_kind_of_layer_and_trains_the_same(r
     ids = torch.randint(0, VOCAB, (2, N))
     out = logits(model, ids)
     report = lhcompile.inspect(model)
-    # by layer: the dense layers' graph and the Lighthouse layers' graph serve all 12 layers
-    assert report.graphs == (2 if regional else 1)
+    # by layer: one graph captured serves all 12 layers, compiled for the dense layers and for the Lighthouse ones
+    assert (report.graphs, report.compiled) == ((1, 2) if regional else (1, 1))
     assert [s.index for s in report.rewritten] == list(range(2, 10)), str(report)
     with SdpaAt(set(range(2, 10)), lambda q, k, v, scale: lighthouse_attention(q, k, v, config, scale=scale)):
         want = logits(twin, ids)

@@ -114,7 +114,7 @@ def _debug_model(rank):
               "logits, paper's dense layers")
     fates = {s.module_path: s.reason for s in lhcompile.inspect(model).sites if s.training}
     assert fates == {
-        **{f"layers.{i}.attention.inner_attention": f"dense layer (layer {i} of 6 is in dense_layers=(0, 1, -2, -1))"
+        **{f"layers.{i}.attention.inner_attention": f"dense layer (site {i} of 6 is in dense_layers=(0, 1, -2, -1))"
            for i in (0, 1, 4, 5)},
         **{f"layers.{i}.attention.inner_attention": "lighthouse per document (document ends of the FlexAttention "
                                                    "mask)" for i in (2, 3)},

@@ -104,10 +104,12 @@ def lighthouse(spec: ModelSpec, config: LighthouseConfig | None = None, *, compi
 
 
 def _log_report_after_first_training_step(model: torch.nn.Module) -> None:
-    # sites are decided as Dynamo captures them, on the first forward: only then can the log say what ran where
+    # sites are decided as Dynamo captures them, on the first forward: only then can the log say what ran where (the
+    # first call runs the forward once more before that, to find the model's layers: its hooks run then too)
     def log_once(module: torch.nn.Module, args: Any, output: Any) -> None:
-        if module.training:
+        report = lhcompile.inspect(module)
+        if module.training and len(report):
             handle.remove()
-            logger.info(str(lhcompile.inspect(module)))
+            logger.info(str(report))
 
     handle = model.register_forward_hook(log_once)

@@ -75,9 +75,18 @@ class Sdpa(SdpaLayout):
                 return "attn_mask is a constant outside the graph; cannot prove it causal"
             site.mask_proof = prove_causal(mask, resolve, proofs)
             if site.mask_proof.reason:
+                other = self._call_problem(site)
+                if site.mask_proof.runtime and other is None:
+                    site.runtime_mask = mask
                 return site.mask_proof.reason
         elif not a.get("is_causal", False):
             return "not causal (is_causal=False)"
+        return self._call_problem(site)
+
+    @staticmethod
+    def _call_problem(site: Site) -> str | None:
+        """Why the call cannot run Lighthouse whatever its mask."""
+        a = site.args
         if a.get("dropout_p", 0.0) not in (0, 0.0):
             return f"dropout_p={a['dropout_p']} (Lighthouse has no attention dropout)"
         if site.q_shape is None or site.k_shape is None:
