@@ -58,10 +58,15 @@ class Rotary:
     def from_model_tables(cls, form: Form, rotary_dim: int, head_dim: int, tables: Sequence[Tensor],
                           position_axis: int, shape: Sequence[int]) -> Rotary:
         """The tables as the model multiplies by them, broadcast against the rotated value: ``shape`` is their
-        static shape padded on the left to the value's rank, batch first, ``position_axis`` their positions, head
-        dim (or its complex half) last, 1 elsewhere. Works on traced values (fx.Proxy): only static ints are read."""
+        shape padded on the left to the value's rank, batch first, ``position_axis`` their positions, head dim (or its
+        complex half) last, 1 elsewhere. Works on traced values (fx.Proxy): a size that is a symbol (a graph of dynamic
+        shapes) is read from the traced table, never written in as the capture's symbol."""
         batch, length, width = shape[0], shape[position_axis], shape[-1]
-        rows = [t.reshape(batch, length, width) for t in tables]  # every other axis is 1
+        # every other axis is 1; at most one of batch and length is unknown to Python (-1)
+        rows = [t.reshape(batch if isinstance(batch, int) else -1, length if isinstance(length, int) or
+                          not isinstance(batch, int) else -1, width) for t in tables]
+        batch = batch if isinstance(batch, int) else rows[0].size(0)
+        length = length if isinstance(length, int) else rows[0].size(1)
         if form == "complex":
             pairs = torch.view_as_real(rows[0])
             rows = [pairs[..., 0], pairs[..., 1]]

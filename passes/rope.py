@@ -33,6 +33,8 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from .meta import node_shape
 
 aten = torch.ops.aten
@@ -85,9 +87,22 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def _shape(node: Any) -> tuple[Any, ...] | None:
+    """A node's shape: ints, or symbols where the graph was captured with dynamic shapes (compared with ``_same``,
+    never with ``==``, which would add a guard to a graph already captured)."""
     shape = node_shape(node)
-    return shape if shape is not None and all(isinstance(s, int) for s in shape) else None
+    return shape if shape is not None and all(isinstance(s, (int, torch.SymInt)) for s in shape) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two sizes are equal, ints or symbols alike (a symbol equals what it is known to equal)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
+def _same_shape(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
 def _dim(d: int, rank: int) -> int:
@@ -111,7 +126,8 @@ def _last_slice(node: Any) -> tuple[fx.Node, int, int, int] | None:
     else:
         return None
     shape = _shape(x)
-    if shape is None or not all(v is None or isinstance(v, int) for v in (start, stop, step)):
+    if shape is None or not isinstance(shape[-1], int) or not all(v is None or isinstance(v, int)
+                                                                  for v in (start, stop, step)):
         return None
     start, stop, step = slice(start, stop, step).indices(shape[-1])
     return x, start, stop, step
@@ -147,7 +163,7 @@ def _rotated_half(node: Any) -> tuple[fx.Node, Form] | None:
         odd, even = _last_slice(pair[0].args[0]), _last_slice(pair[1])
         if odd and even and odd[0] is even[0]:
             width = _shape(odd[0])[-1]
-            if odd[1:] == (1, width, 2) and even[1:] == (0, width, 2) and _shape(node) == _shape(odd[0]):
+            if odd[1:] == (1, width, 2) and even[1:] == (0, width, 2) and _same_shape(_shape(node), _shape(odd[0])):
                 return odd[0], "rotate_pairs"
     return None
 
@@ -194,7 +210,7 @@ def _complex(node: fx.Node) -> _Rotation | None:
         return None
     real = node.args[0]
     out = _shape(node)
-    if not _is(real, _AS_REAL) or out is None or _shape(real) != (*out[:-1], out[-1] // 2, 2):
+    if not _is(real, _AS_REAL) or out is None or not _same_shape(_shape(real), (*out[:-1], out[-1] // 2, 2)):
         return None
     factors = _operands(real.args[0], _MUL)
     if factors is None:
@@ -202,7 +218,7 @@ def _complex(node: fx.Node) -> _Rotation | None:
     for z, freqs in (factors, factors[::-1]):
         if _is(z, _AS_COMPLEX) and isinstance(freqs, fx.Node):
             pairs = z.args[0]
-            if (_is(pairs, _RESHAPE) or _is(pairs, _UNFLATTEN)) and _shape(pairs) == _shape(real):
+            if (_is(pairs, _RESHAPE) or _is(pairs, _UNFLATTEN)) and _same_shape(_shape(pairs), _shape(real)):
                 return _Rotation(pairs.args[0], "complex", (freqs,))
     return None
 
@@ -230,7 +246,7 @@ def _pairs(node: fx.Node) -> _Rotation | None:
             b = next((f for f in (b_sin.args if isinstance(b_sin, fx.Node) else ()) if _factor(b_sin, f) is sin), None)
             odd = _last_slice(b)
             if cos is not None and sin is not None and odd and odd[0] is even[0] and odd[1] == 1 and odd[3] == 2 \
-                    and _factor(b_cos, b) is cos and _shape(node) == _shape(even[0]):
+                    and _factor(b_cos, b) is cos and _same_shape(_shape(node), _shape(even[0])):
                 return _Rotation(even[0], "pairs", (cos, sin))
     return None
 
@@ -289,15 +305,15 @@ def _carry(node: fx.Node, axes: _Axes) -> _Axes | str:
     rank = len(axes.shape)
     if out is None:
         return f"{node.name} has no static shape"
-    if out[-1] != axes.shape[-1]:
+    if not _same(out[-1], axes.shape[-1]):
         return f"{node.name} changes the head dimension"
 
     def moved(mapping) -> _Axes:
         return _Axes(out, mapping(axes.position), None if axes.batch is None else mapping(axes.batch))
 
-    if _is(node, _SAME_LAYOUT) and out == axes.shape:
+    if _is(node, _SAME_LAYOUT) and _same_shape(out, axes.shape):
         return moved(lambda a: a)
-    if _is(node, _SCALE) and out == axes.shape and isinstance(node.args[1] if len(node.args) > 1 else None,
+    if _is(node, _SCALE) and _same_shape(out, axes.shape) and isinstance(node.args[1] if len(node.args) > 1 else None,
                                                             (int, float)):
         return moved(lambda a: a)
     if _is(node, _TRANSPOSE):
@@ -313,7 +329,7 @@ def _carry(node: fx.Node, axes: _Axes) -> _Axes | str:
     if _is(node, _UNSQUEEZE):
         d = _dim(_arg(node, 1, "dim"), rank + 1)
         return moved(lambda a: a + 1 if a >= d else a)
-    if _is(node, _EXPAND) and len(out) == rank and out[axes.position] == axes.shape[axes.position]:
+    if _is(node, _EXPAND) and len(out) == rank and _same(out[axes.position], axes.shape[axes.position]):
         return moved(lambda a: a)
     if _is(node, _GETITEM) and isinstance(node.args[1], tuple) and all(
             i is None or i is Ellipsis or i == slice(None) for i in node.args[1]):
@@ -332,8 +348,8 @@ def _carry(node: fx.Node, axes: _Axes) -> _Axes | str:
         return _reshaped(node, axes, out)
     parts = _cat_parts(node, _arg(node, 1, "dim", 0)) if _is(node, _CAT) else None
     if parts is not None:
-        live = [p for p in parts if _shape(p) is None or math.prod(_shape(p)) != 0]
-        if len(live) == 1 and out == axes.shape:
+        live = [p for p in parts if _shape(p) is None or not _same(math.prod(_shape(p)), 0)]
+        if len(live) == 1 and _same_shape(out, axes.shape):
             return moved(lambda a: a)
     return f"{node.name} ({getattr(node.target, '__name__', node.target)}) is not an op that only moves, casts, " \
            "copies, scales or repeats the rotated value"
@@ -347,7 +363,7 @@ def _reshaped(node: fx.Node, axes: _Axes, out: tuple[int, ...]) -> _Axes | str:
             return None
         before = math.prod(axes.shape[:a])
         for b in range(len(out)):
-            if math.prod(out[:b]) == before and out[b] == axes.shape[a]:
+            if _same(math.prod(out[:b]), before) and _same(out[b], axes.shape[a]):
                 return b
         return "lost"
 
@@ -413,7 +429,7 @@ def find_rotation(sdpa_input: fx.Node, seq_len: int) -> RopeMatch | str:
 def _carried_input(node: fx.Node) -> Any:
     if _is(node, _CAT):
         parts = _cat_parts(node, _arg(node, 1, "dim", 0))
-        live = [p for p in parts or () if _shape(p) is None or math.prod(_shape(p)) != 0]
+        live = [p for p in parts or () if _shape(p) is None or not _same(math.prod(_shape(p)), 0)]
         return live[0] if len(live) == 1 else None
     return node.args[0] if node.args else None
 
@@ -432,14 +448,15 @@ def _match(rotation: _Rotation, rotary_dim: int, rotated: fx.Node, carriers: lis
     if any(t is None or len(t) > len(view) for t in tables):
         return f"the rotation tables of {rotated.name} have no static shape that broadcasts against it"
     tables = [(1,) * (len(view) - len(t)) + t for t in tables]
-    if len(set(tables)) != 1:
+    if not all(_same_shape(t, tables[0]) for t in tables):
         return f"the rotation tables of {rotated.name} differ in shape"
     table = tables[0]
-    position = [a for a in range(1, len(view) - 1) if view[a] == seq_len and table[a] == seq_len]
+    position = [a for a in range(1, len(view) - 1) if _same(view[a], seq_len) and _same(table[a], seq_len)]
     if len(position) != 1:
         return f"the rotation tables of {rotated.name} have no single axis of {seq_len} positions"
-    if table[-1] != view[-1] or any(table[a] != 1 for a in range(1, len(view) - 1) if a != position[0]) \
-            or table[0] not in (1, view[0]):
+    if not _same(table[-1], view[-1]) or any(not _same(table[a], 1) for a in range(1, len(view) - 1)
+                                             if a != position[0]) \
+            or not (_same(table[0], 1) or _same(table[0], view[0])):
         return (f"the rotation tables of {rotated.name} ({'x'.join(map(str, table))}) vary along more than batch and "
                 "position")
     axes = _Axes(shape, position[0], 0)
@@ -471,7 +488,7 @@ def find_qk_rotation(q: fx.Node, k: fx.Node, seq_len: int) -> tuple[RopeMatch, R
     if problems:
         return "; ".join(problems)
     mq, mk = found["query"], found["key"]
-    if (mq.form, mq.rotary_dim, mq.table_shape) != (mk.form, mk.rotary_dim, mk.table_shape) \
+    if (mq.form, mq.rotary_dim) != (mk.form, mk.rotary_dim) or not _same_shape(mq.table_shape, mk.table_shape) \
             or not all(_same_value(a, b) for a, b in zip(mq.tables, mk.tables)):
         return "query and key are rotated differently (other tables, form or rotary dims)"
     return mq, mk

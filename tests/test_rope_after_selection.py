@@ -336,3 +336,31 @@ class lhcompile_off:
 
     def __exit__(self, *exc):
         self.module._compiled_call_impl = self.call
+
+
+def test_packed_batches_of_changing_length_rotate_after_selection_in_the_dynamic_graph_too():
+    # DataCollatorWithFlattening: every batch a new total length, so from the second one on the graph has a dynamic
+    # length; the rotation is found there as in the static graph, and computes the same
+    from .test_documents_pass import positions
+
+    config = dataclasses.replace(CFG, levels=3, dense_layers=())
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    batches = [(torch.randint(0, VOCAB, (1, sum(rows[0]))), positions(rows))
+               for rows in ([[70, 3, 1, 40, 78]], [[50, 110]], [[33, 12, 64]])]
+    want = []
+    for ids, pos in batches:  # each batch on a graph of its own static length
+        torch._dynamo.reset()
+        fresh = copy.deepcopy(model)
+        lhcompile.apply(fresh, config, compiler="eager")
+        want.append(fresh(input_ids=ids, position_ids=pos).logits)
+    torch._dynamo.reset()
+    lhcompile.apply(model, config, compiler="eager")
+    for (ids, pos), expected in zip(batches, want):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LighthouseWarning)
+            got = model(input_ids=ids, position_ids=pos).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    report = lhcompile.inspect(model)
+    assert not isinstance(report[0].q_shape[2], int)  # the rows of the dynamic graph
+    assert all("RoPE after selection (rotate_half, 16 of 16 dims)" in s.reason for s in report), str(report)
