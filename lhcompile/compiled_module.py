@@ -411,8 +411,13 @@ def _run(module: torch.nn.Module, compiled: _Compiled, sites: Sites | None, stat
 
 
 def _first_break(breaks: Counter) -> str | None:
+    """Dynamo's first graph break in ``breaks`` (not its recompile limit), in a line: what and why."""
     reasons = [r for r in breaks if "recompile limit" not in r.lower()]
-    return " ".join(reasons[0].split("\n")[0:1]).strip() if reasons else None
+    if not reasons:
+        return None
+    lines = [line.strip() for line in reasons[0].splitlines() if line.strip()]
+    why = next((line.removeprefix("Explanation:").strip() for line in lines if line.startswith("Explanation:")), "")
+    return f"{lines[0]}: {why}" if why else lines[0]
 
 
 def _report_missed(state: Applied, sites: Sites, breaks: Counter, eager: bool) -> None:

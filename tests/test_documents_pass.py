@@ -4,10 +4,12 @@ what stays dense says why."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
 
@@ -515,3 +517,55 @@ def test_a_dense_graph_that_does_not_compile_leaves_its_batches_to_the_graph_as_
                       r"documents\) where that compiled, else Lighthouse per document"):
         model(q, k, v, _cu([[16] * 12]), 16)
     assert ran == ["as captured"] and lhcompile.inspect(model).variant_calls == {"as captured": 1}
+
+
+def _written_in_place(buffer: torch.Tensor, batch: torch.Tensor, how: str) -> None:
+    """Write ``batch`` into ``buffer`` the ways that move no version counter."""
+    if how == "numpy":
+        buffer.numpy()[:] = batch.numpy()
+    else:
+        buffer.untyped_storage().copy_(batch.untyped_storage())
+
+
+@pytest.mark.parametrize("how", ["numpy", "untyped_storage"])
+@pytest.mark.parametrize("regional", [True, False], ids=["by layer", "whole"])
+def test_a_batch_written_into_the_last_ones_tensors_is_read_anew(how, regional):
+    # a reused position buffer, written without moving its version counter: one document per row, then packed. The
+    # packed batch's documents must not attend across their boundaries, whatever the last batch was
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        lhcompile.apply(m, CFG, compiler="eager", regional=regional)
+    ids = torch.randint(0, VOCAB, (1, N))
+    buffer = positions([[N]])
+    model(input_ids=ids, position_ids=buffer)  # the "rows" graph: one document per row
+    packed = positions([[70, 3, 1, 40, 78]])
+    _written_in_place(buffer, packed, how)
+    assert torch.equal(buffer, packed) and buffer._version == 0
+    got = model(input_ids=ids, position_ids=buffer).logits
+    torch.testing.assert_close(got, reference(input_ids=ids, position_ids=packed.clone()).logits, rtol=0, atol=0)
+
+
+def _broadcast_into_a_reused_buffer(rank):
+    # rank 0 reads each batch, every rank receives it into the buffer it reuses: rank 1's buffer never changes its
+    # version counter, and rank 1 must compute what rank 0 does
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2)
+    lhcompile.apply(model, CFG, compiler="eager")
+    ids = torch.randint(0, VOCAB, (1, N))
+    buffer = positions([[N]]) if rank == 0 else torch.zeros(1, N, dtype=torch.long)
+    for batch in (positions([[N]]), positions([[70, 3, 1, 40, 78]])):
+        if rank == 0:
+            buffer = batch.clone()  # rank 0 loads a new tensor
+        dist.broadcast(buffer, src=0)
+        out = model(input_ids=ids, position_ids=buffer).logits.contiguous()
+        gathered = [torch.empty_like(out) for _ in range(2)]
+        dist.all_gather(gathered, out)
+        torch.testing.assert_close(gathered[1], gathered[0], rtol=0, atol=0)
+
+
+def test_a_batch_broadcast_into_a_reused_buffer_is_read_anew(tmp_path):
+    from .distributed import spawn
+
+    spawn(_broadcast_into_a_reused_buffer, tmp_path)
