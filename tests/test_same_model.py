@@ -220,3 +220,62 @@ def test_sites_of_one_sdpa_call_per_layer_are_as_many_rows_as_calls():
     report = lhcompile.inspect(model)
     assert [(s.training, s.index) for s in report] == [(True, 0), (True, 1), (True, 2), (False, 0), (False, 1),
                                                          (False, 2)], str(report)
+
+
+def _falcon(**extra) -> nn.Module:
+    import transformers
+
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    attn_implementation="sdpa", use_cache=False, **extra)
+    return transformers.FalconForCausalLM(cfg)
+
+
+def test_a_causal_mask_made_outside_the_layers_runs_lighthouse_layer_by_layer():
+    # Falcon's own code always builds its mask and hands it to every layer: checked at each call, it is the causal
+    # mask, so the layers run Lighthouse as the model compiled whole does
+    torch.manual_seed(0)
+    reference = _falcon(new_decoder_architecture=True, num_kv_heads=2, alibi=False)
+    ids = torch.randint(0, VOCAB, (2, N))
+    outs = {}
+    for regional in (True, False):
+        torch._dynamo.reset()
+        model = copy.deepcopy(reference)
+        lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager", regional=regional)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LighthouseWarning)
+            outs[regional] = logits(model, ids)
+        report = lhcompile.inspect(model)
+        assert len(report.rewritten) == 3, str(report)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    # a padded batch hands the layers a mask that is not causal: those calls keep the model's own call, dense
+    model = copy.deepcopy(reference)
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    logits(model, ids)
+    padding = torch.ones(2, N, dtype=torch.long)
+    padding[1, :8] = 0
+    got = model(input_ids=ids, attention_mask=padding).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(input_ids=ids, attention_mask=padding).logits, rtol=1e-5, atol=1e-5)
+    assert all("is not the causal mask" in s.reason for s in lhcompile.inspect(model)), str(lhcompile.inspect(model))
+
+
+@pytest.mark.parametrize("case", ["alibi", "sliding window"])
+def test_masks_that_are_not_causal_are_called_what_they_are(case):
+    import transformers
+
+    if case == "alibi":
+        model, said = _falcon(alibi=True), "adds finite biases (a position bias such as ALiBi)"
+    else:
+        cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                         attn_implementation="sdpa", use_cache=False)
+        model, said = transformers.MistralForCausalLM(cfg), "hides keys the causal mask keeps (a sliding window"
+    for regional in (True, False):
+        torch._dynamo.reset()
+        applied = copy.deepcopy(model)
+        lhcompile.apply(applied, dataclasses.replace(CFG, dense_layers=()), compiler="eager", regional=regional)
+        with pytest.warns(LighthouseWarning, match="attention sites was rewritten"):
+            logits(applied, torch.randint(0, VOCAB, (1, N)))
+        report = lhcompile.inspect(applied)
+        assert report and all(said in s.reason for s in report), str(report)
+        assert not any("computed from the graph's inputs" in s.reason for s in report), str(report)
