@@ -140,6 +140,8 @@ def _gemma3_with_images(attention: str) -> torch.nn.Module:
     image block bidirectionally in its full-attention layers."""
     import transformers
 
+    import lhcompile.integrations.hf  # noqa: F401  (registers attention="causal_sdpa")
+
     torch.manual_seed(0)
     text = transformers.Gemma3TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
