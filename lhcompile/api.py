@@ -168,6 +168,9 @@ def inspect(model: torch.nn.Module | Callable[..., Any]) -> Report:
         return inspect(model._orig_mod)
     if isinstance(model, fx.GraphModule):
         report = model.meta.get(STATE, model.meta.get(RESTORED))
+    elif not isinstance(model, torch.nn.Module):
+        raise TypeError(f"lhcompile.inspect expects the model lhcompile.apply was given (an nn.Module or "
+                        f"GraphModule) or a lhcompile.backend(), got {type(model).__name__}")
     else:
         state = applied(model)
         report = state.report if state is not None else model.__dict__.get(RESTORED)

@@ -62,6 +62,12 @@ class LighthouseConfig:
         def reject(field: str, rule: str) -> None:
             raise ValueError(f"LighthouseConfig: {field}={getattr(self, field)!r} {rule}")
 
+        for name in ("levels", "pooling_factor", "topk", "tile_budget", "min_seq_len"):
+            if isinstance(getattr(self, name), bool):  # a bool is an int to Python, never a count here
+                reject(name, "must be an int, not a bool")
+        if isinstance(self.dense_layers, tuple) and any(isinstance(i, bool) for i in self.dense_layers):
+            reject("dense_layers", "must be a tuple of ints (site positions), not bools")
+
         if not isinstance(self.levels, int) or self.levels < 2:
             reject("levels", "must be an int >= 2 (level 0 plus at least one pooled level)")
         if not isinstance(self.pooling_factor, int) or not _is_power_of_two(self.pooling_factor) or self.pooling_factor < 2:

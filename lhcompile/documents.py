@@ -41,8 +41,8 @@ class Documents:
 
     Every row begins a document; a document never spans two rows. Build it from what the data pipeline has:
     ``from_cu_seqlens`` (varlen's cumulative lengths over the batch's rows laid end to end), ``from_ids`` (a
-    document id per token; a document is a run of equal ids) or ``from_positions`` (position ids that restart at
-    0 with each document, as torchtitan and Hugging Face's DataCollatorWithFlattening make them). The constructors
+    document id per token; a document is a run of equal ids) or ``from_positions`` (position ids that start anew
+    with each document, as torchtitan and Hugging Face's DataCollatorWithFlattening make them). The constructors
     check their argument's values (one host sync), except while torch.compile traces them."""
 
     starts: Tensor
@@ -76,10 +76,12 @@ class Documents:
 
     @classmethod
     def from_positions(cls, position_ids: Tensor) -> Documents:
-        """From position ids, (B, N) or (N,): a document begins where they restart at 0. Positions that jump without
-        restarting (context-parallel shards carry global positions) stay in one document."""
+        """From position ids, (B, N) or (N,): a document begins where they do not increase (a restart at 0, at 1, at
+        any position not past the last), as transformers' own packed-sequence detection splits them. Positions that
+        jump forward stay in one document, where transformers would cut them: context-parallel shards carry their
+        global positions, and the head and tail chunks of one sequence meet with such a jump."""
         positions = _rows("Documents.from_positions", "position_ids", position_ids)
-        return cls(starts_of("starts", [positions == 0], *positions.shape))
+        return cls(starts_of("starts", [starts_of_positions(positions)], *positions.shape))
 
     def check(self, q: Tensor, caller: str) -> None:
         """Reject documents that do not fit these (B, H, N, d) q."""
@@ -88,6 +90,11 @@ class Documents:
                              f"for q{tuple(q.shape)}, got {_describe(self.starts)}")
         if self.starts.device != q.device:
             raise ValueError(f"{caller}: documents are on {self.starts.device}, q on {q.device}; move them to one device")
+
+
+def starts_of_positions(positions: Tensor) -> Tensor:
+    """(B, N) bool: where (B, N) position ids begin a document (they do not increase; every row's first token)."""
+    return F.pad(positions[:, 1:] <= positions[:, :-1], (1, 0), value=True)
 
 
 def starts_of(form: str, tensors: list[Tensor], batch: int, length: int) -> Tensor:
@@ -399,6 +406,25 @@ def _register_autocast(device_type: str, dispatch_key: str) -> None:
 
 _register_autocast("cpu", "AutocastCPU")
 _register_autocast("cuda", "AutocastCUDA")
+
+# q, k and v as SDPA takes them in an autocast region, for the graphs the pass rewrites: nothing outside one (the
+# inputs themselves, no copy), the region's dtype inside one. An op, so that the rule holds where the graph runs,
+# whatever the region is at the time the pass traces it
+_LIBRARY.define("as_sdpa_inputs(Tensor(a) q, Tensor(b) k, Tensor(c) v) -> (Tensor(a), Tensor(b), Tensor(c))")
+_LIBRARY.impl("as_sdpa_inputs", lambda q, k, v: (q, k, v), "CompositeImplicitAutograd")
+
+
+def _register_as_sdpa_inputs(device_type: str, dispatch_key: str) -> None:
+    def kernel(q, k, v):
+        q, k, v = autocast_like_sdpa(q, k, v)
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.lhcompile.as_sdpa_inputs(q, k, v)
+
+    _LIBRARY.impl("as_sdpa_inputs", kernel, dispatch_key)
+
+
+_register_as_sdpa_inputs("cpu", "AutocastCPU")
+_register_as_sdpa_inputs("cuda", "AutocastCUDA")
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *, scale: float | None = None,

@@ -296,12 +296,16 @@ def _replacement(d: Decision, chosen: bool, args: dict[str, Any], options: Optio
         starts = starts_of(d.documents.form, [fx.Proxy(t, tracer) for t in d.documents.tensors], batch, length)
     if not chosen:
         return site.kind.output_from(site, placement.dense(site, Inputs(q, k, v, scale, starts, batch, length)), args)
+    cast = torch.ops.lhcompile.as_sdpa_inputs(q, k, v)  # in an autocast region, SDPA's dtype: one semantics
+    q, k, v = cast[0], cast[1], cast[2]
     if batches == DENSE:
         return site.kind.output_from(site, dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale),
                                      args)
     rotary = None
     if isinstance(d.rotation, tuple):
         q, k, rotary = _unrotated(site, d.rotation, tracer)
+        cast = torch.ops.lhcompile.as_sdpa_inputs(q, k, v)
+        q, k, v = cast[0], cast[1], cast[2]
     out = placement.lighthouse(site, Inputs(q, k, v, scale, starts, batch, length), options.config, rotary)
     return site.kind.output_from(site, out, args)
 

@@ -102,7 +102,7 @@ class ContextParallel:
     site selects per chunk and joins PyTorch's ring attention with its gathered tokens; every other site becomes
     ring attention too, since a shard's attention must see the whole sequence either way. PyTorch's ring attention
     is causal only: a site whose documents come from position ids (``causal_sdpa``) runs on the condition, checked
-    at run time, that the shard holds no document start (positions never restart at 0); varlen and FlexAttention
+    at run time, that the shard holds no document start (positions never start anew); varlen and FlexAttention
     document masks are refused at capture."""
 
     group: dist.ProcessGroup
@@ -159,5 +159,5 @@ class ContextParallel:
 def _one_document(starts: Any) -> None:
     if starts is not None:
         torch._assert_async(~starts[:, 1:].any(), "lhcompile: a context-parallel shard holds the start of a packed "
-                            "document (position_ids restart at 0), but ring attention is causal only: train packed "
+                            "document (position_ids start anew), but ring attention is causal only: train packed "
                             "documents on one device")

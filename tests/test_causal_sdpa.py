@@ -93,6 +93,27 @@ def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how, given):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["eager", "torch.compile", "lhcompile.apply"])
+def test_positions_that_restart_at_one_are_documents_as_for_sdpa(how):
+    # a collator that counts positions from 1: transformers' "sdpa" starts a document wherever positions do not go
+    # on by one; causal_sdpa, wherever they do not increase: both at each restart
+    positions = torch.cat([torch.arange(1, 41), torch.arange(1, N - 39)])[None].expand(2, -1)
+    ids = torch.randint(0, VOCAB, (2, N))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = hf_model("llama", attention="sdpa").eval()(input_ids=ids, position_ids=positions).logits
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa").eval()
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="eager")
+    elif how == "lhcompile.apply":
+        lhcompile.apply(model, CFG, compiler="eager")
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_causal_sdpa_refuses_two_sets_of_document_boundaries():
     model = hf_model("llama", attention="causal_sdpa").eval()
     cu_q, cu_k = torch.tensor([0, 40, N], dtype=torch.int32), torch.tensor([0, 50, N], dtype=torch.int32)

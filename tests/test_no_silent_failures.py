@@ -289,6 +289,18 @@ def test_bad_arguments_fail_at_apply_naming_the_argument(kwargs, error, words):
     assert model._compiled_call_impl is None  # nothing was done
 
 
+@pytest.mark.parametrize("field", ["levels", "pooling_factor", "topk", "tile_budget", "min_seq_len", "dense_layers"])
+def test_bools_are_not_taken_for_ints_in_the_config(field):
+    value = (True,) if field == "dense_layers" else True
+    with pytest.raises(ValueError, match=f"LighthouseConfig: {field}=.*not .*bool"):
+        LighthouseConfig(**{field: value})
+
+
+def test_inspect_of_something_that_is_no_model_says_what_it_expects():
+    with pytest.raises(TypeError, match="lhcompile.inspect expects the model .* got Tensor"):
+        lhcompile.inspect(torch.zeros(2))
+
+
 class Decorated(GPT):
     """forward behind a decorator that takes *args (as transformers' can_return_tuple does), first argument named
     ``this``: Dynamo names the module L['args'][0] and L['this'] then."""

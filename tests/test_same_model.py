@@ -279,3 +279,47 @@ def test_masks_that_are_not_causal_are_called_what_they_are(case):
         report = lhcompile.inspect(applied)
         assert report and all(said in s.reason for s in report), str(report)
         assert not any("computed from the graph's inputs" in s.reason for s in report), str(report)
+
+
+def test_under_cpu_autocast_the_rewritten_site_computes_what_lighthouse_attention_does():
+    # SDPA's semantics in an autocast region: q, k and v in the region's dtype, also for selection, where the model
+    # keeps fp32 weights (its q and k come out of fp32 rotations)
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, N))
+    lhcompile.apply(model, CFG, compiler="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = logits(model, ids)
+        with SdpaAt({1, 2}, lambda q, k, v, scale: lighthouse_attention(q, k, v, CFG, scale=scale)):
+            want = logits(twin, ids)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert (got.float() - want.float()).abs().mean() < 2e-3
+
+
+class BroadcastKV(nn.Module):
+    """Attention whose keys and values are shared by every row of the batch (a batch of one, which SDPA
+    broadcasts): e.g. a learned memory of tokens."""
+
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.memory = nn.Parameter(torch.randn(1, heads, N, dim // heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, self.memory, self.memory, is_causal=True).transpose(1, 2)
+
+
+def test_keys_and_values_broadcast_over_the_batch_are_broadcast_by_the_rewrite_too():
+    torch.manual_seed(0)
+    model = BroadcastKV()
+    x = torch.randn(2, N, 64)
+    want = lighthouse_attention(model.q(x).view(2, N, 4, 16).transpose(1, 2), model.memory.expand(2, -1, -1, -1),
+                                model.memory.expand(2, -1, -1, -1), CFG).transpose(1, 2)
+    lhcompile.apply(model, dataclasses.replace(CFG, dense_layers=()), compiler="eager")
+    torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
+    [site] = lhcompile.inspect(model)
+    assert site.rewritten, str(lhcompile.inspect(model))

@@ -5,10 +5,11 @@ Importing this module registers ``causal_sdpa``. It computes what ``"sdpa"`` com
 - a plainly causal call (the module is causal, so never an encoder or a cross-attention; no padding mask, no
   sliding or chunked window shorter than the keys, as many queries as keys, no position bias) gets SDPA with
   is_causal=True;
-- packed documents (``position_ids`` that restart at 0, as ``DataCollatorWithFlattening`` makes them) are kept
+- packed documents (``position_ids`` that start anew, as ``DataCollatorWithFlattening`` makes them) are kept
   apart with ``lhcompile.document_attention``, in every mode: eager, compiled, applied (Lighthouse per document)
-  and restored. A document begins where the positions restart at 0; positions that jump without restarting
-  (context-parallel shards carry global positions) stay one document, where "sdpa" would cut them.
+  and restored. A document begins where the positions do not increase (a restart at 0 or 1, as "sdpa" splits
+  them); positions that jump forward (context-parallel shards carry global positions) stay one document, where
+  "sdpa" would cut them.
   FlashAttention's boundaries, where the model is handed them (``cu_seq_lens_q``, from
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), say where documents begin, as for
   ``"flash_attention_2"``: with ``return_position_ids=False`` "sdpa" would attend across documents;
@@ -166,7 +167,7 @@ def _packed(position_ids: torch.Tensor | None) -> bool:
     tracing), from their values eagerly."""
     if position_ids is None:
         return False
-    return torch.compiler.is_compiling() or bool((position_ids[..., 1:] == 0).any())
+    return torch.compiler.is_compiling() or bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
 
 
 def _documents(module, query: torch.Tensor, packed: bool, kwargs: dict[str, Any]) -> Documents | None:
