@@ -18,7 +18,7 @@ import torch.fx as fx
 from .calls import current_sites
 from .ddp_buckets import Numbering, bucket_numbering, in_ddp_split
 from .debug import dump_graph, dump_report
-from .document_probe import AS_CAPTURED, DOCUMENTS, INSTEAD, VARIANTS, DocumentProbe, MaskProbe
+from .document_probe import AS_CAPTURED, DOCUMENTS, INSTEAD, VARIANTS, DocumentProbe, MaskCheck, MaskProbe
 from .lighthouse_pass import (Decision, Pattern, Scope, decide, graphs_of, lighthouse, pattern_of, rewrite,
                               site_rows, warn_at_capture)
 from .options import Options
@@ -83,8 +83,9 @@ class Backend:
         probe = DocumentProbe.of(gm, [d.site for d in decisions], eligible, resolve.get,
                                  self.options.config.min_lighthouse_len,
                                  isinstance(self.options.placement, SingleDevice)) if eligible else None
-        masks = MaskProbe(tuple(n for n in gm.graph.nodes if n.op == "placeholder"), tuple(d.mask for d in decisions),
-                          resolve.get) if any(d.mask is not None for d in decisions) else None
+        checks = tuple(_check(d) for d in decisions)
+        masks = MaskProbe(tuple(n for n in gm.graph.nodes if n.op == "placeholder"), checks, resolve.get) \
+            if any(c is not None for c in checks) else None
         runner = _Runner(self, scope, graph_id, gm, decisions, probe, masks, numbering, _static(example_inputs),
                          proofs)
         # the graph for this call compiles now, with the capture's inputs: the others at the call that needs them
@@ -95,6 +96,17 @@ class Backend:
         for pattern in patterns:
             runner.prepare(pattern, list(example_inputs), at_capture=True)
         return runner
+
+
+def _check(d: Decision) -> MaskCheck | None:
+    """What of an eligible site's call is checked at each call: its explicit mask, or its block mask's sparsity."""
+    if not d.eligible:
+        return None
+    if d.mask is not None:
+        return MaskCheck(mask=d.mask)
+    if d.site.block_tables is not None:
+        return MaskCheck(tables=d.site.block_tables, documents=d.site.documents, shape=d.site.q_shape)
+    return None
 
 
 def _graph_paths(gm: fx.GraphModule) -> dict[fx.GraphModule, str]:

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .calls import current_batch
-from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document, runs_kernels
+from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document, runs_kernels, starts_of
 from .passes import Resolve, Site, ValueNumbers, ancestors, causal_verdict, evaluate, source
 from .passes.meta import node_device, node_dtype
 
@@ -163,24 +163,92 @@ class DocumentProbe:
         return isinstance(bound, int) and bound < self.shortest
 
 
-class MaskProbe:
-    """The explicit masks a graph is handed (``Site.runtime_mask``: a layer compiled on its own receives its mask
-    from the model's code), checked at each call: per site, None where the call's mask is the causal mask, else
-    what it is (``passes.causal_verdict``). One check per model call for each mask tensor its layers share."""
+@dataclass(frozen=True)
+class MaskCheck:
+    """What a site is handed that says what it attends and is checked at each call: an explicit SDPA mask (a layer
+    compiled on its own receives its mask from the model's code), or a FlexAttention block mask's sparsity (a
+    hand-built one may leave out blocks its mask_mod allows), with the site's documents where it has them."""
 
-    def __init__(self, inputs: tuple[fx.Node, ...], masks: tuple[fx.Node | None, ...], resolve: Resolve) -> None:
-        self.inputs, self.masks, self.resolve = inputs, masks, resolve
-        leaves = {leaf for mask in masks if mask is not None for leaf in ancestors(mask, resolve)[1]}
+    mask: fx.Node | None = None
+    tables: tuple[Any, ...] | None = None
+    """``passes.Site.block_tables``."""
+    documents: Any = None
+    """The site's ``DocumentSource``, for a block mask over packed documents."""
+    shape: tuple[Any, ...] | None = None
+    """The site's (B, H, N, d)."""
+
+    def nodes(self) -> list[fx.Node]:
+        values = [self.mask, *(self.tables or ()), *(self.documents.tensors if self.documents else ())]
+        return [v for v in values if isinstance(v, fx.Node)]
+
+
+class MaskProbe:
+    """The masks a graph's sites are handed, checked at each call (``MaskCheck``): per site, None where the call
+    attends as its site was decided (the causal mask; a block mask that leaves out nothing its mask_mod allows),
+    else what it is instead. One check per model call for each set of tensors its layers share."""
+
+    def __init__(self, inputs: tuple[fx.Node, ...], checks: tuple[MaskCheck | None, ...], resolve: Resolve) -> None:
+        self.inputs, self.checks, self.resolve = inputs, checks, resolve
+        leaves = {leaf for c in checks if c is not None for n in c.nodes() for leaf in ancestors(n, resolve)[1]}
         self._leaves = [i for i, node in enumerate(inputs) if node in leaves]
-        self._question = ("mask", tuple(_computation(m, resolve) if m is not None else None for m in masks))
+        self._question = ("masks", tuple(None if c is None else tuple(_computation(n, resolve) for n in c.nodes())
+                                         for c in checks))
 
     def verdicts(self, args: Sequence[Any]) -> tuple[str | None, ...]:
         def check() -> tuple[str | None, ...]:
             values = dict(zip(self.inputs, args))
             with torch.no_grad():
-                return tuple(None if mask is None else causal_verdict(evaluate(mask, self.resolve, values))
-                             for mask in self.masks)
+                return tuple(None if c is None else self._verdict(c, values) for c in self.checks)
         return once_per_batch(self._question, [args[i] for i in self._leaves], check)
+
+    def _verdict(self, c: MaskCheck, values: dict[fx.Node, Any]) -> str | None:
+        value = (lambda v: evaluate(v, self.resolve, values) if isinstance(v, fx.Node) else v)
+        if c.mask is not None:
+            return causal_verdict(value(c.mask))
+        starts = None
+        b, n = c.shape[0], c.shape[2]
+        if c.documents is not None:
+            starts = starts_of(c.documents.form, [value(t) for t in c.documents.tensors], b, n)
+        return block_mask_verdict(*(value(t) for t in c.tables), starts=starts, length=n)
+
+
+def block_mask_verdict(kv_num: torch.Tensor, kv_index: torch.Tensor, full_num: torch.Tensor | None,
+                       full_index: torch.Tensor | None, q_block: int, kv_block: int, *, starts: torch.Tensor | None,
+                       length: int) -> str | None:
+    """None if a FlexAttention block mask's sparsity keeps every block its causal (or, with ``starts``, causal
+    within documents) mask_mod allows, and marks full only blocks the mask_mod allows whole; else what it does.
+    Tables (B, H, rows, ...), broadcast over the batch and heads where of size 1."""
+    if q_block != kv_block:
+        return (f"FlexAttention's block mask has query blocks of {q_block} and key blocks of {kv_block}: its "
+                "sparsity cannot be checked against its mask_mod")
+    rows, cols = kv_num.shape[-1], -(-length // kv_block)
+
+    def listed(num: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+        out = torch.zeros(*kv_num.shape, cols + 1, dtype=torch.bool, device=kv_num.device)
+        if num is None:
+            return out[..., :cols]
+        keep = torch.arange(index.shape[-1], device=index.device) < num[..., None]
+        return out.scatter(-1, torch.where(keep, index.long(), cols), True)[..., :cols]
+
+    partial, full = listed(kv_num, kv_index), listed(full_num, full_index)
+    i = torch.arange(rows, device=kv_num.device)[:, None]
+    j = torch.arange(cols, device=kv_num.device)[None]
+    need, whole = j <= i, j < i
+    if starts is not None:  # (B, N): document of each block's first and last token
+        doc = (starts | (torch.arange(length, device=starts.device) == 0)).long().cumsum(1)
+        first = doc[:, (torch.arange(rows, device=doc.device) * q_block).clamp(max=length - 1)]
+        last = doc[:, ((torch.arange(cols, device=doc.device) + 1) * kv_block - 1).clamp(max=length - 1)]
+        kv_first = doc[:, (torch.arange(cols, device=doc.device) * kv_block).clamp(max=length - 1)]
+        q_last = doc[:, ((torch.arange(rows, device=doc.device) + 1) * q_block - 1).clamp(max=length - 1)]
+        need = need & (first[:, :, None] <= last[:, None, :])
+        whole = whole & (kv_first[:, None, :] == q_last[:, :, None])
+        need, whole = need[:, None], whole[:, None]  # (B, 1, rows, cols) against the tables' heads
+    if not bool((need <= (partial | full)).all()):
+        return ("FlexAttention's block mask leaves out blocks its mask_mod allows (a hand-built sparsity, e.g. "
+                "BlockMask.from_kv_blocks): it is not the mask Lighthouse computes")
+    if not bool((full <= whole).all()):
+        return "FlexAttention's block mask marks blocks full that its mask_mod masks in part"
+    return None
 
 
 def once_per_batch(question: Any, inputs: Sequence[Any], answer: Callable[[], Any]) -> Any:

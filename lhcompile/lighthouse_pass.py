@@ -223,7 +223,7 @@ def site_rows(decisions: list[Decision], pattern: Pattern, positions: tuple[int,
     for d, flags, position, path, mask in zip(decisions, pattern, positions, paths, masks):
         site = d.site
         kv_heads = site.k_shape[1] if site.k_shape and len(site.k_shape) == 4 else None
-        reasons = [*d.reasons, *(f"{mask} (a mask handed to the graph, checked at each call)" if flag == "mask" else
+        reasons = [*d.reasons, *(f"{mask} (checked at each call)" if flag == "mask" else
                                  _FLAGS[flag](position, total, options) for flag in flags)]
         rows.append(SiteReport(graph_id, position, path, site.op, site.q_shape, kv_heads, not reasons,
                                _reason(d, reasons, options), scope.training, d.documents is not None))

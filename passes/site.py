@@ -66,6 +66,9 @@ class Site:
     causal_proven: bool = False
     """The call's mask (an explicit SDPA mask, or documents whose values are known at capture) is proven to be the
     plain causal one, so causal SDPA computes the same without it."""
+    block_tables: tuple[Any, ...] | None = None
+    """FlexAttention: its block mask's (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, Q_BLOCK_SIZE,
+    KV_BLOCK_SIZE), graph values or constants (None where it has no full blocks)."""
     runtime_mask: fx.Node | None = None
     """An explicit mask that cannot be proven causal at capture but can be checked at each call, from the graph's
     inputs (``MaskProof.runtime``), where that is the only reason the call could not run Lighthouse."""

@@ -569,3 +569,28 @@ def test_a_batch_broadcast_into_a_reused_buffer_is_read_anew(tmp_path):
     from .distributed import spawn
 
     spawn(_broadcast_into_a_reused_buffer, tmp_path)
+
+
+def test_a_hand_built_block_sparsity_that_leaves_out_allowed_blocks_keeps_flexattention():
+    # BlockMask.from_kv_blocks with a causal mask_mod: the block tables are the caller's, checked at each call. All
+    # of the causal blocks listed: the mask is the causal one, Lighthouse; a local window of blocks: FlexAttention
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, causal = 512, (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    q, k, v = qkv(1, n=n)
+    rows = n // 128
+    every = BlockMask.from_kv_blocks(torch.arange(1, rows + 1, dtype=torch.int32).view(1, 1, rows),
+                                     torch.arange(rows, dtype=torch.int32).expand(rows, rows).reshape(1, 1, rows, rows)
+                                     .contiguous(), mask_mod=causal)
+    window = torch.stack([torch.tensor([i, max(i - 1, 0), 0, 0]) for i in range(rows)]).int().view(1, 1, rows, rows)
+    local = BlockMask.from_kv_blocks(torch.tensor([[[1, 2, 2, 2]]], dtype=torch.int32), window, mask_mod=causal)
+    model = Flex()
+    config = dataclasses.replace(CFG, levels=2, topk=16, tile_budget=8)
+    lhcompile.apply(model, config, compiler="eager")
+    torch.testing.assert_close(model(q, k, v, every), lighthouse_attention(q, k, v, config), rtol=0, atol=0)
+    [site] = lhcompile.inspect(model)
+    assert site.rewritten, str(lhcompile.inspect(model))
+    got = model(q, k, v, local)
+    torch.testing.assert_close(got, flex_attention(q, k, v, block_mask=local, enable_gqa=True), rtol=1e-5, atol=1e-5)
+    [site] = lhcompile.inspect(model)
+    assert not site.rewritten and "leaves out blocks its mask_mod allows" in site.reason, site.reason

@@ -6,8 +6,9 @@ causal (``q_idx >= kv_idx``), the same document by id (``ids[b, q_idx] == ids[b,
 (``kv_idx >= starts[doc[q_idx]]``: torchtitan's one-row ``get_efficient_causal_mask_mod_for_packed_document``), or
 a query at or before its key's document end (``q_idx <= ends[b, kv_idx]``: its batched form). The documents are
 then read from the mask's own tensors at run time. Any other comparison, ``|``, a score_mod or a returned
-logsumexp keeps the call as it is, with the reason. The block mask's sparsity is taken to be what
-``create_block_mask`` derives from the mask_mod.
+logsumexp keeps the call as it is, with the reason. The block mask's sparsity tables (``Site.block_tables``) are
+the call's too: a hand-built one (``BlockMask.from_kv_blocks``) may leave out blocks its mask_mod allows, which the
+caller checks at run time.
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ class Flex(SdpaLayout):
         order = {n: i for i, n in enumerate(node.graph.nodes)}
         site.extra_nodes, site.output, problem = tuple_outputs(node, order)
         site.problem = self._problem(site) or problem
+        if isinstance(block_mask, tuple) and len(block_mask) >= 13:
+            # (q_len, kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, ..., Q_BLOCK_SIZE,
+            # KV_BLOCK_SIZE, mask_mod): its sparsity, which a hand-built BlockMask need not derive from its mask_mod
+            site.block_tables = (*block_mask[2:6], block_mask[-3], block_mask[-2])
         return site
 
     def _problem(self, site: Site) -> str | None:
