@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -51,15 +52,21 @@ def qkv(b, n=N, grad=False):
     return tuple(torch.randn(b, heads, n, 8, requires_grad=grad) for heads in (4, 2, 2))
 
 
+_VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 class Varlen(torch.nn.Module):
     """torchtitan's VarlenAttention: (B, N) rows laid end to end, documents by cumulative lengths, and a bound on
     their length (``longest``, as torchtitan's VarlenMetadata and Hugging Face's max_length_q hand it; else N)."""
 
     def forward(self, q, k, v, cu, longest=None):
         b, h, n, d = q.shape
+        if not _VARLEN_GQA:  # torch 2.11's varlen_attn takes as many key/value heads as query heads
+            k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
         rows = [t.transpose(1, 2).reshape(b * n, -1, d) for t in (q, k, v)]
         longest = n if longest is None else longest
-        out = varlen_attn(*rows, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
+        out = varlen_attn(*rows, cu, cu, longest, longest, window_size=(-1, 0),
+                          **({"enable_gqa": True} if _VARLEN_GQA else {}))
         return out.view(b, n, h, d).transpose(1, 2)
 
 
