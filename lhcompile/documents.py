@@ -440,7 +440,22 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *,
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"document_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]})")
-    return _document_attention(q, k, v, documents.starts, keep, q.shape[3] ** -0.5 if scale is None else scale)[0]
+    scale = q.shape[3] ** -0.5 if scale is None else scale
+    if torch.compiler.is_exporting():
+        return _exported(q, k, v, documents.starts, keep, scale)
+    return _document_attention(q, k, v, documents.starts, keep, scale)[0]
+
+
+def _exported(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, keep: Tensor | None, scale: float) -> Tensor:
+    """``document_attention`` for torch.export and ONNX: SDPA with the documents' causal mask, made of standard
+    ops (an exported program runs where lhcompile is not installed; inference, where an N x N mask is fine)."""
+    n = q.shape[2]
+    document = (starts | (torch.arange(n, device=starts.device) == 0)).long().cumsum(1)
+    mask = (document[:, None, :, None] == document[:, None, None, :]) & torch.ones(
+        n, n, dtype=torch.bool, device=q.device).tril()
+    k, v = _grouped(k, q.shape[1]), _grouped(v, q.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out if keep is None else out * keep[:, None, :, None]
 
 
 def runs_kernels(device: torch.device | None, dtype: torch.dtype | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import lhcompile
 from lhcompile import LighthouseConfig
 from lhcompile.passes import REWRITE_TAG, find_sites
 
-from .models import MODELS, VOCAB, logits
+from .models import MODELS, VOCAB, hf_model, logits
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4, dense_layers=(0, -1))
 N = 64
@@ -234,3 +235,28 @@ def test_exporting_an_applied_module_exports_its_dense_graph():
         ep = torch.export.export(model, (ids,), strict=False)
     assert "lhcompile" not in ep.graph_module.code
     assert torch.equal(ep.module()(ids), pristine(ids))
+
+
+@pytest.mark.parametrize("state", ["never applied", "restored"])
+def test_packed_documents_of_causal_sdpa_export_to_onnx_and_run_in_onnxruntime(state):
+    # lhcompile.document_attention exports as SDPA with the documents' causal mask: standard ONNX ops
+    import onnxruntime as ort
+
+    from .test_documents_pass import positions
+
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa", layers=2).eval()
+    ids, pos = torch.randint(0, VOCAB, (1, 192)), positions([[70, 3, 1, 40, 78]])
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos).logits
+    if state == "restored":
+        lhcompile.apply(model.train(), dataclasses.replace(CFG, levels=3), compiler="eager")
+        model(input_ids=ids, position_ids=pos)
+        lhcompile.restore(model).eval()
+    proto = torch.onnx.export(model, (), kwargs=dict(input_ids=ids, position_ids=pos), dynamo=True,
+                              verbose=False).model_proto
+    assert not any("lhcompile" in n.domain or "document_attention" in n.op_type for n in proto.graph.node)
+    session = ort.InferenceSession(proto.SerializeToString())
+    feeds = {i.name: (ids if "input" in i.name else pos).numpy() for i in session.get_inputs()}
+    got = session.run(None, feeds)[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
