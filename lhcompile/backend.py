@@ -141,6 +141,7 @@ class _Runner:
         """The masks proven at capture (by graph and node name): a rewritten copy does not evaluate them again."""
         self.variants: dict[tuple, _Variant] = {}
         self._recorded: set[tuple] = set()
+        self._patterns: dict[tuple, Pattern] = {}
 
     def pattern(self, peek: bool = False, args: Sequence[Any] | None = None
                 ) -> tuple[Pattern, tuple[int, ...], tuple[str, ...], int, bool, tuple[str | None, ...] | None]:
@@ -165,8 +166,11 @@ class _Runner:
             positions = tuple(range(first, first + count))
             paths = tuple(self._path(d) for d in self.decisions)
             model = False
-        pattern = pattern_of(self.options, positions, paths, total) if self.scope.training else ((),) * count
-        masks = None
+        known = self._patterns.get((positions, total))
+        if known is None:  # per place: a graph runs at the same few places call after call
+            known = self._patterns[(positions, total)] = pattern_of(self.options, positions, paths, total) \
+                if self.scope.training else ((),) * count
+        pattern, masks = known, None
         if self.masks is not None and args is not None and self.scope.training:
             masks = self.masks.verdicts(args)
             pattern = tuple(flags + (("mask",) if mask is not None else ()) for flags, mask in zip(pattern, masks))

@@ -176,38 +176,60 @@ MIXES = {
 random lengths around a median."""
 
 
-class _PackedVarlen(torch.nn.Module):
+class _Layer(torch.nn.Module):
+    """One attention layer of a packed model (its own module, so that it is compiled on its own)."""
+
+    def __init__(self, attention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, *args):
+        return self.attention(*args)
+
+
+class _Packed(torch.nn.Module):
+    """A model of ``layers`` attention layers on the same packed batch (each adds its output to the queries of
+    the next, so that every layer's backward runs), as torchtitan's models call their attention: its first layer
+    finds the batch's documents, the later ones are handed the same."""
+
+    def __init__(self, attention, layers: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(attention) for _ in range(layers)])
+
+    def forward(self, q, k, v, *documents):
+        for layer in self.layers:
+            q = q + layer(q, k, v, *documents)
+        return q
+
+
+def _varlen(q, k, v, cu, longest):
     """torchtitan's VarlenAttention: the tokens of a batch's rows laid end to end, documents by cumulative lengths
     and the longest one's length."""
+    from torch.nn.attention.varlen import varlen_attn
 
-    def forward(self, q, k, v, cu, longest):
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0))
+    return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0))
 
 
-class _PackedFlex(torch.nn.Module):
+def _flex(q, k, v, block_mask):
     """torchtitan's FlexAttention: a document-causal block mask built outside the model."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    def forward(self, q, k, v, block_mask):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
 
 
-def _written(t: torch.Tensor) -> None:
-    """Write t in place with its own values: a new version, as a new batch's documents would be."""
-    t.add_(0)
+LAYERS = 4
+"""Layers of the packed models that ``bench_documents`` times (besides one-layer models)."""
 
 
 def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads: int = 8, dim: int = 128
                     ) -> list[dict]:
     """Per mix of ``mixes`` (names in MIXES): Lighthouse per document against the dense document-causal kernels on
     the same documents (flash varlen, compiled FlexAttention, lhcompile's document_attention), forward + backward
-    ms: eagerly, compiled, and through the pass in a varlen and in a FlexAttention model (what a model gets: a batch
-    without a long document runs the model's own call, one of a document per row plain Lighthouse), with the
-    documents new each call (a model's first layer reads them) or not (its later layers), beside the same model
-    compiled without the pass; for one document also plain Lighthouse and cuDNN."""
+    ms: eagerly, compiled, and through the pass in varlen and FlexAttention models (what a model gets: a batch
+    without a long document runs the model's own call, one of a document per row plain Lighthouse), beside the
+    same models compiled without the pass. Each model call is a new batch whose first layer reads its documents:
+    models of one layer time that layer, models of ``LAYERS`` layers give the later layers' time per layer (their
+    difference over ``LAYERS - 1``); for one document also plain Lighthouse and cuDNN."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
 
@@ -215,11 +237,12 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
     # compiled once for every mix: the documents are data
     per_document = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)))
     plain = torch.compile(lambda q, k, v: lighthouse_attention(q, k, v, config))
-    varlen_model, flex_model = _PackedVarlen(), _PackedFlex()
+    models = {(kind, layers): _Packed(attention, layers) for kind, attention in (("varlen", _varlen), ("flex", _flex))
+              for layers in (1, LAYERS)}
     # the same models compiled without the pass: what a model runs without lhcompile
-    varlen_stock, flex_stock = torch.compile(_PackedVarlen()), torch.compile(_PackedFlex())
-    for model in (varlen_model, flex_model):
-        # one attention site each, which the default dense_layers (the first and last two sites) would keep dense
+    stock = {key: torch.compile(_Packed(model.layers[0].attention, key[1])) for key, model in models.items()}
+    for model in models.values():
+        # every site Lighthouse, which the default dense_layers (the first and last two sites) would keep dense
         api.apply(model, dataclasses.replace(config, dense_layers=()), compiler="inductor")
     rows = []
     for name in mixes:
@@ -242,29 +265,32 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
         def fwdbwd(fn, inputs=leaves, g=grad):
             return median_ms(lambda: torch.autograd.grad(fn(), inputs, g), reps)
 
-        before = [dict(api.inspect(m).variant_calls) for m in (varlen_model, flex_model)]
+        before = {key: dict(api.inspect(m).variant_calls) for key, m in models.items()}
+        inputs = {"varlen": ((*rows_, cu, longest), rows_, rows_grad), "flex": ((q, k, v, block_mask), leaves, grad)}
+
+        def timed(runs: dict, kind: str, layers: int) -> float:
+            args, wrt, g = inputs[kind]
+            return fwdbwd(lambda: runs[(kind, layers)](*args), wrt, g)
 
         row = {"mix": name, "n": n,
                "lighthouse_documents": fwdbwd(lambda: lighthouse_attention(q, k, v, config, documents=packed)),
                "lighthouse_documents_compiled": fwdbwd(lambda: per_document(q, k, v, packed.starts)),
-               # the documents written into before each call, so that the pass reads them every call, as a
-               # model's first layer does; "_later": left as they are, as a model's later layers find them
-               "lighthouse_documents_pass": fwdbwd(lambda: _written(cu) or varlen_model(*rows_, cu, longest), rows_,
-                                                   rows_grad),
-               "lighthouse_documents_pass_later": fwdbwd(lambda: varlen_model(*rows_, cu, longest), rows_, rows_grad),
-               "lighthouse_documents_pass_flex": fwdbwd(lambda: _written(doc) or flex_model(q, k, v, block_mask)),
-               "lighthouse_documents_pass_flex_later": fwdbwd(lambda: flex_model(q, k, v, block_mask)),
                "flash_varlen": fwdbwd(lambda: varlen_attn(*rows_, cu, cu, longest, longest, window_size=(-1, 0)),
                                       rows_, rows_grad),
-               "varlen_model_compiled": fwdbwd(lambda: varlen_stock(*rows_, cu, longest), rows_, rows_grad),
                "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask)),
-               "flex_model_compiled": fwdbwd(lambda: flex_stock(q, k, v, block_mask)),
                "document_attention": fwdbwd(lambda: documents.document_attention(q, k, v, packed)),
                "cudnn_share": documents.cudnn_share(lengths)}
+        for kind in ("varlen", "flex"):
+            for label, runs in (("pass", models), ("stock", stock)):
+                first, deep = timed(runs, kind, 1), timed(runs, kind, LAYERS)
+                # the first layer (it reads the documents), and each later layer (handed the same documents)
+                row[f"{kind}_{label}_first"] = first
+                row[f"{kind}_{label}_later"] = (deep - first) / (LAYERS - 1)
         # which graph the models ran for this batch (besides the rewritten one): lhcompile.document_probe's names
-        for key, model, was in (("varlen_graphs", varlen_model, before[0]), ("flex_graphs", flex_model, before[1])):
-            row[key] = sorted(name for name, count in api.inspect(model).variant_calls.items()
-                              if count > was.get(name, 0))
+        for kind in ("varlen", "flex"):
+            key = (kind, LAYERS)
+            row[f"{kind}_graphs"] = sorted(name for name, count in api.inspect(models[key]).variant_calls.items()
+                                           if count > before[key].get(name, 0))
         if len(lengths) == 1:
             row["lighthouse"] = fwdbwd(lambda: lighthouse_attention(q, k, v, config))
             row["lighthouse_compiled"] = fwdbwd(lambda: plain(q, k, v))
@@ -274,15 +300,15 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
         best = min(row["flash_varlen"], row["flex"], row["document_attention"], row.get("cudnn", float("inf")))
         extra = (f"  plain Lighthouse {row['lighthouse']:.2f}, compiled {row['lighthouse_compiled']:.2f}; cuDNN "
                  f"{row['cudnn']:.2f}") if "lighthouse" in row else ""
+        models_ = " | ".join(
+            f"{kind}: through the pass first {row[f'{kind}_pass_first']:7.2f} / later {row[f'{kind}_pass_later']:7.2f}"
+            f", without it {row[f'{kind}_stock_first']:7.2f} / {row[f'{kind}_stock_later']:7.2f} "
+            f"({row[f'{kind}_pass_first'] / row[f'{kind}_stock_first']:4.2f}x / "
+            f"{row[f'{kind}_pass_later'] / row[f'{kind}_stock_later']:4.2f}x)" for kind in ("varlen", "flex"))
         print(f"{name:>14}  per document: eager {row['lighthouse_documents']:7.2f}, compiled "
-              f"{row['lighthouse_documents_compiled']:7.2f} | through the pass, first / later layer, and the model "
-              f"compiled without it: varlen {row['lighthouse_documents_pass']:7.2f} / "
-              f"{row['lighthouse_documents_pass_later']:7.2f} / {row['varlen_model_compiled']:7.2f}, Flex "
-              f"{row['lighthouse_documents_pass_flex']:7.2f} / {row['lighthouse_documents_pass_flex_later']:7.2f} / "
-              f"{row['flex_model_compiled']:7.2f} | dense: flash varlen {row['flash_varlen']:7.2f}, Flex "
-              f"{row['flex']:7.2f}, document_attention {row['document_attention']:7.2f} | fastest dense / per "
-              f"document: eager {best / row['lighthouse_documents']:5.2f}x, through the pass "
-              f"{best / row['lighthouse_documents_pass']:5.2f}x / {best / row['lighthouse_documents_pass_flex']:5.2f}x"
+              f"{row['lighthouse_documents_compiled']:7.2f} | {models_} | dense: flash varlen "
+              f"{row['flash_varlen']:7.2f}, Flex {row['flex']:7.2f}, document_attention "
+              f"{row['document_attention']:7.2f} | fastest dense / per document: {best / row['lighthouse_documents']:5.2f}x"
               f"{extra} | {len(lengths)} documents, cuDNN share {row['cudnn_share']:.2f}, graphs besides the "
               f"rewritten one: varlen {row['varlen_graphs']}, Flex {row['flex_graphs']}", flush=True)
         del q, k, v, leaves, rows_, block_mask

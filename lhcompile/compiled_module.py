@@ -215,8 +215,18 @@ class _Calls:
     """Gone to dynamic shapes: a packed batch's length is data."""
 
 
+_BREAKS: list = [0, Counter()]
+"""Dynamo's process-wide count of graph breaks, and a copy of its counter taken at that count: read around every
+layer call, copied only when it has moved (module-level as Dynamo's own counter is)."""
+
+
 def _graph_breaks() -> Counter:
-    return Counter(torch._dynamo.utils.counters["graph_break"])
+    """A copy of Dynamo's graph-break counter as it stands."""
+    counter = torch._dynamo.utils.counters["graph_break"]
+    count = sum(counter.values())
+    if count != _BREAKS[0]:
+        _BREAKS[:] = [count, Counter(counter)]
+    return _BREAKS[1]
 
 
 def _dynamo_config(kinds: int) -> contextlib.AbstractContextManager:
@@ -402,11 +412,13 @@ def _run(module: torch.nn.Module, compiled: _Compiled, sites: Sites | None, stat
         out = compiled(*args, **kwargs)
     if torch.compiler.is_exporting():
         return out
-    if backend.runs == runs:
-        _warn_ran_eagerly(module, backend, _shapes(args, kwargs), compiled.new, _graph_breaks() - breaks,
-                          compiled.kinds)
-    if sites is not None and sites.missed and module.training:
-        _report_missed(state, sites, _graph_breaks() - breaks, backend.runs == runs)
+    eager = backend.runs == runs
+    if eager or (sites is not None and sites.missed and module.training):
+        new = _graph_breaks() - breaks  # the graph breaks Dynamo met in this call
+        if eager:
+            _warn_ran_eagerly(module, backend, _shapes(args, kwargs), compiled.new, new, compiled.kinds)
+        if sites is not None and sites.missed and module.training:
+            _report_missed(state, sites, new, eager)
     return out
 
 
