@@ -2,10 +2,10 @@
 
 from .api import apply, backend, inspect, restore
 from .config import LighthouseConfig
-from .attention import lighthouse_attention
-from .documents import Documents, document_attention
+from .operator.attention import lighthouse_attention
+from .operator.documents import Documents, document_attention
 from .report import LighthouseWarning, Report, SiteReport
-from .rotary import Rotary
+from .operator.rotary import Rotary
 
 __all__ = [
     "LighthouseConfig",

@@ -16,17 +16,17 @@ import torch.fx as fx
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .backend import Backend
-from .compiled_module import STATE, Applied, applied
+from .capture.backend import Backend
+from .capture.applied import STATE, Applied, applied
 
 RESTORED = "_lhcompile_restored"
 """Where a restored model keeps the report of what the pass did before (``inspect`` returns it)."""
 from .config import LighthouseConfig
-from .lighthouse_pass import Scope, rewrite_in_place
-from .options import Compiler, FilterFn, Options
+from .rewrite.lighthouse_pass import Scope, rewrite_in_place
+from .rewrite.options import Compiler, FilterFn, Options
 from .passes import restore_sites
 from .report import LighthouseWarning, Report
-from .placements import SingleDevice
+from .rewrite.placements import SingleDevice
 
 
 

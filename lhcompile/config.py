@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .geometry import Geometry
+from .operator.geometry import Geometry
 
 Scorer = Literal["norm"]
 InnerAttention = Literal["sdpa", "flash_attn"]

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .document_probe import AS_CAPTURED, DENSE, VARIANTS
+from .rewrite.batches import AS_CAPTURED, ON_DOCUMENT_ATTENTION, VARIANTS
 
 
 REASON_WIDTH = 72
@@ -107,7 +107,7 @@ class Report:
     @property
     def dense_batches(self) -> int:
         """Graph calls whose batch held no document long enough for Lighthouse (dense within documents)."""
-        return sum(self.variant_calls.get(name, 0) for name in (AS_CAPTURED, DENSE))
+        return sum(self.variant_calls.get(name, 0) for name in (AS_CAPTURED, ON_DOCUMENT_ATTENTION))
 
     def __iter__(self) -> Iterator[SiteReport]:
         return iter(self.sites)

@@ -64,6 +64,11 @@ def user_path(path: str) -> str:
     return _NOT_MODULE_NAMES.sub("", path).lstrip(".")
 
 
+def join_path(prefix: str, path: str) -> str:
+    """Two dotted module paths one after the other ('' stands for the root)."""
+    return ".".join(p for p in (prefix, path) if p)
+
+
 def input_name(source: str) -> str:
     """A graph input as the user names it: the model's argument 'attention_mask' for L['attention_mask'] or
     L['kwargs']['attention_mask'], 'argument 1' for L['args'][1]; other sources as Dynamo writes them."""

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import lhcompile
 from lhcompile import LighthouseWarning, LighthouseConfig, Rotary, lighthouse_attention
-from lhcompile.context_parallel import cp_reference, lighthouse_attention_cp, shard
+from lhcompile.context_parallel import shard
+from lhcompile.operator.context_parallel import cp_reference, lighthouse_attention_cp
 from tests.distributed import WORLD, close, shard_with_fsdp2, spawn
 from tests.models import VOCAB, EmbeddingAttentionLM, RopeMoved, SdpaAt, hf_model, hf_rotation, logits
 
@@ -180,7 +181,7 @@ def test_sharding_outside_the_layer_stack_keeps_the_models_sites(tmp_path):
 def test_a_group_of_one_rank_runs_without_a_collective_and_a_too_large_ring_exchange_is_refused(tmp_path):
     # torchrun --nproc-per-node 1 (CP=1): the shard is the whole sequence in order, so attention is local; a
     # dense site whose keys and values reach 2^31 elements would otherwise crash NCCL's all-to-all at 1M tokens
-    from lhcompile.placements import ContextParallel
+    from lhcompile.rewrite.placements import ContextParallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -205,6 +206,6 @@ def test_a_group_of_one_rank_runs_without_a_collective_and_a_too_large_ring_exch
 
         two = ContextParallel(type("Pair", (), {"size": lambda self: 2})())  # a group of two ranks, by its size
         with pytest.raises(ValueError, match="would exchange 2147483648 elements .* fewer than 2\\^31"):
-            two.dense(Site(), lhcompile.placements.Inputs(None, None, None, None, None, 1, 1 << 20))
+            two.dense(Site(), lhcompile.rewrite.placements.Inputs(None, None, None, None, None, 1, 1 << 20))
     finally:
         dist.destroy_process_group()

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import lhcompile
-import lhcompile.documents
-import lhcompile.reference
+import lhcompile.operator.documents.attention
+import lhcompile.operator.reference
+from lhcompile.operator.documents import planner
+from lhcompile.operator.documents.planner import PLANNER
 from lhcompile import Documents, LighthouseConfig, Rotary, document_attention, lighthouse_attention
 
 CONFIGS = [
@@ -142,8 +144,9 @@ def test_dense_document_attention_is_causal_attention_within_each_document():
 def test_dense_document_attention_reads_the_documents_once_for_forward_and_backward(compiled, monkeypatch):
     # reading them waits for the GPU: the backward takes the forward's host copy instead of reading them again
     reads = []
-    host_flags = lhcompile.documents._host_flags
-    monkeypatch.setattr(lhcompile.documents, "_host_flags", lambda *a: reads.append(1) or host_flags(*a))
+    attention = lhcompile.operator.documents.attention
+    host_flags = attention.host_flags
+    monkeypatch.setattr(attention, "host_flags", lambda *a: reads.append(1) or host_flags(*a))
     rows = MIXES["long + many short"]
     q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
     attend = lambda q, k, v, s: document_attention(q, k, v, Documents(s))  # noqa: E731
@@ -232,13 +235,13 @@ def test_eagerly_the_documents_of_a_batch_pick_the_work(monkeypatch):
     # runs dense attention alone, and one of a document per row plain Lighthouse (a choice on the host, eagerly):
     # counted at the relay of the long documents and at the single-sequence selection
     calls = {"relay": 0, "select": 0}
-    take_rows, select = lhcompile.reference.take_rows, lhcompile.reference.select
+    take_rows, select = lhcompile.operator.reference.take_rows, lhcompile.operator.reference.select
 
     def count(name, fn):
         return lambda *args, **kwargs: calls.__setitem__(name, calls[name] + 1) or fn(*args, **kwargs)
 
-    monkeypatch.setattr(lhcompile.reference, "take_rows", count("relay", take_rows))
-    monkeypatch.setattr(lhcompile.reference, "select", count("select", select))
+    monkeypatch.setattr(lhcompile.operator.reference, "take_rows", count("relay", take_rows))
+    monkeypatch.setattr(lhcompile.operator.reference, "select", count("select", select))
     config = CONFIGS[0]
     q, k, v = qkv(2, 4, 2, N, 8, torch.float32)
     for mix, path in (("all short", None), ("one long", "select"), ("two long", "relay"),
@@ -252,7 +255,8 @@ def test_eagerly_the_documents_of_a_batch_pick_the_work(monkeypatch):
 def test_cudnn_sees_a_bounded_set_of_shapes_however_documents_vary(monkeypatch):
     # cuDNN builds an execution plan (~0.4-0.8 s) per new shape: widths that follow each batch's document lengths
     # made every batch of real documents build plans (the uneven torchtitan steps of BENCHMARKS.md)
-    from lhcompile.documents import MIN_WIDTH, _Segments, padded_width
+    from lhcompile.operator.documents.forms import Segments
+    from lhcompile.operator.documents.planner import MIN_WIDTH, padded_width
 
     lengths = torch.randint(1, 1 << 20, (20000,)).tolist() + list(range(1, 300))
     widths = {n: padded_width(n) for n in lengths}
@@ -260,15 +264,15 @@ def test_cudnn_sees_a_bounded_set_of_shapes_however_documents_vary(monkeypatch):
         assert n <= w <= max(n + n / 16, MIN_WIDTH)
     for octave in range(4, 20):
         assert len({w for w in widths.values() if 1 << octave <= w < 2 << octave}) <= 16
-    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_BATCH", 1)  # batches of any size here: see the next test
+    monkeypatch.setattr(PLANNER, "admitted", set())
+    monkeypatch.setattr(PLANNER, "cudnn_min_batch", 1)  # batches of any size here: see the next test
     key = (8, 128, 128, torch.bfloat16)
     # documents of one width run together: 9000 and 9100 (padded), three 20s (two of them, consecutive and exact: a
     # view), 8191 in both rows (short, padded), 785 in both rows, two 10240s (a view); 8192 (long) alone, 10544 alone
     # (padded); 3, the third 20 and 4669 (short, in no batch) in one flash varlen call
     rows = [[9000, 3, 20, 20, 20, 8192, 8191, 9100, 785, 4669], [8191, 10240, 10240, 785, 10544]]
     tokens = torch.arange(2 * 40000)
-    calls = _Segments.of(starts_of(rows), None).calls(key)
+    calls = PLANNER.calls(Segments.of(starts_of(rows), None), key)
     assert [(c.shape, c.start, c.cu is None) for c in calls] == [
         ((2, 9216), None, True), ((2, 20), 9003, True), ((1, 8192), 9063, True), ((2, 8192), None, True),
         ((2, 800), None, True), ((2, 10240), 48191, True), ((1, 10752), None, True), ((4692,), None, False)]
@@ -285,52 +289,53 @@ def test_cudnn_sees_a_bounded_set_of_shapes_however_documents_vary(monkeypatch):
     assert flash.cu.tolist() == [0, 3, 23, 4692] and flash.longest == 4669
     assert flash.index.tolist() == [*range(9000, 9003), *range(9043, 9063), *range(35331, 40000)]
     # one call for every token is read and written as a view
-    (whole,) = _Segments.of(starts_of([[64] * 4, [64] * 4]), None).calls(key)
+    (whole,) = PLANNER.calls(Segments.of(starts_of([[64] * 4, [64] * 4]), None), key)
     assert whole.shape == (8, 64) and whole.covers(512)
-    # past CUDNN_BATCH_SHAPES shapes, batches of short documents run on flash and long ones one at a time; shapes
+    # past batch_shapes shapes, batches of short documents run on flash and long ones one at a time; shapes
     # admitted before stay admitted, so a backward takes its forward's calls
-    admitted = set(lhcompile.documents._CUDNN_SHAPES)
+    admitted = set(PLANNER.admitted)
     assert len(admitted) == 6
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_BATCH_SHAPES", 6)
-    assert [(c.shape, c.start) for c in _Segments.of(starts_of(rows), None).calls(key)] == [
+    monkeypatch.setattr(PLANNER, "batch_shapes", 6)
+    assert [(c.shape, c.start) for c in PLANNER.calls(Segments.of(starts_of(rows), None), key)] == [
         (c.shape, c.start) for c in calls]
-    other = _Segments.of(starts_of(rows), None).calls((16, 64, 64, torch.bfloat16))
+    other = PLANNER.calls(Segments.of(starts_of(rows), None), (16, 64, 64, torch.bfloat16))
     assert [c.shape for c in other] == [(1, 9216), (1, 9216), (1, 8192), (1, 10240), (1, 10240), (1, 10752),
                                         (3 + 60 + 8191 + 785 + 4669 + 8191 + 785,)]
-    assert lhcompile.documents._CUDNN_SHAPES == admitted
+    assert PLANNER.admitted == admitted
 
 
 def test_short_documents_run_on_cudnn_only_in_batches_of_cudnn_min_batch_positions(monkeypatch):
     # small cuDNN batches beside a flash varlen call were slower than flash varlen on every document (BENCHMARKS.md)
-    from lhcompile.documents import CUDNN_MIN_BATCH, _Segments
+    from lhcompile.operator.documents.forms import Segments
 
-    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
-    rows = [[CUDNN_MIN_BATCH // 16] * 16 + [785, 785, 3]]
-    calls = _Segments.of(starts_of(rows), None).calls((8, 128, 128, torch.bfloat16))
-    assert [(c.shape, c.start, c.cu is None) for c in calls] == [((16, CUDNN_MIN_BATCH // 16), 0, True),
-                                                                 ((785 + 785 + 3,), CUDNN_MIN_BATCH, False)]
+    monkeypatch.setattr(PLANNER, "admitted", set())
+    rows = [[PLANNER.cudnn_min_batch // 16] * 16 + [785, 785, 3]]
+    calls = PLANNER.calls(Segments.of(starts_of(rows), None), (8, 128, 128, torch.bfloat16))
+    assert [(c.shape, c.start, c.cu is None) for c in calls] == [((16, PLANNER.cudnn_min_batch // 16), 0, True),
+                                                                 ((785 + 785 + 3,), PLANNER.cudnn_min_batch, False)]
 
 
 @pytest.mark.parametrize("mix", ["16 x 8K", "128 x 1K", "mixed rows", "lognormal ~1K", "lognormal ~3K"])
 def test_the_share_of_work_on_cudnn_is_what_document_attentions_calls_run_there(mix, monkeypatch):
     # the pass runs a batch of short documents on document_attention where most of its work runs on cuDNN there
-    from lhcompile.bench import MIXES
-    from lhcompile.documents import DENSE_SHARE, _Segments, cudnn_share
+    from benchmarks.bench import MIXES
+    from lhcompile.operator.documents.forms import Segments
+    from lhcompile.operator.documents.planner import DENSE_SHARE
 
-    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
+    monkeypatch.setattr(PLANNER, "admitted", set())
     rows = ([[9000, 3, 20, 20, 20, 8192, 8191, 9100, 785, 4669], [8191, 10240, 10240, 785, 10544]]
             if mix == "mixed rows" else [MIXES[mix]])
     lengths = [n for row in rows for n in row]
-    share = cudnn_share(lengths)
-    calls = _Segments.of(starts_of(rows), None).calls((8, 128, 128, torch.bfloat16))
+    share = PLANNER.cudnn_share(lengths)
+    calls = PLANNER.calls(Segments.of(starts_of(rows), None), (8, 128, 128, torch.bfloat16))
     on_cudnn = sum((int(own.sum()) if own is not None else width) ** 2
                    for call in calls if call.cu is None for width in [call.shape[1]]
                    for own in (call.own if call.own is not None else [None] * call.shape[0]))
     assert share == pytest.approx(on_cudnn / sum(n * n for n in lengths))
     # documents of one length run on cuDNN whole; at random lengths short documents are mostly alone in their width
     assert (share >= DENSE_SHARE) == (mix in ("16 x 8K", "128 x 1K", "mixed rows")), share
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", None)
-    assert cudnn_share(lengths) == 0
+    monkeypatch.setattr(PLANNER, "cudnn_min_length", None)
+    assert PLANNER.cudnn_share(lengths) == 0
 
 
 def _causal_math(q, k, v, scale, lse=None):
@@ -422,11 +427,11 @@ def test_the_gpu_path_of_document_attention_places_what_its_kernels_compute(cudn
     want = document_attention(q, k, v, Documents(starts), keep=keep)
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), g)
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", cudnn_min_length)
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_BATCH_SHAPES", batch_shapes)
-    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
-    monkeypatch.setattr(lhcompile.documents, "_implementation", lambda q: (lhcompile.documents._gpu_forward,
-                                                                           lhcompile.documents._gpu_backward))
+    monkeypatch.setattr(PLANNER, "cudnn_min_length", cudnn_min_length)
+    monkeypatch.setattr(PLANNER, "batch_shapes", batch_shapes)
+    monkeypatch.setattr(PLANNER, "admitted", set())
+    monkeypatch.setattr(lhcompile.operator.documents.attention, "_implementation",
+                        lambda q: (planner.gpu_forward, planner.gpu_backward))
     monkeypatch.setattr(torch.ops, "aten", _KernelsAsMath())
     out = document_attention(q, k, v, Documents(starts), keep=keep)
     grads = torch.autograd.grad(out, (q, k, v), g)
@@ -438,7 +443,7 @@ def test_a_result_in_the_layout_the_op_promises_is_not_copied_whatever_the_strid
     # a compiled graph hands document_attention views of a model's (N, H, d) rows, whose batch stride is H * d; the
     # GPU path's results, (B * N, H, d) rows viewed back, have N * H * d: the same layout, which must not cost a copy
     # of every gradient in every layer. A result truly laid out otherwise is copied into the promised layout
-    from lhcompile.documents import _laid_out_as
+    from lhcompile.operator.documents.attention import _laid_out_as
 
     n, h, d = 64, 4, 8
     promised = torch.empty_strided((1, h, n, d), (h * d, d, h * d, 1))
@@ -461,9 +466,9 @@ GPU_MIXES = {"one long": [[32768]], "long + short": [[9001, 7, 100, 12000, 11660
 @needs_cuda
 @pytest.mark.parametrize("mix", GPU_MIXES)
 def test_cuda_selection_of_every_document_is_exactly_the_reference(mix):
-    from lhcompile import kernels
-    from lhcompile import reference as R
-    from lhcompile.documents import Layout
+    from lhcompile.operator import kernels
+    from lhcompile.operator import reference as R
+    from lhcompile.operator.documents.layout import Layout
 
     rows = GPU_MIXES[mix]
     starts = starts_of(rows).cuda()
@@ -495,8 +500,8 @@ def test_cuda_per_document_equals_the_loop_over_documents_in_bf16(mix):
                          ids=["lone documents", "batches of one width"])
 @pytest.mark.parametrize("token_major", [False, True], ids=["(B, H, N, d)", "(B, N, H, d) transposed"])
 def test_cuda_dense_document_attention_equals_the_masked_reference(cudnn_min_length, rows, token_major, monkeypatch):
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_LENGTH", cudnn_min_length)
-    monkeypatch.setattr(lhcompile.documents, "_CUDNN_SHAPES", set())
+    monkeypatch.setattr(PLANNER, "cudnn_min_length", cudnn_min_length)
+    monkeypatch.setattr(PLANNER, "admitted", set())
     starts = starts_of(rows).cuda()
     q, k, v = (t.detach().cuda() for t in qkv(2, 8, 2, 2048, 64, torch.float32, grad=False))
     want = [t.requires_grad_() for t in (q.clone(), k.clone(), v.clone())]
@@ -579,8 +584,9 @@ def test_cuda_a_batch_of_short_documents_runs_the_faster_dense_kernel_through_th
 
 def test_the_documents_ops_pass_torch_librarys_checks():
     # what the compiler is promised (fake kernels: shapes and strides, autograd registration) is what runs
-    from lhcompile import ops
-    from lhcompile.documents import Layout, _document_attention, _relay, _unrelay
+    from lhcompile.operator import stages as ops
+    from lhcompile.operator.documents.attention import _document_attention
+    from lhcompile.operator.documents.layout import Layout, _relay, _unrelay
 
     config, rows = CONFIGS[0], MIXES["long + many short"]
     starts = starts_of(rows)

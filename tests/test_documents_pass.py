@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex
 from torch.nn.attention.varlen import varlen_attn
 
 import lhcompile
-import lhcompile.reference
+import lhcompile.operator.reference
 from lhcompile import Documents, LighthouseConfig, LighthouseWarning, lighthouse_attention
 
 from .models import VOCAB, hf_model
@@ -182,8 +182,8 @@ def test_hf_llama_with_packed_documents_gives_each_document_what_it_gets_alone(g
 def selections(monkeypatch) -> list:
     """One entry per call of Lighthouse per document's selection (on the CPU)."""
     calls = []
-    select = lhcompile.reference.select_documents
-    monkeypatch.setattr(lhcompile.reference, "select_documents", lambda *a: calls.append(1) or select(*a))
+    select = lhcompile.operator.reference.select_documents
+    monkeypatch.setattr(lhcompile.operator.reference, "select_documents", lambda *a: calls.append(1) or select(*a))
     return calls
 
 
@@ -218,11 +218,11 @@ def test_a_batch_of_one_document_per_row_runs_plain_lighthouse(selections, monke
     # Lighthouse per document on a document per row is plain Lighthouse on each row: its own graph, without the
     # relayout and the stages sized for the most long documents a batch could hold. Compiled whole, the model's
     # position ids reach the graph as an input, so only the probe can tell
-    from lhcompile import document_probe
+    from lhcompile.capture import probe
 
     plain = []
-    select = lhcompile.reference.select
-    monkeypatch.setattr(lhcompile.reference, "select", lambda *a: plain.append(1) or select(*a))
+    select = lhcompile.operator.reference.select
+    monkeypatch.setattr(lhcompile.operator.reference, "select", lambda *a: plain.append(1) or select(*a))
     torch.manual_seed(0)
     model = hf_model("llama", attention="causal_sdpa", layers=2)
     lhcompile.apply(model, CFG, compiler="eager", regional=False)
@@ -236,7 +236,7 @@ def test_a_batch_of_one_document_per_row_runs_plain_lighthouse(selections, monke
     assert "1 graph call(s) found one document per row in their batch and ran the graph rewritten for plain " \
            "Lighthouse on each row" in str(report)
     # the same batch through the rewritten graph: Lighthouse per document
-    monkeypatch.setattr(document_probe.DocumentProbe, "variant", lambda self, args: document_probe.DOCUMENTS)
+    monkeypatch.setattr(probe.DocumentProbe, "variant", lambda self, args: probe.DOCUMENTS)
     want = model(input_ids=ids, position_ids=rows).logits
     assert selections
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -295,7 +295,7 @@ def test_a_graph_as_captured_that_does_not_compile_leaves_every_batch_to_lightho
 
 @pytest.mark.parametrize("mix", [[[70, 3, 1, 40, 78], [33, 60, 99]], [[20, 172], [192]], [[5] * 38 + [2]] * 2])
 def test_the_documents_are_found_from_every_form_of_documents(mix):
-    from lhcompile.documents import document_lengths, longest_document
+    from lhcompile.operator.documents import document_lengths, longest_document
 
     longest = max(n for row in mix for n in row)
     pos = positions(mix)
@@ -390,12 +390,12 @@ def test_data_collator_with_flattening_trains_lighthouse_per_document_through_th
 @pytest.fixture
 def reads(monkeypatch) -> list:
     """One entry per batch whose documents a probe read on the host."""
-    from lhcompile import document_probe
+    from lhcompile.capture import probe
 
     calls = []
     for name in ("document_lengths", "longest_document"):
-        read = getattr(document_probe, name)
-        monkeypatch.setattr(document_probe, name, lambda *a, read=read: calls.append(1) or read(*a))
+        read = getattr(probe, name)
+        monkeypatch.setattr(probe, name, lambda *a, read=read: calls.append(1) or read(*a))
     return calls
 
 
@@ -450,13 +450,13 @@ def test_varlens_max_q_below_min_lighthouse_len_runs_the_graph_as_captured_witho
 def dense_on_cpu(monkeypatch) -> None:
     """The CPU stands in for the GPU where the pass asks whether document_attention runs its kernels (the dtype rule
     kept), and for varlen_attn's training device; batches of this file's 192 tokens count as large enough."""
-    from lhcompile import document_probe
+    from lhcompile.capture import probe
     from lhcompile.passes.kinds import varlen
 
     monkeypatch.setattr(varlen.Varlen, "trains_on", None)
-    monkeypatch.setattr(document_probe, "runs_kernels",
-                        lambda device, dtype: lhcompile.documents.runs_kernels(torch.device("cuda"), dtype))
-    monkeypatch.setattr(lhcompile.documents, "CUDNN_MIN_BATCH", 64)
+    monkeypatch.setattr(probe, "runs_kernels",
+                        lambda device, dtype: lhcompile.operator.documents.runs_kernels(torch.device("cuda"), dtype))
+    monkeypatch.setattr(lhcompile.operator.documents.PLANNER, "cudnn_min_batch", 64)
 
 
 def _graph_name(gm: torch.fx.GraphModule) -> str:

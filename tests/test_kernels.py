@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lhcompile import LighthouseConfig, kernels, lighthouse_attention
-from lhcompile import reference as R
-from lhcompile.ops import use_stages
+from lhcompile import LighthouseConfig, lighthouse_attention
+from lhcompile.operator import kernels
+from lhcompile.operator import reference as R
+from lhcompile.operator.stages import use_stages
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

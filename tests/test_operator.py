@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lhcompile
 from lhcompile import LighthouseConfig, lighthouse_attention
-from lhcompile import reference as R
+from lhcompile.operator import reference as R
 
 SMALL = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4)
 CONFIGS = [

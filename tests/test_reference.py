@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lhcompile import LighthouseConfig
-from lhcompile import reference as R
+from lhcompile.operator import reference as R
 
 from . import naive
 

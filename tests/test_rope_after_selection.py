@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import lhcompile
 from lhcompile import LighthouseConfig, LighthouseWarning, Rotary, lighthouse_attention
-from lhcompile import kernels
-from lhcompile import reference as R
-from lhcompile.context_parallel import cp_reference
-from lhcompile.rotary import entry_positions
+from lhcompile.operator import kernels
+from lhcompile.operator import reference as R
+from lhcompile.operator.context_parallel import cp_reference
+from lhcompile.operator.rotary import entry_positions
 
 from . import models, naive
 from .models import GPT, VOCAB, RopeMoved, TitanLlama3, hf_model, hf_rotation, logits

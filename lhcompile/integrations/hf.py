@@ -45,7 +45,7 @@ from transformers.masking_utils import and_masks, causal_mask_function, or_masks
 import lhcompile
 
 from ..config import LighthouseConfig
-from ..documents import Documents, document_attention
+from ..operator.documents import Documents, document_attention
 from ..report import Report
 
 

@@ -1,9 +1,9 @@
 """Time one Lighthouse attention layer against dense causal SDPA (cuDNN backend) on a CUDA GPU.
 
-    python -m lhcompile.bench                      # N = 16K .. 1M, k = 2048 and 4096, plot in bench.png
-    python -m lhcompile.bench --seq 131072 --topk 2048 --reps 10
-    python -m lhcompile.bench --seq 65536 131072 --topk 2048 --rope   # also RoPE after selection (Rotary)
-    python -m lhcompile.bench --documents          # packed documents at 128K: per document vs dense varlen/Flex
+    python -m benchmarks.bench                      # N = 16K .. 1M, k = 2048 and 4096, plot in bench.png
+    python -m benchmarks.bench --seq 131072 --topk 2048 --reps 10
+    python -m benchmarks.bench --seq 65536 131072 --topk 2048 --rope   # also RoPE after selection (Rotary)
+    python -m benchmarks.bench --documents          # packed documents at 128K: per document vs dense varlen/Flex
 
 Prints forward and forward+backward medians (CUDA events, after warm-up), the speed-up over dense, and a
 per-stage breakdown against each stage's floor (bytes over the measured copy bandwidth, or FLOPs over the
@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import api, documents
-from .config import LighthouseConfig
-from .documents import Documents
-from .attention import lighthouse_attention
-from .rotary import Rotary
+from lhcompile import Documents, LighthouseConfig, Rotary, api, lighthouse_attention
+from lhcompile.operator import documents
+from lhcompile.operator.documents import PLANNER
 
 DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
 
@@ -79,7 +77,7 @@ class Row:
 
 def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: float, flops: float) -> list[Stage]:
     """Each stage of one forward and backward timed on its own, with its floor."""
-    from . import kernels
+    from lhcompile.operator import kernels
 
     levels, p, n = config.levels, config.pooling_factor, q.shape[2]
     row_bytes = q.shape[0] * q.shape[1] * q.shape[3] * q.element_size()  # one position, all heads
@@ -279,7 +277,7 @@ def bench_documents(config: LighthouseConfig, reps: int, mixes: list[str], heads
                                       rows_, rows_grad),
                "flex": fwdbwd(lambda: flex(q, k, v, block_mask=block_mask)),
                "document_attention": fwdbwd(lambda: documents.document_attention(q, k, v, packed)),
-               "cudnn_share": documents.cudnn_share(lengths)}
+               "cudnn_share": PLANNER.cudnn_share(lengths)}
         for kind in ("varlen", "flex"):
             for label, runs in (("pass", models), ("stock", stock)):
                 first, deep = timed(runs, kind, 1), timed(runs, kind, LAYERS)
@@ -362,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES), metavar="MIX",
                     help=f"with --documents: the mixes to time (default all: {', '.join(repr(m) for m in MIXES)})")
     ap.add_argument("--cudnn-min-length", type=lambda s: None if s == "none" else int(s),
-                    default=documents.CUDNN_MIN_LENGTH,
+                    default=PLANNER.cudnn_min_length,
                     help="documents at least this long run on cuDNN in lhcompile.document_attention, the others on "
                          "flash varlen ('none': flash for all)")
     ap.add_argument("--json", default="bench.json", help="where to write the numbers")
@@ -377,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
              f"L{args.levels} p{args.pooling_factor}{', deterministic mode' if args.deterministic else ''}")
     print(f"{title}; median of {args.reps} (dense: {args.dense_reps}), ms")
     print(f"measured ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    documents.CUDNN_MIN_LENGTH = args.cudnn_min_length
+    PLANNER.cudnn_min_length = args.cudnn_min_length  # this process's kernel choice, for the runs that follow
     if args.documents:
         config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk[0])
         print(f"packed documents, N=131072, k={config.topk}: forward + backward ms")

@@ -1,13 +1,14 @@
 """The Lighthouse stages as torch.library ops, and the single-sequence subgraph composed of them.
 
 Each stage is one named op (namespace ``lhcompile``) so that traced graphs stay readable and the graph
-pass can find and restore them. The ops are ``triton_op``s: on CUDA tensors they run the Triton kernels of
-``lhcompile.kernels`` (and torch.compile sees those kernels), on every other device the pure-PyTorch stages
-of ``lhcompile.reference``; both modules have the same stage signatures. The choice is made per device type
-(``STAGES``), so under torch.compile it is fixed by the traced tensors' device. (A per-device
+pass can find and restore them. The ops are ``triton_op``s whose bodies call the implementation registered for
+the tensors' device type (``IMPLEMENTATIONS``, ``DEVICES``): on CUDA tensors the Triton kernels of ``kernels``
+(and torch.compile sees those kernels), on every other device ``reference``, the pure-PyTorch oracle the tests
+hold every fast path to, which is then the CPU path itself. Both have the same stage signatures. The choice is
+made per device type, so under torch.compile it is fixed by the traced tensors' device. (A per-device
 ``torch.library`` kernel would not do: torch.compile traces a triton_op's own body on every device.)
-``use_stages`` swaps a device's implementation for tests: the kernels on CPU under ``TRITON_INTERPRET=1``,
-or the oracle on a GPU.
+``use_stages`` swaps a device's implementation for tests: the kernels on CPU under ``TRITON_INTERPRET=1``, or the
+oracle on a GPU.
 
 Tensor layout: q/k/v (B, H, N, d); a selection ``index`` (B, H, S) int64 of flat pyramid indices in
 position-key order and its inverse ``inv`` (B, H, P) int32 (slot of each pyramid entry, or -1).
@@ -16,40 +17,55 @@ position-key order and its inverse ``inv`` (B, H, P) int32 (slot of each pyramid
 from __future__ import annotations
 
 import contextlib
-import importlib
+from types import ModuleType
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import LighthouseConfig
+from ..config import LighthouseConfig
 from .geometry import Geometry
 from .rotary import Rotary, entry_positions
 
-STAGES: dict[str, str] = {"cuda": "kernels"}
-"""Device type -> the module of ``lhcompile`` that implements the stages there ('reference' where absent)."""
+def _reference() -> ModuleType:
+    from . import reference
+
+    return reference
 
 
-def _stages(t: Tensor):
-    return importlib.import_module(f"lhcompile.{STAGES.get(t.device.type, 'reference')}")
+def _kernels() -> ModuleType:
+    from . import kernels  # Triton: imported where a CUDA tensor first runs a stage
+
+    return kernels
+
+
+IMPLEMENTATIONS: dict[str, Callable[[], ModuleType]] = {"reference": _reference, "kernels": _kernels}
+"""The implementations of the stages, by name: each a module with ``reference``'s stage functions."""
+DEVICES: dict[str, str] = {"cuda": "kernels"}
+"""Device type -> the implementation of its stages ('reference' where absent). Process-wide by nature: the ops'
+bodies read it, on every device; ``use_stages`` changes it for a while."""
+
+
+def _stages(t: Tensor) -> ModuleType:
+    return IMPLEMENTATIONS[DEVICES.get(t.device.type, "reference")]()
 
 
 @contextlib.contextmanager
-def use_stages(device_type: str, module: str) -> Iterator[None]:
-    """Run the stages of ``device_type`` tensors with ``lhcompile.<module>`` ('kernels' or 'reference') for a while
+def use_stages(device_type: str, implementation: str) -> Iterator[None]:
+    """Run the stages of ``device_type`` tensors with ``implementation`` ('kernels' or 'reference') for a while
     (eager calls; a graph compiled inside keeps the choice it traced)."""
-    if module not in ("kernels", "reference"):
-        raise ValueError(f"use_stages: module={module!r}; expected 'kernels' or 'reference'")
-    before = STAGES.get(device_type)
-    STAGES[device_type] = module
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"use_stages: implementation={implementation!r}; expected one of {sorted(IMPLEMENTATIONS)}")
+    before = DEVICES.get(device_type)
+    DEVICES[device_type] = implementation
     try:
         yield
     finally:
         if before is None:
-            del STAGES[device_type]
+            del DEVICES[device_type]
         else:
-            STAGES[device_type] = before
+            DEVICES[device_type] = before
 
 
 # -- score and select (no gradient: the caller passes detached tensors) ------------------------------

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import LighthouseConfig
-from .documents import Documents, autocast_like_sdpa, dense_documents, lighthouse_documents
-from .ops import lighthouse_stages
+from ..config import LighthouseConfig
+from .autocast import autocast_like_sdpa
+from .documents import Documents, dense_documents, lighthouse_documents
+from .stages import lighthouse_stages
 from .rotary import Rotary
 
 

@@ -1,24 +1,16 @@
-"""Which graph a batch of packed documents needs, found from a captured graph's inputs before it runs.
+"""What a batch needs, read from a captured graph's inputs before the graph runs.
 
-A rewritten graph runs Lighthouse per document with stages sized for the most long documents a batch could hold,
-since a graph cannot choose its work by data without ``torch.cond`` (whose backward recomputes the forward,
-BENCHMARKS.md). Some batches need less, and the backend keeps a graph for each kind:
+- ``DocumentProbe``: which graph a batch of packed documents needs (``lhcompile.rewrite.batches``): it evaluates each
+  per-document site's document tensors (position ids, cumulative lengths, a FlexAttention mask's tables) from the
+  graph's inputs, eagerly, and reads their lengths on the host (one sync per distinct set of documents: the sites of
+  a model share theirs), except where the call's own arguments bound its documents' lengths below
+  ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) and there is no ``ON_DOCUMENT_ATTENTION`` graph to
+  choose (that choice reads the lengths: ``PLANNER.cudnn_share``, the share of their work in cuDNN batches);
+- ``MaskProbe``: whether the masks a graph's sites are handed (an explicit SDPA mask, a FlexAttention block mask's
+  sparsity) say what each site was decided to attend.
 
-- ``AS_CAPTURED``: every document is shorter than ``config.min_lighthouse_len``, so Lighthouse per document is dense
-  attention within each document, which is exactly what the graph computed before the pass;
-- ``DENSE``: as ``AS_CAPTURED``, where lhcompile's ``document_attention`` is faster than the model's own kernel on
-  the batch's documents (``documents.cudnn_share``: most of their work in cuDNN batches of one width, such as
-  documents of one length), the graph rewritten for it; on a GPU, in half precision, on one device;
-- ``ROWS``: every row is one document (of the graph's static length), so Lighthouse per document is plain Lighthouse
-  on each row, the graph rewritten as for plain causal attention;
-- ``DOCUMENTS``: any other batch, the rewritten graph.
-
-The probe evaluates each per-document site's document tensors (position ids, cumulative lengths, a FlexAttention
-mask's tables) from the graph's inputs, eagerly, and reads their lengths on the host (one sync per distinct set of
-documents: the sites of a model share theirs), except where the call's own arguments bound its documents' lengths
-below ``config.min_lighthouse_len`` (varlen's ``max_q``, a host int) and there is no ``DENSE`` graph to choose.
-Within one call of an applied model (``lhcompile.calls.Batch``) the layers' graphs share what the first one read,
-while they are handed the very same input tensors; nothing read in one model call serves another.
+Within one call of an applied model (``lhcompile.capture.calls.Batch``) the layers' graphs share what the first one
+read, while they are handed the very same input tensors; nothing read in one model call serves another.
 """
 
 from __future__ import annotations
@@ -30,26 +22,18 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from ..operator.documents import (DENSE_SHARE, PLANNER, document_lengths, longest_document, runs_kernels,
+                                  starts_of)
+from ..passes import Resolve, Site, ValueNumbers, ancestors, causal_verdict, evaluate, source
+from ..passes.meta import node_device, node_dtype
+from ..rewrite.batches import AS_CAPTURED, DOCUMENTS, ON_DOCUMENT_ATTENTION, ROWS
 from .calls import current_batch
-from .documents import DENSE_SHARE, cudnn_share, document_lengths, longest_document, runs_kernels, starts_of
-from .passes import Resolve, Site, ValueNumbers, ancestors, causal_verdict, evaluate, source
-from .passes.meta import node_device, node_dtype
 
 MAX_NODES = 64
 """Most nodes evaluated per set of documents: documents come from the inputs in a few integer operations, and
 anything larger would be the model's own computation."""
 
 _OPS = ("call_function", "call_method", "get_attr", "placeholder")
-
-AS_CAPTURED, DENSE, ROWS, DOCUMENTS = "as captured", "dense", "rows", "documents"
-VARIANTS = {AS_CAPTURED: ("no document long enough for Lighthouse", "as captured (dense within documents)"),
-            DENSE: ("no document long enough for Lighthouse, and documents of few widths",
-                    "rewritten for dense attention within documents (lhcompile.document_attention)"),
-            ROWS: ("one document per row", "rewritten for plain Lighthouse on each row")}
-"""What a batch that runs each graph besides the rewritten one held, and what that graph is."""
-INSTEAD = {DENSE: AS_CAPTURED}
-"""The graph that serves a batch where its own did not compile (else the rewritten one does)."""
-
 
 @dataclass(frozen=True)
 class _DocumentSet:
@@ -82,7 +66,7 @@ class DocumentProbe:
         self.shortest = shortest
         """``config.min_lighthouse_len``: a document this long runs Lighthouse."""
         self.dense = dense and self.rows_known
-        """Whether a batch without a long document may run the ``DENSE`` graph (its documents' lengths are read)."""
+        """Whether a batch without a long document may run the ``ON_DOCUMENT_ATTENTION`` graph (its documents' lengths are read)."""
         leaves = {leaf for d in documents for node in (*d.tensors, d.bound) if isinstance(node, fx.Node)
                   for leaf in ancestors(node, resolve)[1]}
         self._leaves = [i for i, node in enumerate(inputs) if node in leaves]
@@ -96,7 +80,7 @@ class DocumentProbe:
         cannot stand in for them: a Lighthouse site that is not per document, or whose documents are its whole rows
         (their length is the graph's), documents computed from anything but the graph's inputs in a few stateless
         operations, or an attention call that does not train on its device (varlen_attn on a CPU). ``dense``: the
-        placement can run ``DENSE``, which the probe then chooses where every Lighthouse site is a model's own
+        placement can run ``ON_DOCUMENT_ATTENTION``, which the probe then chooses where every Lighthouse site is a model's own
         kernel (not already ``document_attention``) where ``document_attention`` runs its GPU kernels
         (``documents.runs_kernels``: elsewhere it is a reference, never the faster)."""
         if any(s.kind.trains_on is not None and getattr(node_device(s.q), "type", None) not in s.kind.trains_on
@@ -133,8 +117,8 @@ class DocumentProbe:
         return all(d.shape is not None for d in self.documents)
 
     def variant(self, args: Sequence[Any]) -> str:
-        """The graph the batch the graph is called with needs: ``AS_CAPTURED``, ``DENSE``, ``ROWS`` or
-        ``DOCUMENTS``."""
+        """The graph the batch the graph is called with needs: ``AS_CAPTURED``, ``ON_DOCUMENT_ATTENTION``, ``ROWS``
+        or ``DOCUMENTS``."""
         values = dict(zip(self.inputs, args))
         unread = [d for d in self.documents if self.dense or not self._short_by_bound(d, values)]
         if not unread:
@@ -153,7 +137,7 @@ class DocumentProbe:
                     lengths += these
                     found.append((max(these), len(these) == d.shape[0]))
         if all(longest < self.shortest for longest, _ in found):
-            name = DENSE if self.dense and cudnn_share(lengths) >= DENSE_SHARE else AS_CAPTURED
+            name = ON_DOCUMENT_ATTENTION if self.dense and PLANNER.cudnn_share(lengths) >= DENSE_SHARE else AS_CAPTURED
         else:
             name = ROWS if all(rows for _, rows in found) else DOCUMENTS
         return name

@@ -17,14 +17,15 @@ import torch.fx as fx
 
 from .calls import current_sites
 from .ddp_buckets import Numbering, bucket_numbering, in_ddp_split
-from .debug import dump_graph, dump_report
-from .document_probe import AS_CAPTURED, DOCUMENTS, INSTEAD, VARIANTS, DocumentProbe, MaskCheck, MaskProbe
-from .lighthouse_pass import (Decision, Pattern, Scope, decide, graphs_of, lighthouse, pattern_of, rewrite,
+from ..rewrite.debug import dump_graph, dump_report
+from ..rewrite.batches import AS_CAPTURED, DOCUMENTS, INSTEAD, VARIANTS
+from .probe import DocumentProbe, MaskCheck, MaskProbe
+from ..rewrite.lighthouse_pass import (Decision, Pattern, Scope, decide, graphs_of, lighthouse, pattern_of, rewrite,
                               site_rows, warn_at_capture)
-from .options import Options
-from .passes import copy_with_bodies, erase_unused, prune_unused_inputs
-from .placements import SingleDevice
-from .report import Report
+from ..rewrite.options import Options
+from ..passes import copy_with_bodies, erase_unused, prune_unused_inputs
+from ..rewrite.placements import SingleDevice
+from ..report import Report
 
 _GRAD_OFF = ("captured with gradients disabled, so taken for evaluation (lhcompile.backend decides the mode by grad "
              "mode; lhcompile.apply by the module's train/eval mode)")
@@ -177,7 +178,7 @@ class _Runner:
         return pattern, positions, paths, total, model, masks
 
     def _path(self, d: Decision) -> str:
-        from .plan import join_path
+        from ..passes.meta import join_path
 
         return join_path(self.scope.root_path, d.site.module_path)
 
@@ -217,9 +218,9 @@ class _Runner:
         return self.variants[key]
 
     def _batch_variants(self) -> list[str]:
-        from .document_probe import DENSE, ROWS
+        from ..rewrite.batches import ON_DOCUMENT_ATTENTION, ROWS
 
-        return [AS_CAPTURED, *([DENSE] if self.probe.dense else []), *([ROWS] if self.probe.rows_known else [])]
+        return [AS_CAPTURED, *([ON_DOCUMENT_ATTENTION] if self.probe.dense else []), *([ROWS] if self.probe.rows_known else [])]
 
     def _serving(self, pattern: Pattern, name: str, args: Sequence[Any]) -> str:
         """The graph that serves a batch that needs ``name``: its own where that compiled, else ``INSTEAD``'s."""

@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .passes.meta import user_path
+from ..passes.meta import join_path, user_path
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,6 @@ class Plan:
 
     def paths(self, positions: tuple[int, ...]) -> tuple[str, ...]:
         return tuple(self.sites[p].path for p in positions)
-
-
-def join_path(prefix: str, path: str) -> str:
-    return ".".join(p for p in (prefix, path) if p)
 
 
 def compiled_alone(module: torch.nn.Module) -> bool:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .report import Report
+from ..report import Report
 
 DEBUG_ENV = "LHCOMPILE_DEBUG"
 DEBUG_DIR_ENV = "LHCOMPILE_DEBUG_DIR"

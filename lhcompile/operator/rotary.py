@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .geometry import level_offsets
-from .passes.rope import HALF_WIDTH_FORMS, Form
+from ..passes.rope import HALF_WIDTH_FORMS, Form
 
 
 @dataclass(frozen=True)

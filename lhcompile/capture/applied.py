@@ -35,10 +35,10 @@ from torch.utils._pytree import tree_leaves
 
 from .backend import Backend
 from .calls import Batch, Sites, current_batch, current_sites, entered
-from .lighthouse_pass import Pattern, Scope, pattern_of, warn_if_nothing_rewritten
-from .options import Options
+from ..rewrite.lighthouse_pass import Pattern, Scope, pattern_of, warn_if_nothing_rewritten
+from ..rewrite.options import Options
 from .plan import Plan, discover
-from .report import LighthouseWarning, Report, SiteReport
+from ..report import LighthouseWarning, Report, SiteReport
 
 STATE = "_lhcompile"
 """The attribute of an applied module that holds its ``Applied`` state."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .passes import count_sites
+from ..passes import count_sites
 
 
 @dataclass(frozen=True)

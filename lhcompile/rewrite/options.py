@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from .config import LighthouseConfig
+from ..config import LighthouseConfig
 from .debug import debug_enabled
-from .report import LighthouseWarning
+from ..report import LighthouseWarning
 from .placements import ContextParallel, Placement, SingleDevice
 
 FilterFn = Callable[[str], bool]
