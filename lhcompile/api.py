@@ -1,8 +1,8 @@
 """Public entry points: apply the Lighthouse pass to a model, restore it, inspect it, or use it as a backend.
 
-This module only sequences the work: options are validated once (``options``), graphs are rewritten by the
-pass (``lighthouse_pass``) as Dynamo captures them (``backend``), layers compiled on their own are found by
-``blocks``, modules are compiled in place by ``compiled_module``, and what was seen is kept in a ``Report``.
+This module only sequences the work: options are validated once (``rewrite.options``), a module is compiled in
+place and its layers found (``capture``), graphs are rewritten by the pass (``rewrite.lighthouse_pass``) as Dynamo
+captures them, and what was seen is kept in a ``Report``.
 """
 
 from __future__ import annotations
@@ -16,28 +16,42 @@ import torch.fx as fx
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .capture import applied as state
 from .capture.backend import Backend
-from .capture.applied import STATE, Applied, applied
-
-RESTORED = "_lhcompile_restored"
-"""Where a restored model keeps the report of what the pass did before (``inspect`` returns it)."""
 from .config import LighthouseConfig
-from .rewrite.lighthouse_pass import Scope, rewrite_in_place
-from .rewrite.options import Compiler, FilterFn, Options
 from .passes import restore_sites
 from .report import LighthouseWarning, Report
+from .rewrite.lighthouse_pass import Scope, rewrite_in_place
+from .rewrite.options import Compiler, FilterFn, Options
 from .rewrite.placements import SingleDevice
-
 
 
 def backend(config: LighthouseConfig | None = None, *, filter_fn: FilterFn | None = None,
             compiler: Compiler = "inductor", debug: bool | None = None) -> Callable[..., Any]:
-    """A backend for ``torch.compile(model, backend=lhcompile.backend(config))``: works across graph breaks.
+    """A torch.compile backend that rewrites the attention of every graph it is handed, across graph breaks.
 
-    It never sees the module, so it takes the mode from grad mode at capture (gradients disabled: evaluation,
-    dense), and says so with a LighthouseWarning; ``apply`` follows the module's train/eval mode instead."""
+    It never sees the module, so it takes the mode from grad mode at capture (gradients disabled: evaluation, dense)
+    and says so with a ``LighthouseWarning``; ``dense_layers`` counts the sites of each graph on its own. ``apply``
+    follows the module's train/eval mode and counts the model's sites instead.
+
+    Args:
+        config: what Lighthouse computes and where (default ``LighthouseConfig()``).
+        filter_fn: called with each attention site's module path; False keeps the site dense.
+        compiler: what compiles each rewritten graph: "inductor", "eager", a registered backend name or a callable.
+        debug: write each graph's code before and after the rewrite (default: ``LHCOMPILE_DEBUG``).
+
+    Returns:
+        The backend; ``lhcompile.inspect(it)`` gives the report of the graphs it compiled.
+
+    Example::
+
+        lighthouse = lhcompile.backend(LighthouseConfig(topk=2048))
+        model = torch.compile(model, backend=lighthouse)
+        model(ids).sum().backward()
+        print(lhcompile.inspect(lighthouse))
+    """
     return Backend(Options.make(config, filter_fn=filter_fn, compiler=compiler, debug=debug,
-                                          caller="lhcompile.backend"))
+                                caller="lhcompile.backend"))
 
 
 def apply(
@@ -51,30 +65,43 @@ def apply(
     context_parallel: dist.ProcessGroup | None = None,
     regional: bool = True,
 ) -> torch.nn.Module:
-    """Rewrite the model's causal SDPA calls into Lighthouse attention, in place; returns the model.
+    """Rewrite the model's causal attention calls into Lighthouse attention for training, in place.
 
-    - ``torch.fx.GraphModule``: its graph is rewritten now (shapes from node metadata, or from running
-      ``example_inputs`` through it).
-    - any other ``nn.Module``: compiled in place with Dynamo, once per mode: in training mode its graphs are
-      rewritten as they are captured on the first forward call, in eval mode they stay dense; the module's
-      ``training`` flag picks the graph at every call. With ``regional`` (the default) and a layer stack (a
-      ModuleList/ModuleDict of two layers or more), each layer is compiled on its own and Dynamo reuses one graph
-      per kind of layer (class, dense or not), so the compile costs about two layers' whatever the depth; the
-      rest of the model (embeddings, head, loss) runs as written, and attention outside the layer stack stays
-      dense. ``regional=False`` compiles the whole model as one graph: minutes of compiling at long context, for
-      a steady step no faster (BENCHMARKS.md). Each graph then goes to ``compiler`` ("inductor", "eager" to run
-      the rewritten graph op by op, any registered torch.compile backend name, or a backend callable).
-      Parameters, buffers and state_dict keys stay the module's own. A later ``torch.compile(model)`` is
-      harmless: Dynamo defers to the module's own compiled call. ``torch.compile(model)`` (an OptimizedModule)
-      is applied to the module it wraps.
-    - ``context_parallel``: the process group over which each sequence is sharded, rank r holding chunks r
-      and 2W-1-r of 2W (PyTorch's head-tail layout; cut inputs with ``lhcompile.context_parallel.shard``).
-      Lighthouse then runs per chunk with half the budget and its gathered tokens join PyTorch's ring
-      attention; every site kept dense becomes ring attention too (see ``lhcompile.context_parallel``).
-    - layers compiled on their own (regional, per-layer ``fully_shard``, or ``block.compile()`` in place, inside
-      the items of a ModuleList/ModuleDict): ``apply`` compiles them itself, one backend per kind of layer, and
-      ``dense_layers`` counts layers (see ``lhcompile.blocks``); ``restore`` gives back their own compiled calls.
-    Applying twice with the same settings changes nothing; use ``restore`` to go back to dense SDPA.
+    An ``nn.Module`` is compiled in place with Dynamo, once per mode: in training mode its graphs are rewritten, in
+    eval mode they stay dense, and the module's ``training`` flag chooses at every call. Its first call runs its
+    forward once more, without gradients and with its attention answered by zeros, to find its layers and where
+    each attention call stands (``lhcompile.capture.plan``); ``dense_layers`` counts those calls in execution
+    order, whether the layers are compiled on their own or the model whole. A ``GraphModule`` is rewritten now,
+    its sites counted in graph order. Parameters, buffers and ``state_dict`` keys stay the model's own; a later
+    ``torch.compile(model)`` or ``model.compile()`` keeps Lighthouse. Applying twice with the same settings changes
+    nothing; ``restore`` goes back to dense attention.
+
+    Args:
+        model: an ``nn.Module`` (also ``torch.compile(model)``, whose module is applied) or a ``GraphModule``.
+        config: what Lighthouse computes and where (default ``LighthouseConfig()``); every field is checked here.
+        filter_fn: called with each attention site's module path (e.g. ``"model.layers.3.self_attn"``); False
+            keeps the site dense.
+        compiler: what compiles each rewritten graph: "inductor", "eager" (op by op: the quickest first step on a
+            CPU), a registered torch.compile backend name, or a callable ``(gm, example_inputs) -> callable``.
+        debug: write each graph's code before and after the rewrite and the site table (default:
+            ``LHCOMPILE_DEBUG``).
+        example_inputs: for a ``GraphModule`` without shape metadata: inputs to record its shapes with.
+        context_parallel: the process group over which each sequence is sharded, rank r holding chunks r and 2W-1-r
+            of 2W (PyTorch's head-tail layout; cut inputs with ``lhcompile.context_parallel.shard``): Lighthouse runs
+            per chunk with half the budget and joins PyTorch's ring attention; dense sites become ring attention.
+        regional: compile each layer of the model on its own (one compile per class of layer, seconds at any
+            depth); False compiles the whole model as one graph (minutes at long context, no faster a step).
+
+    Returns:
+        The model, applied.
+
+    Example::
+
+        config = LighthouseConfig(levels=2, pooling_factor=2, topk=64, dense_layers=())
+        lhcompile.apply(model, config, compiler="eager")
+        model(ids).sum().backward()           # Lighthouse wherever a sequence is >= config.min_lighthouse_len
+        print(lhcompile.inspect(model))       # every attention site: rewritten, or every reason why not
+        lhcompile.restore(model)              # dense again: recovery training, export
     """
     options = Options.make(config, filter_fn=filter_fn, compiler=compiler, debug=debug,
                            context_parallel=context_parallel, regional=regional)
@@ -90,7 +117,7 @@ def apply(
 
 
 def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequence[Any] | None) -> fx.GraphModule:
-    if gm.meta.get(STATE) is not None:
+    if state.graph_report(gm) is not None:
         warnings.warn("lhcompile.apply: this GraphModule is already rewritten; nothing new to do", LighthouseWarning,
                       stacklevel=3)
         return gm
@@ -98,13 +125,12 @@ def _apply_to_graph(gm: fx.GraphModule, options: Options, example_inputs: Sequen
         ShapeProp(gm).propagate(*example_inputs)
     report = Report()
     rewrite_in_place(gm, options, report, Scope(training=gm.training))
-    gm.meta.pop(RESTORED, None)
-    gm.meta[STATE] = report
+    state.set_graph_report(gm, report)
     return gm
 
 
 def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Module:
-    current = applied(model)
+    current = state.applied(model)
     if current is not None:
         if current.options != options:
             raise ValueError("lhcompile.apply: the model is already rewritten with other settings; call "
@@ -113,8 +139,7 @@ def _apply_to_module(model: torch.nn.Module, options: Options) -> torch.nn.Modul
                       LighthouseWarning, stacklevel=3)
         return model
     _warn_if_never_long_enough(model, options)
-    model.__dict__.pop(RESTORED, None)
-    Applied.install(model, options)
+    state.Applied.install(model, options)
     return model
 
 
@@ -130,48 +155,64 @@ def _warn_if_never_long_enough(model: torch.nn.Module, options: Options) -> None
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo ``apply``: the model runs its original dense SDPA graph again (for recovery training and export).
+    """Undo ``apply``: the model runs its own dense attention again (for the recovery stage and for export).
 
-    A GraphModule gets back its exact graph (the inverse pass); a module gets back the compiled calls it had
-    before ``apply`` (none, or its own ``Module.compile``), so Dynamo recaptures its dense graphs.
+    A GraphModule gets back its exact graph, node for node (the inverse pass); a module gets back the compiled calls
+    it had before ``apply`` (none, or its own ``Module.compile``), so Dynamo recaptures its dense graphs.
+    ``inspect`` then says what the pass did before.
+
+    Args:
+        model: a model ``apply`` was given.
+
+    Returns:
+        The model, dense.
+
+    Example::
+
+        lhcompile.restore(model)
+        torch.onnx.export(model, (ids,), dynamo=True)   # the graph of the model that was never applied
     """
     if isinstance(model, OptimizedModule):
         restore(model._orig_mod)
         return model
     if isinstance(model, fx.GraphModule):
         restored = restore_sites(model)
-        report = model.meta.pop(STATE, None)
-        if report is not None:
-            report.state = "restored"
-            model.meta[RESTORED] = report
+        state.set_graph_report(model, None)
         if not restored:
             warnings.warn("lhcompile.restore: this GraphModule has no Lighthouse subgraph; nothing to restore",
                           LighthouseWarning, stacklevel=2)
         return model
-    state = applied(model)
-    if state is None:
+    current = state.applied(model)
+    if current is None:
         warnings.warn(f"lhcompile.restore: {type(model).__name__} was not rewritten by lhcompile; nothing to restore",
                       LighthouseWarning, stacklevel=2)
         return model
-    state.uninstall()
-    state.report.state = "restored"
-    object.__setattr__(model, RESTORED, state.report)
+    current.uninstall()
     return model
 
 
 def inspect(model: torch.nn.Module | Callable[..., Any]) -> Report:
-    """What lhcompile found and did at every attention site of the model (empty if it was never applied), or of
-    the graphs a ``lhcompile.backend()`` has compiled."""
+    """What lhcompile found and did at every attention site of a model (or of the graphs a backend compiled).
+
+    Args:
+        model: a model ``apply`` was given (applied, restored or never applied), or a ``lhcompile.backend()``.
+
+    Returns:
+        The ``Report``: one row per attention site and mode (``for site in report``), its table
+        (``print(report)``), the sites rewritten (``report.rewritten``) and kept dense (``report.dense``) with every
+        reason, and the notes of what was said.
+
+    Example::
+
+        report = lhcompile.inspect(model)
+        assert all(s.rewritten for s in report if s.training and s.index not in (0, 1))
+    """
     if isinstance(model, Backend):
         return model.report
     if isinstance(model, OptimizedModule):
         return inspect(model._orig_mod)
-    if isinstance(model, fx.GraphModule):
-        report = model.meta.get(STATE, model.meta.get(RESTORED))
-    elif not isinstance(model, torch.nn.Module):
+    if not isinstance(model, torch.nn.Module):
         raise TypeError(f"lhcompile.inspect expects the model lhcompile.apply was given (an nn.Module or "
                         f"GraphModule) or a lhcompile.backend(), got {type(model).__name__}")
-    else:
-        state = applied(model)
-        report = state.report if state is not None else model.__dict__.get(RESTORED)
+    report = state.graph_report(model) if isinstance(model, fx.GraphModule) else state.report_of(model)
     return report if report is not None else Report(state="not applied")

@@ -9,7 +9,7 @@ attention within documents (``documents``). Deciding, reporting and rewriting th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.fx as fx

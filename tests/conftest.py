@@ -14,3 +14,18 @@ def _fresh():
     # would make later tests fall back to eager (and so to dense attention)
     torch._dynamo.reset()
     torch.manual_seed(0)
+
+
+class Recorder(list):
+    """A torch.compile backend (a compiler for ``lhcompile.apply``) that keeps every graph it is handed, in order,
+    and runs it as it is."""
+
+    def __call__(self, gm, example_inputs):
+        self.append(gm)
+        return gm.forward
+
+
+@pytest.fixture
+def recorded() -> Recorder:
+    """The graphs a compiler was handed: pass it as ``compiler=`` (or ``backend=``), read it as a list."""
+    return Recorder()

@@ -1,7 +1,9 @@
-"""Activation checkpointing as users turn it on: transformers' checkpointing of every layer, with Python side
-effects inside the checkpointed code (transformers >= 5.25 routes its kernel hub through a context variable there)
-and with the saved activations offloaded to the host; torch.utils.checkpoint around a block that keeps a counter.
-Each runs Lighthouse with the gradients of the model that is not checkpointed, or says why not."""
+"""Activation checkpointing as users turn it on: transformers' checkpointing of every layer (with Python side
+effects inside the checkpointed code, as transformers >= 5.25 routes its kernel hub through a context variable
+there, and with the saved activations offloaded to the host), torch.utils.checkpoint around blocks (some or all of
+them, one that keeps a counter). Each runs Lighthouse with the gradients of the model that is not checkpointed, the
+recomputed forward selecting what the forward did, or says why not; and the causal mask that fed checkpointed layers
+is not built."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
@@ -19,7 +22,7 @@ import lhcompile
 from lhcompile import LighthouseWarning
 
 from .models import GPT, VOCAB, hf_model, logits
-from .test_no_silent_failures import CFG, N, assert_same_training_step
+from .steps import CFG, N, assert_same_training_step, captured
 
 
 class _Active:
@@ -133,3 +136,78 @@ def test_a_checkpointed_block_with_a_side_effect_runs_lighthouse(regional):
     assert [s.index for s in lhcompile.inspect(model).rewritten] == [1, 2]
     # its count moved with every forward it ran (the checkpoint's recompute counts again where it runs as written)
     assert all(block.calls >= 1 for block in model.blocks)
+
+
+def test_hf_gradient_checkpointing_with_sdpa_is_rewritten_and_recomputes_the_same_selection():
+    # the everyday case: the causal mask is built outside the checkpointed layers and enters each as an input
+    torch.manual_seed(0)
+    model = hf_model("qwen3")
+    twin = copy.deepcopy(model)  # never checkpointed: what the recomputed forward must reproduce
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, VOCAB, (2, N))
+    lhcompile.apply(model, CFG, compiler="eager")
+    assert_same_training_step(model, twin, ids, {1, 2})
+    report = lhcompile.inspect(model)
+    assert [s.module_path for s in report.rewritten] == ["model.layers.1.self_attn", "model.layers.2.self_attn"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_a_causal_mask_shared_by_every_layer_is_evaluated_once(checkpointing, monkeypatch):
+    # proving a mask causal evaluates it (N x N); the layers read one mask, in one graph or passed into each
+    # checkpointed layer's body, and the proof holds for all of them (compiled as a whole: layer by layer, the
+    # model builds no mask)
+    from lhcompile.passes import causal_mask
+
+    evaluated = []
+    evaluate = causal_mask.evaluate
+    monkeypatch.setattr(causal_mask, "evaluate", lambda *a: evaluated.append(a) or evaluate(*a))
+    model = hf_model("qwen3")
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    lhcompile.apply(model, CFG, compiler="eager", regional=False)
+    logits(model, torch.randint(0, VOCAB, (2, N)))
+    assert len(lhcompile.inspect(model).rewritten) == 2
+    assert len(evaluated) == 1
+
+
+class CheckpointedGPT(GPT):
+    """nanoGPT style: torch.utils.checkpoint around the blocks ``checkpointed`` picks."""
+
+    def __init__(self, checkpointed=lambda i: True):
+        super().__init__()
+        self.checkpointed = checkpointed
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed(i) else block(x)
+        return self.head(self.ln_f(x))
+
+
+@pytest.mark.parametrize("which", ["every", "odd"])
+def test_torch_utils_checkpoint_per_block_is_rewritten_with_the_same_gradients(which):
+    # with only some blocks checkpointed, dense_layers must still count the sites in execution order
+    torch.manual_seed(0)
+    model = CheckpointedGPT((lambda i: True) if which == "every" else (lambda i: i % 2 == 1))
+    twin = GPT()
+    twin.load_state_dict(model.state_dict())
+    lhcompile.apply(model, CFG, compiler="eager")
+    assert_same_training_step(model, twin, torch.randint(0, VOCAB, (2, N)), {1, 2})
+    report = lhcompile.inspect(model)
+    assert [s.module_path for s in report.rewritten] == ["blocks.1", "blocks.2"], str(report)
+
+
+@pytest.mark.parametrize("regional", [True, False], ids=["by-layer", "whole"])
+def test_causal_mask_that_fed_checkpointed_layers_is_not_built_dense_layers_included(regional):
+    n = 3 * N  # no weight or activation dimension is n
+    model = hf_model("qwen3")
+    model.gradient_checkpointing_enable()
+    graphs = captured(model, CFG, torch.randint(0, VOCAB, (1, n)), regional=regional)
+    report = lhcompile.inspect(model)
+    assert len(report.rewritten) == 2, str(report)
+    # compiled whole, the mask is built in the graph and proven causal; layer by layer, transformers passes none
+    assert all(("is_causal=True" in s.reason) != regional for s in report.dense), str(report)
+    shapes = [v.shape for gm in graphs for module in gm.modules() if isinstance(module, fx.GraphModule)
+              for node in module.graph.nodes if isinstance(v := node.meta.get("example_value"), torch.Tensor)]
+    assert shapes and not [s for s in shapes if s[-2:] == (n, n)]
+

@@ -18,6 +18,7 @@ from lhcompile import LighthouseWarning, LighthouseConfig, Rotary, lighthouse_at
 from lhcompile.context_parallel import shard
 from lhcompile.operator.context_parallel import cp_reference, lighthouse_attention_cp
 from tests.distributed import WORLD, close, shard_with_fsdp2, spawn
+from tests.conftest import Recorder
 from tests.models import VOCAB, EmbeddingAttentionLM, RopeMoved, SdpaAt, hf_model, hf_rotation, logits
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=16, tile_budget=4, dense_layers=(0, -1))
@@ -187,13 +188,8 @@ def test_a_group_of_one_rank_runs_without_a_collective_and_a_too_large_ring_exch
     try:
         model = hf_model("llama", attention="causal_sdpa")
         twin = copy.deepcopy(model)
-        graphs = []
-
-        def keep(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        lhcompile.apply(model, CFG, compiler=keep, context_parallel=dist.group.WORLD)
+        graphs = Recorder()
+        lhcompile.apply(model, CFG, compiler=graphs, context_parallel=dist.group.WORLD)
         ids, positions = torch.randint(0, VOCAB, (2, N)), torch.arange(N).expand(2, -1)
         got = model(input_ids=ids, position_ids=positions).logits
         with SdpaAt({1, 2}, lambda q, k, v, scale: cp_reference(q, k, v, CFG, 1, scale=scale)):

@@ -13,7 +13,7 @@ import lhcompile
 from lhcompile import LighthouseWarning
 from tests.distributed import spawn
 from tests.models import GPT, VOCAB
-from tests.test_no_silent_failures import CFG, N, assert_same_training_step
+from tests.steps import CFG, N, assert_same_training_step
 
 
 def _ddp(rank):

@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lhcompile
 import lhcompile.operator.documents.attention
@@ -214,16 +213,11 @@ def test_the_constructors_agree_and_refuse_bad_boundaries_naming_them():
         lighthouse_attention(q, k, v, CONFIGS[0], documents=Documents(starts[:, :16]))
 
 
-def test_document_lengths_are_data_compiled_once_for_every_mix():
+def test_document_lengths_are_data_compiled_once_for_every_mix(recorded):
     config = CONFIGS[0]
-    graphs = []
-
-    def count(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs = recorded
     f = torch.compile(lambda q, k, v, s: lighthouse_attention(q, k, v, config, documents=Documents(s)),
-                      backend=count, fullgraph=True, dynamic=False)
+                      backend=recorded, fullgraph=True, dynamic=False)
     q, k, v = qkv(2, 4, 2, N, 8, torch.float32, grad=False)
     for rows in MIXES.values():
         torch.testing.assert_close(f(q, k, v, starts_of(rows)), per_document(q, k, v, rows, config))

@@ -336,16 +336,11 @@ def test_layers_compiled_on_their_own_run_plain_lighthouse_until_a_batch_is_pack
         start += n
 
 
-def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse():
+def test_packed_batches_of_changing_length_compile_twice_and_stay_lighthouse(recorded):
     torch.manual_seed(0)
     model = hf_model("llama", attention="causal_sdpa", layers=2)
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    lhcompile.apply(model, CFG, compiler=keep)
+    graphs = recorded
+    lhcompile.apply(model, CFG, compiler=recorded)
     for rows in ([[70, 3, 1, 40, 78]], [[50, 110]], [[33, 12, 64]], [[9, 100, 7, 90]]):
         n = sum(rows[0])
         out = model(input_ids=torch.randint(0, VOCAB, (1, n)), position_ids=positions(rows)).logits

@@ -157,15 +157,11 @@ def test_backend_rewrites_across_graph_breaks():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_compiled_graph_builds_no_causal_mask_and_dense_sites_run_as_is_causal(mode):
+def test_compiled_graph_builds_no_causal_mask_and_dense_sites_run_as_is_causal(mode, recorded):
     # transformers builds an N x N causal mask in the graph, read by all four sites: the Lighthouse sites drop it,
     # the dense ones (dense_layers, eval mode) call SDPA with is_causal=True instead, so nothing builds it, even
     # when the rewritten graph runs op by op
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    graphs, keep = recorded, recorded
 
     n = 3 * N  # no weight or activation dimension is n
     torch.manual_seed(0)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import lhcompile
-from lhcompile import LighthouseConfig, LighthouseWarning
+from lhcompile import LighthouseWarning
 
-from .models import GPT, VOCAB, hf_model, logits
-from .test_no_silent_failures import CFG, N, assert_same_training_step, lighthouse_at
+from .models import GPT, VOCAB, TitanLlama3, hf_model, logits
+from .steps import CFG, N, assert_same_training_step, lighthouse_at
 
 
 def _applied():
@@ -127,16 +127,6 @@ def test_lengths_within_the_limit_say_nothing():
             logits(model, torch.randint(0, VOCAB, (1, N)))
 
 
-def test_arguments_that_cannot_work_fail_or_warn_at_apply(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "flash_attn", None)  # `import flash_attn` fails
-    with pytest.raises(ValueError, match="inner_attention='flash_attn'.*cannot be imported"):
-        lhcompile.apply(GPT(), LighthouseConfig(inner_attention="flash_attn"))
-    # torchrun started 2 processes, and dist.group.WORLD is None until init_process_group
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.warns(LighthouseWarning, match="before torch.distributed is initialized"):
-        lhcompile.apply(GPT(), CFG, compiler="eager", context_parallel=None)
-
-
 @pytest.mark.parametrize("around", ["model.forward", "a submodule"])
 def test_running_the_model_around_its_compiled_call_is_said_to_run_dense(around):
     model = hf_model("llama")
@@ -171,4 +161,68 @@ def test_layers_compiled_on_their_own_run_lighthouse_however_the_model_is_called
     with lighthouse_at({1, 2}):
         want = twin(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_compiled_in_place_are_taken_over_per_kind_and_given_back_on_restore():
+    # torchtitan's apply_compile: block.compile() on every layer before anything else
+    torch.manual_seed(0)
+    model = TitanLlama3()
+    twin = copy.deepcopy(model)
+    for block in model.layers.values():
+        block.compile(backend="eager")
+    before = {block: block._compiled_call_impl for block in model.layers.values()}
+    ids = torch.randint(0, VOCAB, (2, N))
+    lhcompile.apply(model, CFG, compiler="eager")
+    assert_same_training_step(model, twin, ids, {1, 2})
+    # each kind of block is compiled once, the model's own code runs as written around them
+    report = lhcompile.inspect(model)
+    fates = {s.module_path: s.reason for s in report if s.training}
+    assert fates == {
+        "layers.0.attention": "dense layer (site 0 of 4 is in dense_layers=(0, -1))",
+        "layers.1.attention": "lighthouse",
+        "layers.2.attention": "lighthouse",
+        "layers.3.attention": "dense layer (site 3 of 4 is in dense_layers=(0, -1))",
+    }
+    assert (report.graphs, report.compiled) == (1, 2)  # one graph serves the blocks, dense and Lighthouse
+    lhcompile.restore(model)
+    assert {block: block._compiled_call_impl for block in model.layers.values()} == before
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("called_first", [False, True], ids=["fresh", "already-called"])
+def test_apply_to_a_torch_compiled_model_rewrites_the_module_it_wraps(called_first):
+    torch.manual_seed(0)
+    model = GPT()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    ids = torch.randint(0, VOCAB, (2, N))
+    if called_first:
+        logits(compiled, ids)
+    assert lhcompile.apply(compiled, CFG, compiler="eager") is compiled
+    with lighthouse_at({1, 2}):
+        want = logits(twin, ids)
+    torch.testing.assert_close(logits(compiled, ids), want, rtol=1e-6, atol=1e-6)
+    assert len(lhcompile.inspect(compiled).rewritten) == 2
+    lhcompile.restore(compiled)
+    torch.testing.assert_close(logits(compiled, ids), logits(twin, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first", ["train", "eval"])
+def test_the_module_mode_decides_every_call_even_when_forward_never_reads_it(first):
+    torch.manual_seed(0)
+    model = TitanLlama3()  # its forward never reads self.training, so Dynamo does not guard on it
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, N))
+    model.train(first == "train")
+    lhcompile.apply(model, CFG, compiler="eager")
+    with torch.no_grad(), lighthouse_at({1, 2}):
+        lighthouse = logits(twin, ids)
+    with torch.no_grad():
+        dense = logits(twin, ids)
+    for mode in ([True, False, True, False] if first == "train" else [False, True, False, True]):
+        model.train(mode)
+        got = logits(model, ids)
+        torch.testing.assert_close(got, lighthouse if mode else dense, rtol=1e-6, atol=1e-6,
+                                   msg=f"{'train' if mode else 'eval'} mode")
 

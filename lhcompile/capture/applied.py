@@ -41,7 +41,10 @@ from .plan import Plan, discover
 from ..report import LighthouseWarning, Report, SiteReport
 
 STATE = "_lhcompile"
-"""The attribute of an applied module that holds its ``Applied`` state."""
+"""The attribute of an applied module that holds its ``Applied`` state (a GraphModule: its meta key)."""
+RESTORED = "_lhcompile_restored"
+"""The attribute of a restored module that holds the report of what the pass did before (a GraphModule: its meta
+key): what ``inspect`` says of it."""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Applied:
         state._take(model, _ModelCall(state))
         for path, part in _parts(model):
             part.register_forward_pre_hook(_CalledAround(model, path), with_kwargs=True)
+        model.__dict__.pop(RESTORED, None)
         object.__setattr__(model, STATE, state)
         return state
 
@@ -117,7 +121,8 @@ class Applied:
                              f"{type(self.model).__name__}; they keep nothing dense", stacklevel=5)
 
     def uninstall(self) -> None:
-        """Give every compiled module back the compiled call it had before ``apply`` (``restore``)."""
+        """Give every compiled module back the compiled call it had before ``apply``, and keep the report of what the
+        pass did as the model's restored report (``restore``)."""
         for module, previous in self.previous.items():
             module._compiled_call_impl = previous
             module.__dict__.pop("compile", None)
@@ -126,6 +131,8 @@ class Applied:
                 if isinstance(hook, _CalledAround) and hook.model is self.model:
                     del part._forward_pre_hooks[key]
         object.__delattr__(self.model, STATE)
+        self.report.state = "restored"
+        object.__setattr__(self.model, RESTORED, self.report)
 
     def __deepcopy__(self, memo: dict) -> Applied:
         # deepcopy makes the model's copy (kept in memo) before it copies the model's attributes, this state last
@@ -156,6 +163,30 @@ def applied(model: torch.nn.Module) -> Applied | None:
     """The model's state, if apply was called on it (a shallow copy shares the original's state: not its own)."""
     state = model.__dict__.get(STATE)
     return state if state is not None and state.model is model else None
+
+
+def report_of(model: torch.nn.Module) -> Report | None:
+    """The report of an applied model, or of a restored one (what the pass did before), else None."""
+    state = applied(model)
+    return state.report if state is not None else model.__dict__.get(RESTORED)
+
+
+def graph_report(gm: torch.fx.GraphModule) -> Report | None:
+    """The report of a GraphModule rewritten in place, or restored, else None."""
+    return gm.meta.get(STATE, gm.meta.get(RESTORED))
+
+
+def set_graph_report(gm: torch.fx.GraphModule, report: Report | None) -> None:
+    """Keep a GraphModule's report: rewritten in place (``report``), or restored (None: the one it had, as said
+    before)."""
+    if report is not None:
+        gm.meta.pop(RESTORED, None)
+        gm.meta[STATE] = report
+        return
+    before = gm.meta.pop(STATE, None)
+    if before is not None:
+        before.state = "restored"
+        gm.meta[RESTORED] = before
 
 
 _INSIDE = threading.local()

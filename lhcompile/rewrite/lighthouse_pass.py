@@ -23,7 +23,7 @@ from ..operator.documents import dense_documents, starts_of
 from .batches import DOCUMENTS, ON_DOCUMENT_ATTENTION, ROWS
 from .options import Options
 from .placements import Inputs
-from ..passes import (DocumentSource, Proofs, RopeMatch, Site, attention_like_calls, find_qk_rotation, find_sites,
+from ..passes import (DocumentSource, Proofs, RopeMatch, Site, find_qk_rotation, find_sites,
                      rewrite_sites, subgraph_calls, unrotated)
 from ..report import Report
 from ..operator.rotary import Rotary
