@@ -97,7 +97,7 @@ def apply(
 
     Example::
 
-        config = LighthouseConfig(levels=2, pooling_factor=2, topk=64, dense_layers=())
+        config = LighthouseConfig(levels=2, pooling_factor=2, topk=64, tile_budget=16, dense_layers=())
         lhcompile.apply(model, config, compiler="eager")
         model(ids).sum().backward()           # Lighthouse wherever a sequence is >= config.min_lighthouse_len
         print(lhcompile.inspect(model))       # every attention site: rewritten, or every reason why not

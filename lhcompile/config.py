@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .operator.geometry import Geometry
+from .geometry import Geometry
 
 Scorer = Literal["norm"]
+"""The registered scorers' names (``lhcompile.operator.scorers``)."""
 InnerAttention = Literal["sdpa", "flash_attn"]
 RopeOrder = Literal["before_pooling", "after_selection"]
 
@@ -18,10 +19,19 @@ def _is_power_of_two(x: int) -> bool:
 
 @dataclass(frozen=True)
 class LighthouseConfig:
-    """What the Lighthouse operator computes and where the pass applies it.
+    """What the Lighthouse operator computes and where the pass applies it; every field is checked at construction
+    (a bad value is refused with the field, the value and the rule).
 
-    Defaults are the paper's main setting (L=3, p=4, k=2048, norm scorer, tiles of 128,
-    attention layers {0, 1, -2, -1} kept dense).
+    The defaults are the paper's main setting: L=3, p=4, k=2048, the norm scorer, tiles of 128, the first two and
+    last two attention sites kept dense. A sequence runs Lighthouse from ``min_lighthouse_len`` = p^(L-1) * k
+    tokens (32,768 at the defaults); a small model on a CPU needs a small one, e.g.
+    ``LighthouseConfig(levels=2, pooling_factor=2, topk=64, tile_budget=16, dense_layers=())`` (from 128 tokens).
+
+    Example::
+
+        config = LighthouseConfig(topk=1536, dense_layers=(0, -1))
+        config.min_lighthouse_len   # 24576
+        config.gathered_len(131072) # 20484: the length of the dense attention at 128K
     """
 
     levels: int = 3
@@ -33,7 +43,7 @@ class LighthouseConfig:
     tile_budget: int = 128
     """Entries selected per tile and level (half by ||q||, half by ||k||); the paper uses 128."""
     scorer: Scorer = "norm"
-    """Selection score; only the paper's default, the L2 norm, is implemented."""
+    """How entries are ranked for selection (``lhcompile.operator.scorers``): 'norm', the L2 norm of q and k."""
     dense_layers: tuple[int, ...] = (0, 1, -2, -1)
     """Attention sites (in graph order; negative counts from the end) that stay dense SDPA; with per-layer
     ``fully_shard``, the layers of the layer stack (see ``lhcompile.apply``)."""
@@ -76,8 +86,10 @@ class LighthouseConfig:
             reject("tile_budget", "must be an even int >= 2 (half picked by ||q||, half by ||k||)")
         if not isinstance(self.topk, int) or self.topk <= 0 or self.topk % self.tile_budget:
             reject("topk", f"must be a positive multiple of tile_budget={self.tile_budget}")
-        if self.scorer != "norm":
-            reject("scorer", "is not implemented; only 'norm' is available")
+        from .operator.scorers import SCORERS  # the registry: the operator's, built after this module
+
+        if self.scorer not in SCORERS:
+            reject("scorer", f"is not implemented; the registered scorers are {', '.join(map(repr, SCORERS))}")
         if not isinstance(self.dense_layers, tuple) or not all(isinstance(i, int) for i in self.dense_layers):
             reject("dense_layers", "must be a tuple of ints (use () to rewrite every site)")
         if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:

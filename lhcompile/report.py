@@ -7,7 +7,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .rewrite.batches import AS_CAPTURED, ON_DOCUMENT_ATTENTION, VARIANTS
 
 
 REASON_WIDTH = 72
@@ -82,6 +81,14 @@ class Report:
     dense within documents, the model's own kernel), 'dense' (the same, on ``document_attention`` where it is the
     faster), 'rows' (one document per row: plain Lighthouse)."""
 
+    _variants: dict[str, tuple[str, str, bool]] = field(default_factory=dict, repr=False)
+    """Per name of ``variant_calls``: what its batches held, what graph ran, and whether it is dense."""
+
+    def count_variant(self, name: str, held: str, graph: str, dense: bool) -> None:
+        """Count a graph call that ran the graph ``name`` for its batch, which held ``held``."""
+        self._variants[name] = (held, graph, dense)
+        self.variant_calls[name] = self.variant_calls.get(name, 0) + 1
+
     def record(self, rows: list[SiteReport], per_graph: bool = False) -> None:
         """Keep ``rows``, each replacing the row of its site: a site is its position among the model's sites and
         its mode, or with ``per_graph`` (positions counted within each graph, as ``lhcompile.backend`` sees them
@@ -107,7 +114,7 @@ class Report:
     @property
     def dense_batches(self) -> int:
         """Graph calls whose batch held no document long enough for Lighthouse (dense within documents)."""
-        return sum(self.variant_calls.get(name, 0) for name in (AS_CAPTURED, ON_DOCUMENT_ATTENTION))
+        return sum(self.variant_calls.get(name, 0) for name, (_, _, dense) in self._variants.items() if dense)
 
     def __iter__(self) -> Iterator[SiteReport]:
         return iter(self.sites)
@@ -160,6 +167,6 @@ class Report:
         with_sites = sorted({s.graph for s in self.sites})
         summary = (f"{head}lhcompile: {len(self.rewritten)} of {len(self.sites)} attention sites rewritten, in graph"
                    f"{'s' if len(with_sites) > 1 else ''} {', '.join(map(str, with_sites))} ({self.graphs} captured)")
-        summary += "".join(f"; {count} graph call(s) found {VARIANTS[name][0]} in their batch and ran the graph "
-                           f"{VARIANTS[name][1]}" for name, count in self.variant_calls.items())
+        summary += "".join(f"; {count} graph call(s) found {self._variants[name][0]} in their batch and ran the graph "
+                           f"{self._variants[name][1]}" for name, count in self.variant_calls.items())
         return "\n".join([summary, *(self.table().splitlines() if self.sites else []), *self.notes])

@@ -35,7 +35,8 @@ from torch.utils._pytree import tree_leaves
 
 from .backend import Backend
 from .calls import Batch, Sites, current_batch, current_sites, entered
-from ..rewrite.lighthouse_pass import Pattern, Scope, pattern_of, warn_if_nothing_rewritten
+from ..rewrite.decision import Pattern, Scope, pattern_of
+from ..rewrite.diagnostics import warn_if_nothing_rewritten
 from ..rewrite.options import Options
 from .plan import Plan, discover
 from ..report import LighthouseWarning, Report, SiteReport
@@ -66,7 +67,7 @@ class Applied:
         """Take over the model's call (the plan and the compiles follow at its first call)."""
         state = cls(model, options, Report())
         state._take(model, _ModelCall(state))
-        for path, part in _parts(model):
+        for path, part in _callable_parts(model):
             part.register_forward_pre_hook(_CalledAround(model, path), with_kwargs=True)
         model.__dict__.pop(RESTORED, None)
         object.__setattr__(model, STATE, state)
@@ -86,20 +87,20 @@ class Applied:
         with _inside():
             self.plan = plan = discover(model, lambda: module._call_impl(*args, **kwargs), options.regional)
         self._warn_about_dense_layers(plan.total)
-        kinds: dict[type, list[torch.nn.Module]] = {}
+        by_class: dict[type, list[torch.nn.Module]] = {}
         for module in plan.layers:
-            kinds.setdefault(type(module), []).append(module)
-        compiled = len(kinds) + (not kinds)
-        for modules in kinds.values():
+            by_class.setdefault(type(module), []).append(module)
+        classes = len(by_class) + (not by_class)  # classes of module compiled in place
+        for modules in by_class.values():
             backends = self._backends(modules)
-            calls = {training: _Calls() for training in backends}  # one kind's layers share their graphs
+            calls = {training: _Calls() for training in backends}  # one class's layers share their graphs
             for module in modules:
-                self._take(module, _LayerCall(self, module, backends, calls, compiled))
+                self._take(module, _LayerCall(self, module, backends, calls, classes))
         call: _ModelCall = model.__dict__["_compiled_call_impl"]
-        if not kinds:
+        if not by_class:
             backends = {training: Backend(options, Scope(training=training, root=model, model=model), self.report)
                         for training in (True, False)}
-            call.whole = _Compiled(model, backends, {t: _Calls() for t in backends}, compiled)
+            call.compiled_whole = _Compiled(model, backends, {t: _Calls() for t in backends}, classes)
 
     def _backends(self, modules: list[torch.nn.Module]) -> dict[bool, Backend]:
         plan, options = self.plan, self.options
@@ -126,7 +127,7 @@ class Applied:
         for module, previous in self.previous.items():
             module._compiled_call_impl = previous
             module.__dict__.pop("compile", None)
-        for _, part in _parts(self.model):
+        for _, part in _callable_parts(self.model):
             for key, hook in list(part._forward_pre_hooks.items()):
                 if isinstance(hook, _CalledAround) and hook.model is self.model:
                     del part._forward_pre_hooks[key]
@@ -193,7 +194,7 @@ _INSIDE = threading.local()
 """How many of lhcompile's compiled calls run on this thread (a part of the model run outside them is dense)."""
 
 
-def _parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def _callable_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The model's children and theirs (model.model, model.blocks.0): what a caller may run on its own."""
     return [(path, module) for path, module in model.named_modules() if path and path.count(".") <= 1]
 
@@ -215,7 +216,7 @@ class _CalledAround:
         if state is not None and state.plan is None:
             state.make_plan(module, args, kwargs)
         call = None if state is None else self.model.__dict__.get("_compiled_call_impl")
-        if not isinstance(call, _ModelCall) or call.whole is None or not any(
+        if not isinstance(call, _ModelCall) or call.compiled_whole is None or not any(
                 s.path.startswith(f"{self.path}.") or s.path == self.path for s in state.plan.sites):
             return  # not applied any more, or no attention in this part (e.g. a head a loss calls on its own)
         state.report.note(
@@ -260,14 +261,14 @@ def _graph_breaks() -> Counter:
     return _BREAKS[1]
 
 
-def _dynamo_config(kinds: int) -> contextlib.AbstractContextManager:
+def _dynamo_config(classes: int) -> contextlib.AbstractContextManager:
     """Dynamo's settings for lhcompile's compiled calls: Dynamo counts its recompile limit per code, and every module
     compiled here shares nn.Module's call, so each kind of layer gets the limit the user set; inside an
     activation-checkpointed region a side effect (transformers' context variables, a counter the model keeps) is
     applied once, in the forward, as without checkpointing, instead of making Dynamo give up the region."""
     patch: dict[str, Any] = {}
-    if kinds > 1:
-        patch["recompile_limit"] = torch._dynamo.config.recompile_limit * kinds
+    if classes > 1:
+        patch["recompile_limit"] = torch._dynamo.config.recompile_limit * classes
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         patch["skip_fwd_side_effects_in_bwd_under_checkpoint"] = True
     return torch._dynamo.config.patch(**patch)
@@ -276,11 +277,11 @@ def _dynamo_config(kinds: int) -> contextlib.AbstractContextManager:
 class _Compiled:
     """A module compiled in place twice, for training (rewritten) and for eval (dense); its ``training`` flag
     chooses at every call (Dynamo guards on the flag only where the model's code reads it). ``calls``: per mode, how
-    the modules sharing these backends were called; ``kinds``: how many kinds of module are compiled in place."""
+    the modules sharing these backends were called; ``classes``: how many classes of module are compiled in place."""
 
     def __init__(self, module: torch.nn.Module, backends: dict[bool, Backend], calls: dict[bool, _Calls],
-                 kinds: int, body: Callable | None = None) -> None:
-        self.module, self.backends, self.calls, self.kinds = module, backends, calls, kinds
+                 classes: int, body: Callable | None = None) -> None:
+        self.module, self.backends, self.calls, self.classes = module, backends, calls, classes
         self.new = False
         """Whether the last call's input shapes were new to this kind of module in its mode."""
         # dynamic=False: each length gets its own graph, so the short-sequence rule is decided exactly. Where sites
@@ -298,7 +299,7 @@ class _Compiled:
         new = shapes not in seen.shapes
         seen.dynamic = seen.dynamic or (new and bool(seen.shapes) and backend.documents)
         self.new = new
-        with _dynamo_config(self.kinds):
+        with _dynamo_config(self.classes):
             out = self.compiled[seen.dynamic][mode](*args, **kwargs)
         if new:
             seen.shapes.append(shapes)
@@ -312,7 +313,8 @@ class _ModelCall:
 
     def __init__(self, state: Applied) -> None:
         self.state = state
-        self.whole: _Compiled | None = None
+        self.compiled_whole: _Compiled | None = None
+        """The model compiled as one, where it has no layers; else None (its code runs as written)."""
         self._told = False
 
     @torch.compiler.disable
@@ -326,11 +328,11 @@ class _ModelCall:
         state.counts.clear()
         plan = state.plan
         with entered(Batch()), _inside():
-            if self.whole is None:
+            if self.compiled_whole is None:
                 out = model._call_impl(*args, **kwargs)
             else:
                 sites = Sites(tuple(range(plan.total)), plan.paths(tuple(range(plan.total))), plan.total)
-                out = _run(model, self.whole, sites, state, args, kwargs)
+                out = _run(model, self.compiled_whole, sites, state, args, kwargs)
         if model.training:
             self._after_training_call()
         return out
@@ -362,10 +364,10 @@ class _LayerCall:
     this model call), then its compiled graphs."""
 
     def __init__(self, state: Applied, module: torch.nn.Module, backends: dict[bool, Backend],
-                 calls: dict[bool, _Calls], kinds: int) -> None:
+                 calls: dict[bool, _Calls], classes: int) -> None:
         self.state, self.module = state, module
-        self.compiled = _Compiled(module, backends, calls, kinds)
-        self.body = _Compiled(module, backends, calls, kinds, body=_forward_body)
+        self.compiled = _Compiled(module, backends, calls, classes)
+        self.body = _Compiled(module, backends, calls, classes, body=_forward_body)
 
     @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -447,7 +449,7 @@ def _run(module: torch.nn.Module, compiled: _Compiled, sites: Sites | None, stat
     if eager or (sites is not None and sites.missed and module.training):
         new = _graph_breaks() - breaks  # the graph breaks Dynamo met in this call
         if eager:
-            _warn_ran_eagerly(module, backend, _shapes(args, kwargs), compiled.new, new, compiled.kinds)
+            _warn_ran_eagerly(module, backend, _shapes(args, kwargs), compiled.new, new, compiled.classes)
         if sites is not None and sites.missed and module.training:
             _report_missed(state, sites, new, eager)
     return out
@@ -488,7 +490,7 @@ def _shapes(args: tuple, kwargs: dict) -> tuple:
 
 
 def _warn_ran_eagerly(module: torch.nn.Module, backend: Backend, shapes: tuple, new: bool, breaks: Counter,
-                      kinds: int) -> None:
+                      classes: int) -> None:
     mode = "training" if backend.scope.training else "eval"
     cause = _first_break(breaks)
     if cause is not None:
@@ -496,7 +498,7 @@ def _warn_ran_eagerly(module: torch.nn.Module, backend: Backend, shapes: tuple, 
                 f"Dynamo could not capture it ({cause}), so it ran eagerly, with dense attention. TORCH_LOGS="
                 "graph_breaks shows where")
     else:
-        limit = torch._dynamo.config.recompile_limit * (kinds if kinds > 1 else 1)
+        limit = torch._dynamo.config.recompile_limit * (classes if classes > 1 else 1)
         what = (f"with input shapes it had not seen ({', '.join(map(str, shapes[:3]))})" if new else
                 "with input shapes it had seen, but something else Dynamo guards on changed (grad mode, e.g. a "
                 "forward under torch.no_grad(); autocast; a module attribute)")

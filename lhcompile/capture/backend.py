@@ -18,10 +18,11 @@ import torch.fx as fx
 from .calls import current_sites
 from .ddp_buckets import Numbering, bucket_numbering, in_ddp_split
 from ..rewrite.debug import dump_graph, dump_report
-from ..rewrite.batches import AS_CAPTURED, DOCUMENTS, INSTEAD, VARIANTS
+from ..rewrite.batches import AS_CAPTURED, DENSE_BATCHES, DOCUMENTS, INSTEAD, VARIANTS
 from .probe import DocumentProbe, MaskCheck, MaskProbe
-from ..rewrite.lighthouse_pass import (Decision, Pattern, Scope, decide, graphs_of, lighthouse, pattern_of, rewrite,
-                              site_rows, warn_at_capture)
+from ..rewrite.decision import Decision, Pattern, Scope, graphs_of, lighthouse, pattern_of
+from ..rewrite.diagnostics import site_rows, warn_at_capture
+from ..rewrite.lighthouse_pass import decide, rewrite
 from ..rewrite.options import Options
 from ..passes import copy_with_bodies, erase_unused, prune_unused_inputs
 from ..rewrite.placements import SingleDevice
@@ -200,7 +201,7 @@ class _Runner:
                 if chosen.compiled is not None:
                     report = self.backend.report
                     if torch._C._current_graph_task_id() == -1:  # a forward, not a checkpoint's recompute
-                        report.variant_calls[name] = report.variant_calls.get(name, 0) + 1
+                        report.count_variant(name, *VARIANTS[name], dense=name in DENSE_BATCHES)
                     return chosen.compiled(*args)
         return variant.compiled(*args)
 

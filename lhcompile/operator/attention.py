@@ -10,7 +10,7 @@ from torch import Tensor
 from ..config import LighthouseConfig
 from .autocast import autocast_like_sdpa
 from .documents import Documents, dense_documents, lighthouse_documents
-from .stages import lighthouse_stages
+from .lighthouse import lighthouse_stages
 from .rotary import Rotary
 
 
@@ -49,18 +49,35 @@ def lighthouse_attention(
     rope: Rotary | None = None,
     documents: Documents | None = None,
 ) -> Tensor:
-    """Lighthouse attention with SDPA's signature and layout: (B, H, N, d) in, (B, H, N, d_v) out.
+    """Lighthouse attention with SDPA's signature and layout: what the pass puts in place of a causal SDPA call.
 
-    k and v may have fewer heads than q (GQA, as SDPA's enable_gqa); in an autocast region they run in its dtype,
-    as SDPA's do. Sequences shorter than ``config.min_lighthouse_len`` run dense causal SDPA instead. With
-    ``rope`` (the model's rotation tables, ``Rotary.of``), q and k are taken unrotated and rotated after
-    selection, whatever ``config.rope`` says; ``config.rope='after_selection'`` without it is refused (there would
-    be no tables to rotate with).
+    k and v may have fewer heads than q (GQA, as SDPA's ``enable_gqa``); in an autocast region they run in its
+    dtype, as SDPA's do. Sequences shorter than ``config.min_lighthouse_len`` run dense causal SDPA instead.
 
-    ``documents`` (``lhcompile.Documents``): the rows are packed documents, kept apart. Each document of at least
-    ``config.min_lighthouse_len`` tokens gets Lighthouse as if it were the whole sequence, each shorter one dense
-    causal attention within it; the tables of ``rope`` are then the rows of the packed tokens, their positions
-    restarting with each document. Changing the documents changes no shape (no recompilation under compile)."""
+    Args:
+        q: (B, H, N, d) queries (rotated, unless ``rope`` is given).
+        k: (B, H_kv, N, d) keys, H a multiple of H_kv.
+        v: (B, H_kv, N, d_v) values.
+        config: what Lighthouse computes (default ``LighthouseConfig()``).
+        is_causal: must be True (Lighthouse is causal).
+        scale: the softmax scale (default 1 / sqrt(d)).
+        rope: the model's rotation tables (``Rotary.of``): q and k are then taken unrotated and each gathered entry
+            is rotated at the last position it covers, whatever ``config.rope`` says (``config.rope=
+            'after_selection'`` without tables is refused: there would be none to rotate with).
+        documents: the rows are packed documents (``Documents``), kept apart: each document of at least
+            ``config.min_lighthouse_len`` tokens gets Lighthouse as if it were the whole sequence, each shorter one
+            dense causal attention within it; ``rope``'s tables are then by packed token, positions starting anew
+            with each document. The documents are data: changing them changes no shape (no recompilation).
+
+    Returns:
+        (B, H, N, d_v), in SDPA's layout.
+
+    Example::
+
+        config = LighthouseConfig(levels=2, pooling_factor=2, topk=64, tile_budget=16)
+        q, k, v = (torch.randn(1, 8, 4096, 64) for _ in range(3))
+        out = lighthouse_attention(q, k, v, config)   # N >= config.min_lighthouse_len = 128: Lighthouse
+    """
     config = config or LighthouseConfig()
     q, k, v = autocast_like_sdpa(q, k, v)
     check_sdpa_inputs(q, k, v, is_causal=is_causal)

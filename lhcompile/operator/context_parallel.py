@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.distributed.tensor.experimental._context_parallel import _attention as _cp
 
 from ..config import LighthouseConfig
-from . import stages
+from . import lighthouse
 from .attention import check_sdpa_inputs
 from .rotary import Rotary
 
@@ -57,7 +57,7 @@ def cp_reference(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, worl
     problem = chunk_problem(config, 2 * q.shape[2] // chunks)
     if problem:
         raise ValueError(problem)
-    return stages.chunked_stages(
+    return lighthouse.chunked_stages(
         q, k, v, chunks=chunks, chunk_len=q.shape[2] // chunks, config=chunk_config(config), rotary=rope,
         attention=lambda qg, kg, vg: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale),
     )
@@ -140,7 +140,7 @@ def lighthouse_stages_cp(q: Tensor, k: Tensor, v: Tensor, *, n: int, group_name:
             return F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
         return ring_attention(qg, kg, vg, group_name, scale)[0]
 
-    return stages.chunked_stages(q, k, v, chunks=2, chunk_len=n // 2, config=chunk_config(config), rotary=rotary,
+    return lighthouse.chunked_stages(q, k, v, chunks=2, chunk_len=n // 2, config=chunk_config(config), rotary=rotary,
                               attention=attention)
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .geometry import Geometry, level_offsets
+from ..geometry import Geometry, level_offsets
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .geometry import Geometry, level_offsets
+from ..geometry import Geometry, level_offsets
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .geometry import level_offsets
+from ..geometry import level_offsets
 from ..passes.rope import HALF_WIDTH_FORMS, Form
 
 

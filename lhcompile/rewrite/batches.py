@@ -21,5 +21,7 @@ VARIANTS = {AS_CAPTURED: ("no document long enough for Lighthouse", "as captured
                                     "rewritten for dense attention within documents (lhcompile.document_attention)"),
             ROWS: ("one document per row", "rewritten for plain Lighthouse on each row")}
 """What a batch that runs each graph besides the rewritten one held, and what that graph is."""
+DENSE_BATCHES = frozenset({AS_CAPTURED, ON_DOCUMENT_ATTENTION})
+"""The graphs of batches without a long document: dense within documents (``Report.dense_batches``)."""
 INSTEAD = {ON_DOCUMENT_ATTENTION: AS_CAPTURED}
 """The graph that serves a batch where its own did not compile (else the rewritten one does)."""

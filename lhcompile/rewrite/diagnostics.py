@@ -4,17 +4,15 @@ about a captured graph, as texts in one place."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..passes import RopeMatch, Site, attention_like_calls
 from ..passes.meta import join_path
 from ..report import Report, SiteReport
+from .decision import CapturedGraph, Decision, Pattern, Scope
 from .options import Options
 
-if TYPE_CHECKING:
-    from .lighthouse_pass import Decision, Pattern, Scope, _Graph
 
 
 DYNAMIC = "sequence length is dynamic"
@@ -100,7 +98,7 @@ def _rope_note(rotation: tuple[RopeMatch, RopeMatch] | str | None, site: Site) -
     return f"; RoPE after selection ({match.form}, {match.rotary_dim} of {site.q_shape[3]} dims)"
 
 
-def warn_at_capture(graphs: list[_Graph], decisions: list[Decision], graph_id: int, scope: Scope, report: Report
+def warn_at_capture(graphs: list[CapturedGraph], decisions: list[Decision], graph_id: int, scope: Scope, report: Report
                     ) -> None:
     """Say what a captured graph leaves undone, or takes on a guess, whatever layer it serves."""
     if scope.mode_from_grad and decisions:

@@ -12,118 +12,23 @@ Whatever the pass declines, it says why: in the report, and as a warning when it
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from ..operator.documents import dense_documents, starts_of
+from ..operator.rotary import Rotary
+from ..passes import DocumentSource, RopeMatch, Site, find_qk_rotation, rewrite_sites, unrotated
+from ..report import Report
 from .batches import DOCUMENTS, ON_DOCUMENT_ATTENTION, ROWS
+from .decision import CapturedGraph, Decision, Pattern, Scope, graphs_of, lighthouse, pattern_of
+from .diagnostics import DYNAMIC, advice, site_rows, warn_at_capture, warn_if_nothing_rewritten
 from .options import Options
 from .placements import Inputs
-from ..passes import (DocumentSource, Proofs, RopeMatch, Site, find_qk_rotation, find_sites,
-                     rewrite_sites, subgraph_calls, unrotated)
-from ..report import Report
-from ..operator.rotary import Rotary
-from .diagnostics import DYNAMIC, advice, site_rows, warn_at_capture, warn_if_nothing_rewritten
 
 
-@dataclass(frozen=True)
-class Scope:
-    """What a captured graph stands for."""
-
-    training: bool
-    """The mode it was captured for: eval graphs keep every site dense."""
-    eval_reason: str = "module is in eval mode (Lighthouse is for training; dense attention is used)"
-    mode_from_grad: bool = False
-    """``training`` was taken from grad mode at capture (lhcompile.backend never sees the module): a guess."""
-    root: torch.nn.Module | None = None
-    """The module compiled with it (a layer, or the model); its sites' paths are relative to it."""
-    root_path: str = ""
-    """The root's path in the model."""
-    serves: tuple[str, ...] = ()
-    """The paths of every module whose calls its graphs serve (the layers of the root's kind), or () for the root's
-    alone."""
-    model: torch.nn.Module | None = None
-    """The model ``apply`` was called on."""
-
-
-@dataclass
-class _Graph:
-    """A graph the pass works on: the captured one, or a body nested in it."""
-
-    module: fx.GraphModule
-    label: str
-    sites: list[Site]
-    at: tuple[int, ...]
-    """Where it runs: the positions of the calls that lead to it, from the captured graph down."""
-    position: dict[fx.Node, int]
-    calls: int = 1
-
-    def order(self, site: Site) -> tuple[int, ...]:
-        """A key that sorts sites of all graphs into execution order."""
-        return (*self.at, self.position[site.node])
-
-
-def graphs_of(gm: fx.GraphModule, label: str, resolve: dict[fx.Node, fx.Node] | None = None,
-              proofs: Proofs | None = None, at: tuple[int, ...] = ()) -> Iterator[_Graph]:
-    """gm, then every body nested in it (depth first, in call order), each body once (at its first call)."""
-    resolve = {} if resolve is None else resolve
-    proofs = {} if proofs is None else proofs
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
-    yield _Graph(gm, label, find_sites(gm.graph, resolve.get, proofs), at, position)
-    calls = subgraph_calls(gm)
-    uses = Counter(call.name for call in calls)
-    for call in calls:
-        count = uses.pop(call.name, None)
-        if count is None:  # a later call of a body already walked
-            continue
-        if call.inputs:
-            resolve.update(call.inputs)
-        for nested in graphs_of(call.module, f"{label}.{call.name} ({call.op})", resolve, proofs,
-                                (*at, position[call.call])):
-            nested.calls *= count
-            yield nested
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the pass may do with one site, whatever place in the model the graph's call gives it."""
-
-    graph: _Graph
-    site: Site
-    reasons: tuple[str, ...]
-    """Every reason it stays dense in any layer (empty: it runs Lighthouse unless its place says otherwise)."""
-    documents: DocumentSource | None
-    """What it attends within: the site's documents, or one document per row at a dynamic length."""
-    rotation: tuple[RopeMatch, RopeMatch] | str | None = None
-    """With rope='after_selection', where it may run Lighthouse: the rotation found, or why none was."""
-    mask: fx.Node | None = None
-    """An explicit mask checked at each call (``Site.runtime_mask``): calls where it is not the causal mask keep
-    the call as it is (flag 'mask' of the call's pattern)."""
-
-    @property
-    def eligible(self) -> bool:
-        return not self.reasons
-
-
-Pattern = tuple[tuple[str, ...], ...]
-"""Per site of a graph (in execution order), what its place in the model or its call keeps dense: 'dense_layers'
-(its position is in ``config.dense_layers``), 'filter_fn' (``filter_fn`` said no to its path) and 'mask' (the mask
-it was handed at this call is not the causal mask)."""
-
-
-def pattern_of(options: Options, positions: tuple[int, ...], paths: tuple[str, ...], total: int) -> Pattern:
-    """The pattern of sites at ``positions`` among ``total`` (negative ``dense_layers`` count from the end)."""
-    dense = options.config.dense_indices(total)
-    keep = options.filter_fn
-    return tuple((("dense_layers",) if p in dense else ()) + (("filter_fn",) if keep is not None and not keep(path)
-                                                              else ()) for p, path in zip(positions, paths))
-
-
-def decide(graphs: list[_Graph], options: Options, scope: Scope) -> list[Decision]:
+def decide(graphs: list[CapturedGraph], options: Options, scope: Scope) -> list[Decision]:
     """Every site's decision, in execution order; raises where the graph cannot be handled at all."""
     sites = sorted(((g, site) for g in graphs for site in g.sites), key=lambda gs: gs[0].order(gs[1]))
     missing = [s for _, s in sites if s.problem is None and s.q_shape is None]
@@ -169,11 +74,6 @@ def _reasons(site: Site, options: Options, scope: Scope, checked_mask: bool = Fa
 
 def _dynamic_length(site: Site) -> bool:
     return bool(site.q_shape) and len(site.q_shape) == 4 and not isinstance(site.q_shape[2], int)
-
-
-def lighthouse(d: Decision, flags: tuple[str, ...]) -> bool:
-    """Whether a site runs Lighthouse at a place that adds ``flags``."""
-    return d.eligible and not flags
 
 
 def rewrite(decisions: list[Decision], pattern: Pattern, options: Options, batches: str = DOCUMENTS

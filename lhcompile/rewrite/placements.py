@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..operator import context_parallel, stages
+from ..operator import context_parallel, lighthouse
 from ..config import LighthouseConfig
 from ..operator.documents import lighthouse_documents
 from ..passes import Site
@@ -87,7 +87,7 @@ class SingleDevice:
         if x.starts is not None:
             return lighthouse_documents(x.q, x.k, x.v, x.starts, batch=x.batch, length=x.length, scale=x.scale,
                                         config=config, rotary=rotary)
-        return stages.lighthouse_stages(x.q, x.k, x.v, n=x.length, scale=x.scale, config=config, rotary=rotary)
+        return lighthouse.lighthouse_stages(x.q, x.k, x.v, n=x.length, scale=x.scale, config=config, rotary=rotary)
 
     def dense(self, site: Site, x: Inputs) -> Any | None:
         if not site.causal_proven:

@@ -102,13 +102,31 @@ _register_autocast("cuda", "AutocastCUDA")
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, *, scale: float | None = None,
                        keep: Tensor | None = None) -> Tensor:
-    """Dense causal attention within each document: (B, H, N, d) in SDPA's layout, k/v may have fewer heads (GQA).
+    """Dense causal attention within each document of a packed batch, in SDPA's layout.
 
-    ``keep`` (B, N) bool, the same for every token of a document, leaves whole documents out (their outputs are 0
-    and cost nothing on a GPU). On CUDA in bf16/fp16, the documents are read on the host once per forward (the
-    backward reuses that copy), and split into kernel calls by ``_Segments.calls``: cuDNN's attention for documents
-    of one padded width together, flash varlen for the rest; elsewhere (CPU, fp32): a reference, document by
-    document, that holds each document's score matrix (for tests and modest lengths)."""
+    On CUDA in bf16/fp16 the documents are read on the host once per forward (the backward reuses that copy) and
+    split into kernel calls (``planner.PLANNER``): cuDNN's attention for documents of one padded width together,
+    flash varlen for the rest; elsewhere (a CPU, fp32) a reference, document by document, that holds each
+    document's score matrix (for tests and modest lengths). In an autocast region it runs in the region's dtype,
+    as SDPA does; under torch.export it is SDPA with the documents' causal mask.
+
+    Args:
+        q: (B, H, N, d) queries.
+        k: (B, H_kv, N, d) keys, H a multiple of H_kv (GQA).
+        v: (B, H_kv, N, d_v) values.
+        documents: where the documents begin (``Documents``).
+        scale: the softmax scale (default 1 / sqrt(d)).
+        keep: (B, N) bool, the same for every token of a document: documents left out (their outputs are 0 and cost
+            nothing on a GPU).
+
+    Returns:
+        (B, H, N, d_v): each token's attention over its own document's tokens up to itself.
+
+    Example::
+
+        documents = Documents.from_positions(position_ids)        # (B, N), restarting with each document
+        out = document_attention(q, k, v, documents)
+    """
     documents.check(q, "document_attention")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"document_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "

@@ -19,7 +19,13 @@ class Documents:
     ``from_cu_seqlens`` (varlen's cumulative lengths over the batch's rows laid end to end), ``from_ids`` (a
     document id per token; a document is a run of equal ids) or ``from_positions`` (position ids that start anew
     with each document, as torchtitan and Hugging Face's DataCollatorWithFlattening make them). The constructors
-    check their argument's values (one host sync), except while torch.compile traces them."""
+    check their argument's values (one host sync), except while torch.compile traces them.
+
+    Example::
+
+        Documents.from_cu_seqlens(torch.tensor([0, 70, 110, 192], dtype=torch.int32), length=192)
+        Documents.from_positions(torch.cat([torch.arange(70), torch.arange(40), torch.arange(82)]))
+    """
 
     starts: Tensor
 

@@ -43,6 +43,8 @@ class Layout:
     """(1, gathered_len) bool: where each document's gathered entries begin."""
     gathered_used: Tensor
     """(1, gathered_len) bool: the entries some document uses."""
+    relaid_starts: Tensor
+    """(1, relaid_len) bool: where each long document begins in the relaid stream (its padding and gap follow it)."""
 
     @classmethod
     def of(cls, starts: Tensor, batch: int, length: int, config: LighthouseConfig) -> Layout:
@@ -95,8 +97,10 @@ class Layout:
         g_pos = torch.arange(gathered_len, device=device)
         gathered_starts = torch.zeros(gathered_len + 1, dtype=torch.bool, device=device).scatter(
             0, torch.where(s_entries > 0, s_gathered, gathered_len), True)[:gathered_len] | (g_pos == used)
+        relaid_starts = torch.zeros(relaid_len + 1, dtype=torch.bool, device=device).scatter(
+            0, torch.where(s_len > 0, s_relaid, relaid_len), True)[:relaid_len]
         return cls(batch, length, relaid_len, gathered_len, token_long, relaid, source, last_token, docs,
-                   gathered_starts.unsqueeze(0), (g_pos < used).unsqueeze(0))
+                   gathered_starts.unsqueeze(0), (g_pos < used).unsqueeze(0), relaid_starts.unsqueeze(0))
 
     def relay(self, x: Tensor) -> Tensor:
         """The long documents of x (B, H, N, d) relaid: (1, H, relaid_len, d), zeros between them."""

@@ -11,6 +11,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ...config import LighthouseConfig
 from .. import stages
+from ..lighthouse import lighthouse_stages
+from ..scorers import SCORERS
 from ..rotary import Rotary, entry_positions
 from .attention import _document_attention
 from .forms import Segments
@@ -36,7 +38,7 @@ def lighthouse_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, bat
         if found.longest < config.min_lighthouse_len:
             return dense_documents(q, k, v, starts, batch=batch, length=length, scale=scale, rotary=rotary)
         if len(found.lengths) == batch:
-            return stages.lighthouse_stages(q, k, v, n=length, scale=scale, config=config, rotary=rotary)
+            return lighthouse_stages(q, k, v, n=length, scale=scale, config=config, rotary=rotary)
     return _every_document(q, k, v, starts, batch=batch, length=length, scale=scale, config=config, rotary=rotary)
 
 
@@ -57,9 +59,10 @@ def _every_document(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, batch: i
     levels, p = config.levels, config.pooling_factor
     layout = Layout.of(starts, batch, length, config)
     qr, kr, vr = (layout.relay(t) for t in (q, k, v))
-    s_qk, s_kq = stages.score(qr.detach(), kr.detach(), levels, p)
+    s_qk, s_kq = SCORERS[config.scorer].pyramids(qr.detach(), kr.detach(), vr.detach(), levels, p,
+                                                 layout.relaid_starts)
     index, inv = stages.select_documents(s_qk, s_kq, layout.docs, layout.gathered_len, layout.relaid_len, levels, p,
-                                      config.topk, config.tile_budget)
+                                         config.topk, config.tile_budget)
     qg, kg, vg = (stages.gather(t, index, inv, levels, p) for t in (qr, kr, vr))
     if rotary is not None:
         qg, kg = rotary.by_token(batch, length).rotate(

@@ -47,7 +47,7 @@ class Planner:
         if self.cudnn_min_length is None:
             return [_Call.flash(firsts, lengths)] if lengths else []
         batches, flash = [], []
-        for members, width, long in self._parts(lengths):
+        for members, width, long in self._width_groups(lengths):
             if self._batched(members, width) and self._admit((len(members), width, *key)):
                 batches.append((members, width))
             elif long:
@@ -64,11 +64,11 @@ class Planner:
         batch's shape or one like it is admitted (of any heads and dtype: close enough for a choice of kernel)."""
         if self.cudnn_min_length is None or not lengths:
             return 0.0
-        on_cudnn = sum(lengths[i] ** 2 for members, width, long in self._parts(lengths)
+        on_cudnn = sum(lengths[i] ** 2 for members, width, long in self._width_groups(lengths)
                        if long or self._batched(members, width) and self._room(len(members), width) for i in members)
         return on_cudnn / sum(n * n for n in lengths)
 
-    def _parts(self, lengths: list[int]) -> list[tuple[list[int], int, bool]]:
+    def _width_groups(self, lengths: list[int]) -> list[tuple[list[int], int, bool]]:
         """The documents (indices into ``lengths``) as cuDNN may batch them: of one ``padded_width``, long (at least
         ``cudnn_min_length`` tokens) or not, in parts of a power of two; each part with its width and whether it is
         long."""
