@@ -166,6 +166,20 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class CheckpointedGPT(GPT):
+    """nanoGPT style: torch.utils.checkpoint around the blocks ``checkpointed`` picks."""
+
+    def __init__(self, checkpointed=lambda i: True):
+        super().__init__()
+        self.checkpointed = checkpointed
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed(i) else block(x)
+        return self.head(self.ln_f(x))
+
+
 class EmbeddingAttention(nn.Module):
     """Attention with the token embeddings themselves as q, k and v: no arithmetic runs before SDPA, so every
     compiler and every sharding hands it (and Lighthouse's selection) the same bits, even in bf16."""

@@ -65,3 +65,30 @@ def pooled_row(x, lvl, i, p):
     """Mean of x (H, N, d) over the span of entry (lvl, i)."""
     span = p**lvl
     return x[:, i * span : (i + 1) * span].double().mean(dim=1)
+
+
+def dilated_scores(q, k, v, levels, p, dilation, firsts=None):
+    """The dilated scorer's pyramids by its definition (docs/algorithm.md §2): for each (b, h) and position t, causal
+    softmax attention (scale 1/sqrt(d)) of t over the positions s <= t of its residue class (s = t mod dilation,
+    counted from the first token of t's document: ``firsts[b]``, the sorted document starts of row b, default [0]),
+    once with q as queries and k as keys, once with k as queries and q as keys, v the values; the L2 norm of each
+    output is the level-0 score, a coarser entry's the max over its span. Returns s_qk, s_kq (B, H, P) float64."""
+    b_, h_, n, d = q.shape
+    group = h_ // k.shape[1]
+    s_qk = torch.zeros(b_, h_, n, dtype=torch.float64)
+    s_kq = torch.zeros(b_, h_, n, dtype=torch.float64)
+    for b in range(b_):
+        starts = firsts[b] if firsts is not None else [0]
+        for h in range(h_):
+            g = h // group
+            for t in range(n):
+                first = max(f for f in starts if f <= t)
+                same = [s for s in range(first, t + 1) if (s - first) % dilation == (t - first) % dilation]
+                for out, query, keys in ((s_qk, q[b, h, t], k[b, g, same]), (s_kq, k[b, g, t], q[b, h, same])):
+                    weights = torch.softmax((keys.double() @ query.double()) / d**0.5, dim=0)
+                    out[b, h, t] = torch.linalg.vector_norm(weights @ v[b, g, same].double())
+
+    def pyramid(s0):
+        return torch.cat([s0] + [s0.view(b_, h_, n // p**lvl, p**lvl).amax(-1) for lvl in range(1, levels)], dim=-1)
+
+    return pyramid(s_qk), pyramid(s_kq)

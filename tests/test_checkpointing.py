@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 import lhcompile
 from lhcompile import LighthouseWarning
 
-from .models import GPT, VOCAB, hf_model, logits
+from .models import GPT, VOCAB, CheckpointedGPT, hf_model, logits
 from .steps import CFG, N, assert_same_training_step, captured
 
 
@@ -168,20 +168,6 @@ def test_a_causal_mask_shared_by_every_layer_is_evaluated_once(checkpointing, mo
     logits(model, torch.randint(0, VOCAB, (2, N)))
     assert len(lhcompile.inspect(model).rewritten) == 2
     assert len(evaluated) == 1
-
-
-class CheckpointedGPT(GPT):
-    """nanoGPT style: torch.utils.checkpoint around the blocks ``checkpointed`` picks."""
-
-    def __init__(self, checkpointed=lambda i: True):
-        super().__init__()
-        self.checkpointed = checkpointed
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for i, block in enumerate(self.blocks):
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed(i) else block(x)
-        return self.head(self.ln_f(x))
 
 
 @pytest.mark.parametrize("which", ["every", "odd"])

@@ -159,11 +159,13 @@ def test_flex_attention_that_is_no_causal_document_mask_stays_dense_and_says_why
     assert site.rewritten and not site.documents and site.reason == "lighthouse"
 
 
+@pytest.mark.parametrize("config", [CFG, dataclasses.replace(CFG, scorer="dilated", dilation=4, rope="after_selection")],
+                         ids=["norm", "dilated, RoPE after selection"])
 @pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
-def test_hf_llama_with_packed_documents_gives_each_document_what_it_gets_alone(given):
+def test_hf_llama_with_packed_documents_gives_each_document_what_it_gets_alone(given, config):
     torch.manual_seed(0)
     model = hf_model("llama", attention="causal_sdpa", layers=2)
-    lhcompile.apply(model, CFG, compiler="eager")
+    lhcompile.apply(model, config, compiler="eager")
     rows = [[70, 3, 1, 40, 78]]
     ids = torch.randint(0, VOCAB, (1, N))
     cu = torch.tensor([0, *rows[0]]).cumsum(0).int()

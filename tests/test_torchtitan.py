@@ -22,7 +22,6 @@ pytest.importorskip("torchtitan", reason="torchtitan is an optional extra (pip i
 import lhcompile  # noqa: E402
 from lhcompile import LighthouseConfig, lighthouse_attention  # noqa: E402
 from tests.distributed import WORLD, close, spawn  # noqa: E402
-from tests.models import SdpaAt  # noqa: E402
 
 CFG = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_budget=4)  # dense_layers: the paper's (0, 1, -2, -1)
 N = 64

@@ -26,6 +26,7 @@ from torch.distributed.tensor.experimental._context_parallel import _attention a
 from ..config import LighthouseConfig
 from . import lighthouse
 from .attention import check_sdpa_inputs
+from .scorers import SCORERS
 from .rotary import Rotary
 
 
@@ -40,7 +41,14 @@ def chunk_problem(config: LighthouseConfig, local_len: int) -> str | None:
 
 
 def chunk_config(config: LighthouseConfig) -> LighthouseConfig:
-    """The per-chunk configuration: a rank's two chunks share the top-k budget."""
+    """The per-chunk configuration: a rank's two chunks share the top-k budget, and each chunk is scored on its own
+    (so only a scorer that reads one token at a time gives the single-device scores)."""
+    scorer = SCORERS[config.scorer]
+    if not scorer.context_parallel:
+        raise ValueError(
+            f"context parallelism scores each rank's chunks on their own, which changes what scorer="
+            f"{config.scorer!r} computes ({scorer.description.split(':')[0]} reads across the whole sequence); use "
+            "scorer='norm' under context parallelism, or train on one device")
     if config.topk % (2 * config.tile_budget):
         raise ValueError(
             f"context parallelism splits topk={config.topk} between a rank's two chunks: it must be a multiple of "

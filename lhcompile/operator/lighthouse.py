@@ -52,7 +52,8 @@ def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: i
     gathered, selections = [], []
     for i in range(chunks):
         qc, kc, vc = (_part(t, i, chunk_len, chunks) for t in (q, k, v))
-        s_qk, s_kq = SCORERS[config.scorer].pyramids(qc.detach(), kc.detach(), vc.detach(), levels, p, None)
+        own = None if rotary is None else _rotate_at(rotary, i * chunk_len, chunk_len)
+        s_qk, s_kq = SCORERS[config.scorer].pyramids(qc.detach(), kc.detach(), vc.detach(), config, None, own)
         index, inv = select(s_qk, s_kq, chunk_len, levels, p, config.topk, config.tile_budget)
         qg, kg, vg = (gather(t, index, inv, levels, p) for t in (qc, kc, vc))
         if rotary is not None:
@@ -64,6 +65,15 @@ def chunked_stages(q: Tensor, k: Tensor, v: Tensor, *, chunks: int, chunk_len: i
     s = config.gathered_len(chunk_len)
     return _joined([scatter(_part(o, i, s, chunks), index, inv, chunk_len, levels, p)
                     for i, (index, inv) in enumerate(selections)])
+
+
+def _rotate_at(rotary: Rotary, first: int, length: int):
+    """q and k of ``length`` rows from position ``first`` rotated at their own positions (for a scorer)."""
+
+    def rotate(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return rotary.rotate(torch.arange(first, first + length, device=q.device).view(1, 1, length), q, k)
+
+    return rotate
 
 
 def lighthouse_stages(q: Tensor, k: Tensor, v: Tensor, *, n: int, scale: float | None, config: LighthouseConfig,

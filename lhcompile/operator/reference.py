@@ -214,16 +214,18 @@ def lighthouse_reference(
     tile_budget: int,
     scale: float | None = None,
     rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    scores: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The whole operator on a length that needs no padding, composed of the stages above with autograd.
 
     With ``rotate(x, positions)`` (the model's RoPE of rows x (B, H, M, d) at token positions (M,)), q and k come
     unrotated and RoPE is applied after selection: every pyramid entry is rotated at the last position it covers,
-    (j+1)·p^l − 1, before the rows are taken.
+    (j+1)·p^l − 1, before the rows are taken. ``scores(q, k, v)`` gives another
+    scorer's pyramids from the tensors as the operator receives them (default: the norm, ``score``).
     """
     n = q.shape[2]
     with torch.no_grad():
-        s_qk, s_kq = score(q, k, levels, p)
+        s_qk, s_kq = score(q, k, levels, p) if scores is None else scores(q.detach(), k.detach(), v.detach())
         index = cascade(s_qk, s_kq, n, levels, p, topk, tile_budget)
 
     def pyramid(t: torch.Tensor, rotated: bool) -> tuple[torch.Tensor, torch.Tensor]:

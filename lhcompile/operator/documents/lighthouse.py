@@ -59,8 +59,12 @@ def _every_document(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, *, batch: i
     levels, p = config.levels, config.pooling_factor
     layout = Layout.of(starts, batch, length, config)
     qr, kr, vr = (layout.relay(t) for t in (q, k, v))
-    s_qk, s_kq = SCORERS[config.scorer].pyramids(qr.detach(), kr.detach(), vr.detach(), levels, p,
-                                                 layout.relaid_starts)
+    own = None
+    if rotary is not None:
+        def own(qs: Tensor, ks: Tensor) -> tuple[Tensor, Tensor]:  # a relaid row at its packed token
+            return rotary.by_token(batch, length).rotate(layout.last_token.view(1, 1, -1), qs, ks)
+    s_qk, s_kq = SCORERS[config.scorer].pyramids(qr.detach(), kr.detach(), vr.detach(), config,
+                                                 layout.relaid_starts, own)
     index, inv = stages.select_documents(s_qk, s_kq, layout.docs, layout.gathered_len, layout.relaid_len, levels, p,
                                          config.topk, config.tile_budget)
     qg, kg, vg = (stages.gather(t, index, inv, levels, p) for t in (qr, kr, vr))
