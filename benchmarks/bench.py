@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -73,15 +74,18 @@ class Row:
     stages: list[Stage] = field(default_factory=list)
     lh_rope_fwdbwd: float | None = None
     """Forward + backward with RoPE after selection (unrotated q, k and a rotate_half table), when asked for."""
+    scorer: str = "norm"
 
 
 def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: float, flops: float) -> list[Stage]:
     """Each stage of one forward and backward timed on its own, with its floor."""
     from lhcompile.operator import kernels
+    from lhcompile.operator.scorers import SCORERS
 
     levels, p, n = config.levels, config.pooling_factor, q.shape[2]
     row_bytes = q.shape[0] * q.shape[1] * q.shape[3] * q.element_size()  # one position, all heads
-    s_qk, s_kq = kernels.score(q, k, levels, p)
+    scorer = SCORERS[config.scorer]
+    s_qk, s_kq = scorer.pyramids(q, k, v, config, None, None)
     geometry = config.geometry(n)
     index, inv = kernels.select(s_qk, s_kq, geometry)
     s = index.shape[2]
@@ -100,7 +104,10 @@ def stage_breakdown(q, k, v, config: LighthouseConfig, reps: int, bandwidth: flo
             F.scaled_dot_product_attention(*gathered, is_causal=True)
 
     plan = [
-        ("score q,k", lambda: kernels.score(q, k, levels, p), 2 * n * row_bytes / bandwidth),
+        # the norm reads q and k once; the dilated scorer runs two causal attentions of N / dilation per class
+        (f"score ({config.scorer})", lambda: scorer.pyramids(q, k, v, config, None, None),
+         2 * n * row_bytes / bandwidth if config.scorer == "norm" else 2 * attn_flops * n * n / (s * s * config.dilation)
+         / flops),
         ("select", lambda: kernels.select(s_qk, s_kq, geometry), 0.0),
         ("gather q,k,v", lambda: [kernels.gather(t, index, inv, levels, p) for t in (q, k, v)],
          3 * (n + s) * row_bytes / bandwidth),
@@ -135,7 +142,7 @@ def bench(n: int, config: LighthouseConfig, *, reps: int, dense_reps: int, bandw
     def fwdbwd(fn, r):
         return median_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad), r)
 
-    row = Row(n, config.topk, None, None, fwd(light, reps), fwdbwd(light, reps))
+    row = Row(n, config.topk, None, None, fwd(light, reps), fwdbwd(light, reps), scorer=config.scorer)
     if rope:
         angles = torch.arange(n, device="cuda").float().unsqueeze(-1) / 10000.0 ** (
             torch.arange(dim // 2, device="cuda") / (dim // 2))
@@ -324,9 +331,9 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     dense = sorted({(r.n, r.dense_fwdbwd) for r in rows if r.dense_fwdbwd is not None})
     if dense:
         ax.plot(*zip(*dense), "o-", color="black", label="dense SDPA")
-    for topk in sorted({r.topk for r in rows}):
-        pts = [(r.n, r.lh_fwdbwd) for r in rows if r.topk == topk]
-        ax.plot(*zip(*pts), "o-", label=f"Lighthouse k={topk}")
+    for scorer, topk in sorted({(r.scorer, r.topk) for r in rows}):
+        pts = [(r.n, r.lh_fwdbwd) for r in rows if (r.scorer, r.topk) == (scorer, topk)]
+        ax.plot(*zip(*pts), "o-", label=f"Lighthouse k={topk}, {scorer} scorer")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context length N (tokens)")
@@ -363,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                     default=PLANNER.cudnn_min_length,
                     help="documents at least this long run on cuDNN in lhcompile.document_attention, the others on "
                          "flash varlen ('none': flash for all)")
+    ap.add_argument("--scorers", nargs="+", default=["norm"], help="scorers to time (LighthouseConfig.scorer)")
+    ap.add_argument("--dilation", type=int, default=4, help="the dilated scorer's dilation")
     ap.add_argument("--json", default="bench.json", help="where to write the numbers")
     ap.add_argument("--plot", default="bench.png", help="where to write the latency plot")
     args = ap.parse_args(argv)
@@ -385,9 +394,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     dense_cache: dict[int, tuple[float | None, float | None]] = {}
-    for topk in args.topk:
-        config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk)
-        print(f"\nk={topk} (Lighthouse below N={config.min_lighthouse_len} is dense SDPA)")
+    for scorer, topk in itertools.product(args.scorers, args.topk):
+        config = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk, scorer=scorer,
+                                  dilation=args.dilation)
+        print(f"\nk={topk}, {scorer} scorer (Lighthouse below N={config.min_lighthouse_len} is dense SDPA)")
         print(f"{'N':>8} {'dense fwd':>10} {'LH fwd':>8} {'fwd x':>7} {'dense f+b':>10} {'LH f+b':>8} {'f+b x':>7}")
         for n in args.seq:
             dense_reps = args.dense_reps if n <= args.dense_max_seq and n not in dense_cache else 0

@@ -1,5 +1,5 @@
-"""For the GPU time I have, which recipe gives the better model? Two-stage (Lighthouse → dense) against dense
-from scratch across training horizons, past the phase transition.
+"""Which recipe gives the better model for the same GPU time? Two-stage (Lighthouse → dense) against dense from
+scratch across training horizons, past the phase transition.
 
     python examples/quality_study.py                      # on a GPU machine: every run of the plan, then the report
     python examples/quality_study.py --report-only        # the report on the runs already in --out
@@ -16,8 +16,9 @@ and its batches built by DataLoader workers.
 The report (study.json, frontier.png in --out): held-out loss against training wall clock and against tokens
 for every run of both recipes; per horizon, dense against two-stage (seeds, wall clock); where each run has its
 sharp drop (the phase transition); the copy loss by distance (in-context retrieval); tokens/s of two stretches
-rerun alone at the end against the same steps trained while every GPU was busy; and the verdict on the criteria
-of BENCHMARKS.md (CRITERIA below).
+rerun alone at the end against the same steps trained while every GPU was busy; passkey retrieval (examples/
+passkey.py, run at the end of every run) of both recipes at the longest horizon, with their heatmaps; and the
+verdict on the criteria (CRITERIA below).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ CRITERIA = {
     "wall_clock": "there, the two-stage recipe takes >= 1.6x less training wall clock than dense",
     "frontier": "at every two-stage run's training wall clock, its final loss <= dense's loss at the same wall "
                 "clock (seed mean) + 1%",
+    "retrieval": "at the longest horizon, two-stage passkey retrieval (mean of seeds) >= dense's - 0.03, and no "
+                 "(context, depth) cell more than 0.2 below dense's",
 }
 DROP_WINDOW = 300
 """Steps over which the phase transition's drop is measured: the steepest fall of held-out loss over this many."""
@@ -265,7 +268,8 @@ def report(plan: Plan, out: Path) -> dict:
                      "two_stage": run["final_heldout_loss"], "dense_same_steps": d_step,
                      "dense_same_wall_clock": float(np.mean(d_time)) if d_time else None,
                      "two_stage_train_s": run["train_s"], "dense_train_s": d_run_s,
-                     "past_drop": past_drop(run["heldout"]), "drop": run["drop"], "copy": run["final_copy"]})
+                     "past_drop": past_drop(run["heldout"]), "drop": run["drop"], "copy": run["final_copy"],
+                     "passkey": run.get("passkey")})
 
     print(f"\nheld-out loss (dense attention) by horizon; dense from scratch read off the dense runs at the same step "
           f"(a constant learning rate after {next(iter(dense.values()))['warmup']} warm-up steps at every horizon)")
@@ -299,8 +303,9 @@ def report(plan: Plan, out: Path) -> dict:
     for key, rule in CRITERIA.items():
         v = verdict[key]
         numbers = ", ".join(f"{k} {x:.4g}" if isinstance(x, float) else f"{k} {x}" for k, x in v.items()
-                            if k != "status")
+                            if k not in ("status", "cells"))
         print(f"  {v['status'].upper():<13} {rule} ({numbers})")
+    # the heatmaps' cells stay in study.json, out of the printed verdict
     summary = {"criteria": CRITERIA, "verdict": verdict, "plan": plan.__dict__, "rows": rows, "parallel": parallel,
                "runs": {n: {k: r[k] for k in ("run", "seed", "steps", "switch_step", "lighthouse_steps", "final_step",
                                               "final_heldout_loss", "final_buckets", "final_copy", "train_s",
@@ -308,7 +313,12 @@ def report(plan: Plan, out: Path) -> dict:
                         for n, r in runs.items()}}
     (out / "study.json").write_text(json.dumps(summary, indent=1))
     plot(runs, out / "frontier.png")
-    print(f"wrote {out / 'study.json'} and {out / 'frontier.png'}")
+    if verdict["retrieval"]["status"] != "not reached":
+        from passkey import heatmap
+
+        for arm, result in verdict["retrieval"]["cells"].items():
+            heatmap(result, out / f"passkey_{arm}.png", title=f"{arm}, step {plan.longest}, seed mean: ")
+    print(f"wrote {out / 'study.json'}, {out / 'frontier.png'} and the passkey heatmaps")
     return summary
 
 
@@ -336,6 +346,7 @@ def judge(plan: Plan, rows: list[dict], dense: dict[int, dict]) -> dict:
                                  "seeds": len(at), "status": "pass" if gap <= 0.01 else "fail"}
         speed = float(np.mean([r["dense_train_s"] / r["two_stage_train_s"] for r in at]))
         verdict["wall_clock"] = {"horizon": chosen, "speedup": speed, "status": "pass" if speed >= 1.6 else "fail"}
+    verdict["retrieval"] = retrieval_verdict(plan, rows, dense)
     compared = [r for r in rows if r["dense_same_wall_clock"] is not None]
     worst = max(compared, key=lambda r: r["two_stage"] / r["dense_same_wall_clock"], default=None)
     if worst is None:
@@ -345,6 +356,30 @@ def judge(plan: Plan, rows: list[dict], dense: dict[int, dict]) -> dict:
         verdict["frontier"] = {"worst_run": worst["run"], "gap_at_equal_wall_clock": ratio, "runs": len(compared),
                                "status": "pass" if ratio <= 0.01 else "fail"}
     return verdict
+
+
+def seed_mean_passkey(results: list[dict]) -> dict | None:
+    """Passkey results (examples/passkey.py, the same prompts in every run) averaged cell by cell."""
+    if not results:
+        return None
+    cells = {key: float(np.mean([r["accuracy"][key] for r in results])) for key in results[0]["accuracy"]}
+    return {**results[0], "accuracy": cells, "mean": float(np.mean(list(cells.values()))), "seeds": len(results)}
+
+
+def retrieval_verdict(plan: Plan, rows: list[dict], dense: dict[int, dict]) -> dict:
+    """Passkey retrieval at the longest horizon: two-stage (plan.share) against dense, seed means."""
+    two = seed_mean_passkey([r["passkey"] for r in rows if r["horizon"] == plan.longest and r.get("passkey")
+                             and r["switch"] == round(plan.share * plan.longest)])
+    den = seed_mean_passkey([d["passkey"] for d in dense.values() if d.get("passkey")
+                             and d.get("final_step") == plan.longest])
+    if two is None or den is None:
+        return {"status": "not reached"}
+    worst = min(two["accuracy"], key=lambda key: two["accuracy"][key] - den["accuracy"][key])
+    below = den["accuracy"][worst] - two["accuracy"][worst]
+    ok = two["mean"] >= den["mean"] - 0.03 and below <= 0.2
+    return {"two_stage": two["mean"], "dense": den["mean"], "worst_cell": worst, "worst_cell_below_dense": below,
+            "seeds": min(two["seeds"], den["seeds"]), "chance": two["chance"], "status": "pass" if ok else "fail",
+            "cells": {"two_stage": two, "dense": den}}
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:
@@ -472,7 +507,8 @@ def ab_plot(runs: dict[str, dict], rows: dict[str, dict], arms: list[str], ab: s
 
 SMOKE = Plan(horizons=[8, 16], share=0.5, extra_shares=[0.75], seeds=[0],
              train_args=["--size", "tiny", "--seq-len", "256", "--batch", "2", "--eval-every", "4",
-                         "--eval-batches", "1", "--warmup", "2", "--workers", "0"], alone_steps=4)
+                         "--eval-batches", "1", "--warmup", "2", "--workers", "0", "--passkey-trials", "2"],
+             alone_steps=4)
 
 
 def main(argv: list[str] | None = None) -> dict:

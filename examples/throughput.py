@@ -14,6 +14,7 @@ each document against Lighthouse per document. Prints tokens/s and peak memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from corpus import Batches, PackedBatches, python_corpus  # noqa: E402
 
 
 def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float, str]:
+    """Training tokens/s of the dense model ("dense") or of the Lighthouse one with scorer ``mode``."""
     torch.manual_seed(0)
     size = train.SIZES[args.size]
     model = LlamaForCausalLM(train.model_config(size, seq_len, args.attention)).to(device="cuda", dtype=torch.bfloat16)
@@ -38,7 +40,7 @@ def tokens_per_second(mode: str, seq_len: int, args, data) -> tuple[float, float
     if mode == "dense":
         model.compile()
     else:
-        lhcompile.apply(model, size.lighthouse)
+        lhcompile.apply(model, dataclasses.replace(size.lighthouse, scorer=mode))
     if args.packed:
         batches = (tuple(t.cuda() for t in batch) for batch in PackedBatches(data.train, data.documents, 1,
                                                                                seq_len + 1, seed=0))
@@ -88,6 +90,7 @@ def main() -> None:
                     help="Hugging Face attention of both models (default: causal_sdpa)")
     ap.add_argument("--packed", action="store_true",
                     help="packed documents (a directory's files each), kept apart by both models")
+    ap.add_argument("--scorers", nargs="+", default=["norm"], help="Lighthouse scorers to time (default: norm)")
     ap.add_argument("--size", choices=list(train.SIZES), default="paper",
                     help="model dims and Lighthouse setting, examples/train.py's presets (default: paper)")
     args = ap.parse_args()
@@ -109,9 +112,10 @@ def main() -> None:
     print(f"{'N':>7} {'dense tok/s':>12} {'peak GiB':>9} {'Lighthouse tok/s':>17} {'peak GiB':>9} {'speed-up':>9}")
     for n in args.seq_len:
         dense, dense_mem, _ = measure("dense", n, args, data)
-        light, light_mem, sites = measure("lighthouse", n, args, data)
-        print(f"{n:>7} {dense:>12.0f} {dense_mem:>9.1f} {light:>17.0f} {light_mem:>9.1f} {light / dense:>8.2f}x  ({sites})",
-              flush=True)
+        for scorer in args.scorers:
+            light, light_mem, sites = measure(scorer, n, args, data)
+            print(f"{n:>7} {dense:>12.0f} {dense_mem:>9.1f} {light:>17.0f} {light_mem:>9.1f} {light / dense:>8.2f}x  "
+                  f"({scorer} scorer; {sites})", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lhcompile
 import lhcompile.integrations.hf  # noqa: F401  (registers attn_implementation="causal_sdpa")
 from corpus import VOCAB, Batches, copies, python_corpus
+from passkey import contexts_for, heatmap, retrieval
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--save-at", default="", help="comma-separated steps at which to save a resumable state")
     ap.add_argument("--resume", help="a state folder (state_<step>) to continue from, bit for bit")
     ap.add_argument("--dense", action="store_true", help="baseline: dense SDPA for all steps (no lhcompile.apply)")
+    ap.add_argument("--with-dense", action="store_true",
+                    help="then the dense baseline too (same seed, same batches, in --out/dense), both in loss.png")
     ap.add_argument("--rope", choices=["before_pooling", "after_selection"], default="before_pooling",
                     help="where Lighthouse rotates q and k: the paper's order, or after selection (default: "
                          "before_pooling; see LighthouseConfig.rope)")
@@ -189,6 +193,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads of the training process (default: 4 on a GPU, torch's own on CPU)")
     ap.add_argument("--seed", type=int, default=0, help="weights and batch order (default: 0)")
+    ap.add_argument("--passkey-trials", type=int, default=10,
+                    help="passkey prompts per (context, depth) at the end of the run, dense attention (0: none)")
     ap.add_argument("--out", default="runs/train", help="folder for summary.json, loss.png, states (default: runs/train)")
     ap.add_argument("--save", action=argparse.BooleanOptionalAction, default=False,
                     help="write the final weights as a Hugging Face checkpoint (default: no)")
@@ -376,8 +382,18 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{k} {v['loss']:.3f}" for k, v in final["copy"].items() if v["loss"] is not None)
           + f"; training {run.timers['train_s']:.0f} s + compile {run.timers['compile_s']:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
+    if args.passkey_trials:  # the paper's retrieval test (examples/passkey.py), on the same prompts for every run
+        start = time.perf_counter()
+        summary["passkey"] = retrieval(run.model, contexts_for(args.seq_len), trials=args.passkey_trials)
+        heatmap(summary["passkey"], out / "passkey.png", title=f"{name}, step {run.step}: ")
+        print(f"{name}: passkey retrieval {summary['passkey']['mean']:.3f} over {summary['passkey']['prompts']} prompts "
+              f"(chance 0.1), {time.perf_counter() - start:.0f} s")
     plot_losses({name: summary}, out / "loss.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.with_dense and not args.dense:
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--with-dense"]
+        baseline = main([*given, "--dense", "--out", str(out / "dense")])
+        plot_losses({name: summary, "dense": baseline}, out / "loss.png")
     if args.save:
         run.model.save_pretrained(out / "checkpoint")
     print(f"wrote {out / 'loss.png'}, {out / 'summary.json'} and the resumable state {out / f'state_{run.step}'}"

@@ -5,6 +5,7 @@ from .config import LighthouseConfig
 from .operator.attention import lighthouse_attention
 from .operator.documents import Documents, document_attention
 from .report import LighthouseWarning, Report, SiteReport
+from .selections import Selections, selections
 from .operator.rotary import Rotary
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "LighthouseWarning",
     "Report",
     "Rotary",
+    "Selections",
     "SiteReport",
     "apply",
     "backend",
@@ -20,6 +22,7 @@ __all__ = [
     "inspect",
     "lighthouse_attention",
     "restore",
+    "selections",
 ]
 
 

@@ -199,6 +199,12 @@ def test_quality_study_smoke_runs_the_plan_and_judges_every_criterion(tmp_path):
     assert all(v["steps"] == [4, 8] and v["alone_tokens_per_s"] > 0 for v in summary["parallel"].values())
     alone = json.loads((tmp_path / "alone" / "dense" / "summary.json").read_text())
     assert alone["final_heldout_loss"] == summary["runs"]["two_stage_s0_h8_sw4"]["final_heldout_loss"]
+    # every run ends with the passkey test on the same prompts; the study compares the two recipes' at 16 steps
+    passkey = json.loads((tmp_path / "dense_s0" / "summary.json").read_text())["passkey"]
+    assert passkey["prompts"] == 2 * 7 * 2 and passkey["contexts"] == [128, 256]
+    retrieval = summary["verdict"]["retrieval"]
+    assert retrieval["status"] in ("pass", "fail") and retrieval["dense"] == passkey["mean"]
+    assert (tmp_path / "passkey_dense.png").stat().st_size > 0 and (tmp_path / "passkey_two_stage.png").exists()
     again = study.main(["--smoke", "--out", str(tmp_path)])  # every run done: nothing runs again
     assert again["rows"] == summary["rows"]
 
@@ -258,3 +264,53 @@ def test_the_drop_is_the_steepest_late_fall_and_the_criteria_are_judged_past_it(
     assert study.judge(plan, rows, dense)["final_loss"]["status"] == "fail"
     rows[2]["past_drop"] = False  # then 3000 is not judged; at 2000 dense is mid-drop: nothing is
     assert study.judge(plan, rows, dense)["final_loss"]["status"] == "not reached"
+
+
+class _Reader(torch.nn.Module):
+    """A byte model that answers the passkey by reading it (the digit after the first "key is "), or always
+    ``digit``."""
+
+    def __init__(self, digit: int | None = None) -> None:
+        super().__init__()
+        self.digit, self.weight = digit, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, logits_to_keep=0):
+        logits = torch.zeros(input_ids.shape[0], 1, 259)
+        for row, ids in enumerate(input_ids.tolist()):
+            text = bytes(ids).decode()
+            digit = self.digit if self.digit is not None else int(text[text.index("key is ") + 7])
+            logits[row, 0, ord(str(digit))] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_passkey_prompts_are_fixed_by_the_seed_and_retrieval_counts_the_digit_at_the_last_position():
+    passkey = _example("passkey")
+    tokens, digits, needles = passkey.prompts(512, 30, 6, seed=0)
+    again, _, _ = passkey.prompts(512, 30, 6, seed=0)
+    assert tokens.shape == (6, 512) and torch.equal(tokens, again)
+    assert all(tokens[i, needles[i]] == ord(str(int(digits[i]))) for i in range(6))
+    assert bytes(tokens[0, -len(passkey.TAIL):].tolist()) == passkey.TAIL
+    deep, _, deep_needles = passkey.prompts(512, 100, 1, seed=0)
+    assert needles[0] < 0.4 * 512 and deep_needles[0] > 0.8 * 512  # the depth is where the needle lies
+    result = passkey.retrieval(_Reader(), [128, 256], trials=5, batch=2)
+    assert result["mean"] == 1.0 and result["prompts"] == 2 * 7 * 5 and result["chance"] == 0.1
+    guess = passkey.retrieval(_Reader(digit=3), [128, 256], trials=5)
+    threes = [int((passkey.prompts(c, d, 5, 0)[1] == 3).sum()) / 5 for c in (128, 256) for d in passkey.DEPTHS]
+    assert guess["mean"] == pytest.approx(sum(threes) / len(threes))
+
+
+def test_the_retrieval_criterion_compares_seed_means_and_the_worst_cell():
+    study = _example("quality_study")
+    plan = study.Plan(horizons=[100], share=0.7, extra_shares=[], seeds=[0, 1])
+
+    def result(cells):
+        return {"accuracy": dict(zip(["4096,0", "4096,50"], cells)), "chance": 0.1, "mean": sum(cells) / 2}
+
+    dense = {s: {"final_step": 100, "passkey": result([0.8, 0.6])} for s in (0, 1)}
+    rows = [{"horizon": 100, "switch": 70, "passkey": result(cells)} for cells in ([0.8, 0.6], [0.8, 0.5])]
+    verdict = study.retrieval_verdict(plan, rows, dense)
+    assert verdict["status"] == "pass" and verdict["two_stage"] == pytest.approx(0.675)
+    assert verdict["worst_cell"] == "4096,50" and verdict["worst_cell_below_dense"] == pytest.approx(0.05)
+    rows[1]["passkey"] = result([0.8, 0.1])  # mean 0.575 against 0.7: below dense - 0.03
+    assert study.retrieval_verdict(plan, rows, dense)["status"] == "fail"
+    assert study.retrieval_verdict(plan, rows, {})["status"] == "not reached"

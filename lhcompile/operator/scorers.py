@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
