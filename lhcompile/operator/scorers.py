@@ -11,15 +11,16 @@ Scores carry no gradient: callers pass detached tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import stages
 
-if TYPE_CHECKING:
-    from ..config import LighthouseConfig
+LighthouseConfig = Any
+"""A ``lhcompile.LighthouseConfig``: not imported here, since the configuration checks its scorer against this
+registry."""
 
 Rotate = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
 """(q, k) -> q and k rotated at their own positions (RoPE after selection hands the scorer unrotated q and k)."""
