@@ -53,10 +53,16 @@ SETTLED = 0.1
 AB = {
     "rope": {"before_pooling": ["--rope", "before_pooling"], "after_selection": ["--rope", "after_selection"]},
     "dense-layers": {"recipe": [], "every_layer": ["--dense-layers", "none"]},
+    "scorer": {"norm": ["--scorer", "norm"], "dilated": ["--scorer", "dilated"], "dense": ["--dense"]},
 }
 """The A/Bs of one option of train.py, each a pair of arms (name: train.py arguments), the first the reference:
-where Lighthouse rotates q and k (LighthouseConfig.rope), and the size's dense layers in the Lighthouse stage
-against none."""
+where Lighthouse rotates q and k (LighthouseConfig.rope), the size's dense layers in the Lighthouse stage against
+none, and the two scorers against dense from scratch (the retrieval study: SCORER_CRITERIA)."""
+SCORER_CRITERIA = {
+    "retrieval": "the better two-stage arm's passkey retrieval (mean of seeds) >= dense's - 0.03, and no (context, "
+                 "depth) cell of its seed-mean heatmap more than 0.2 below dense's",
+    "dilated_speed": "the dilated arm's Lighthouse-stage tokens/s >= 0.75x the norm arm's",
+}
 
 
 @dataclass
@@ -429,19 +435,24 @@ def ab_report(plan: Plan, out: Path, ab: str) -> dict:
     rows = {}
     for name, run in runs.items():
         warm = next(p["step"] for p in run["heldout"] if p["step"] >= run["warmup"])
+        # Lighthouse-stage tokens/s from the end of warm-up to the switch; a dense arm's over the same steps
+        last = run["switch_step"] if run["run"] != "dense" else run["lighthouse_steps"] or run["final_step"]
         rows[name] = {"arm": name.rsplit("_s", 1)[0], "seed": run["seed"], "final": run["final_heldout_loss"],
                       "copy": {b: c["loss"] if c["loss"] is not None else float("nan")
                                for b, c in run["final_copy"].items()},
-                      "lighthouse_sites": run["lighthouse_sites"],
-                      "lighthouse_tokens_per_s": tokens_per_second(run, warm, run["switch_step"]),
+                      "lighthouse_sites": run.get("lighthouse_sites", 0),
+                      "lighthouse_tokens_per_s": tokens_per_second(run, warm, last if last > warm else
+                                                                   run["final_step"]),
+                      "passkey": run.get("passkey"),
                       "train_s": run["train_s"], "past_drop": past_drop(run["heldout"]), "drop": drop(run["heldout"])}
     buckets = list(next(iter(rows.values()))["copy"])
-    print(f"\n{ab} A/B: two-stage runs of {plan.longest} steps, switch at {round(plan.share * plan.longest)}")
+    print(f"\n{ab} A/B: runs of {plan.longest} steps, two-stage ones switching at {round(plan.share * plan.longest)}")
     print(f"{'run':<24} {'held-out':>8} " + " ".join(f"{'copy ' + b:>13}" for b in buckets)
-          + f" {'LH sites':>8} {'LH tok/s':>9} {'past drop':>9}")
+          + f" {'LH sites':>8} {'LH tok/s':>9} {'passkey':>7} {'past drop':>9}")
     for name, r in sorted(rows.items()):
+        key = f"{r['passkey']['mean']:.3f}" if r["passkey"] else "-"
         print(f"{name:<24} {r['final']:>8.4f} " + " ".join(f"{r['copy'][b]:>13.4f}" for b in buckets)
-              + f" {r['lighthouse_sites']:>8} {r['lighthouse_tokens_per_s'] or float('nan'):>9.0f}"
+              + f" {r['lighthouse_sites']:>8} {r['lighthouse_tokens_per_s'] or float('nan'):>9.0f} {key:>7}"
               f" {str(r['past_drop']):>9}")
     means = {}
     for arm in arms:
@@ -449,26 +460,72 @@ def ab_report(plan: Plan, out: Path, ab: str) -> dict:
         if mine:
             means[arm] = {"final": float(np.mean([r["final"] for r in mine])), "seeds": len(mine),
                           "copy": {b: float(np.mean([r["copy"][b] for r in mine])) for b in buckets},
-                          "lighthouse_tokens_per_s": float(np.mean([r["lighthouse_tokens_per_s"] for r in mine]))}
-    if len(means) == 2:
-        ref, other = (means[a] for a in arms)
-        paired = [rows[f"{arms[1]}_s{s}"]["final"] - rows[f"{arms[0]}_s{s}"]["final"] for s in plan.seeds
-                  if all(f"{a}_s{s}" in rows for a in arms)]
+                          "lighthouse_tokens_per_s": float(np.mean([r["lighthouse_tokens_per_s"] or np.nan
+                                                                    for r in mine])),
+                          "passkey": seed_mean_passkey([r["passkey"] for r in mine if r["passkey"]])}
+    reference = arms[0]
+    for other in arms[1:]:
+        if reference not in means or other not in means:
+            continue
+        ref, mine = means[reference], means[other]
+        paired = [rows[f"{other}_s{s}"]["final"] - rows[f"{reference}_s{s}"]["final"] for s in plan.seeds
+                  if f"{other}_s{s}" in rows and f"{reference}_s{s}" in rows]
         spread = float(np.mean([abs(rows[f"{a}_s{plan.seeds[0]}"]["final"] - rows[f"{a}_s{s}"]["final"])
-                                for a in arms for s in plan.seeds[1:] if f"{a}_s{s}" in rows] or [float("nan")]))
-        gap = other["final"] / ref["final"] - 1
-        print(f"\nmeans over seeds: {arms[1]} {other['final']:.4f} vs {arms[0]} {ref['final']:.4f} ({gap:+.2%}); "
+                                for a in (reference, other) for s in plan.seeds[1:] if f"{a}_s{s}" in rows
+                                and f"{a}_s{plan.seeds[0]}" in rows] or [float("nan")]))
+        gap = mine["final"] / ref["final"] - 1
+        print(f"\nmeans over seeds: {other} {mine['final']:.4f} vs {reference} {ref['final']:.4f} ({gap:+.2%}); "
               f"paired differences {', '.join(f'{d:+.4f}' for d in paired)}; seeds of one arm differ by "
               f"{spread:.4f} on average; Lighthouse tokens/s "
-              f"{other['lighthouse_tokens_per_s'] / ref['lighthouse_tokens_per_s']:.1%} of {arms[0]}'s")
-        means["gap"], means["paired_differences"], means["seed_spread"] = gap, paired, spread
-    result = {"ab": ab, "arms": AB[ab], "plan": plan.__dict__, "rows": rows, "means": means,
+              f"{mine['lighthouse_tokens_per_s'] / ref['lighthouse_tokens_per_s']:.1%} of {reference}'s")
+        mine.update(gap=gap, paired_differences=paired, seed_spread=spread)
+        if len(arms) == 2:  # one comparison: at the top of the result too
+            means["gap"], means["paired_differences"], means["seed_spread"] = gap, paired, spread
+    verdict = scorer_verdict(means) if ab == "scorer" else None
+    if verdict:
+        print("\ncriteria:")
+        for key, rule in SCORER_CRITERIA.items():
+            v = verdict[key]
+            print(f"  {v['status'].upper():<13} {rule} ("
+                  + ", ".join(f"{k} {x:.4g}" if isinstance(x, float) else f"{k} {x}" for k, x in v.items()
+                              if k != "status") + ")")
+        for arm, m in means.items():
+            if isinstance(m, dict) and m.get("passkey"):
+                from passkey import heatmap
+
+                heatmap(m["passkey"], out / f"passkey_{arm}.png", title=f"{arm}, seed mean: ")
+    result = {"ab": ab, "arms": AB[ab], "plan": plan.__dict__, "rows": rows, "means": means, "verdict": verdict,
               "curves": {n: [(p["step"], p["loss"]) for p in r["heldout"]] for n, r in runs.items()}}
     stem = f"ab_{ab.replace('-', '_')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     ab_plot(runs, rows, arms, ab, out / f"{stem}.png")
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
     return result
+
+
+def scorer_verdict(means: dict) -> dict:
+    """SCORER_CRITERIA on the scorer A/B's seed means: the better two-stage arm's passkey against dense's, and the
+    dilated arm's Lighthouse-stage tokens/s against the norm arm's."""
+    verdict = {}
+    dense = means.get("dense", {}).get("passkey")
+    arms = [a for a in ("norm", "dilated") if means.get(a, {}).get("passkey")]
+    if dense and arms:
+        best = max(arms, key=lambda a: means[a]["passkey"]["mean"])
+        mine = means[best]["passkey"]["accuracy"]
+        worst = min(mine, key=lambda key: mine[key] - dense["accuracy"][key])
+        below = dense["accuracy"][worst] - mine[worst]
+        ok = means[best]["passkey"]["mean"] >= dense["mean"] - 0.03 and below <= 0.2
+        verdict["retrieval"] = {"arm": best, "two_stage": means[best]["passkey"]["mean"], "dense": dense["mean"],
+                                "worst_cell": worst, "worst_cell_below_dense": below,
+                                "status": "pass" if ok else "fail"}
+    else:
+        verdict["retrieval"] = {"status": "not reached"}
+    if "norm" in means and "dilated" in means:
+        ratio = means["dilated"]["lighthouse_tokens_per_s"] / means["norm"]["lighthouse_tokens_per_s"]
+        verdict["dilated_speed"] = {"ratio": ratio, "status": "pass" if ratio >= 0.75 else "fail"}
+    else:
+        verdict["dilated_speed"] = {"status": "not reached"}
+    return verdict
 
 
 def ab_plot(runs: dict[str, dict], rows: dict[str, dict], arms: list[str], ab: str, path: Path) -> None:
@@ -479,7 +536,7 @@ def ab_plot(runs: dict[str, dict], rows: dict[str, dict], arms: list[str], ab: s
     import matplotlib.pyplot as plt
 
     fig, (whole, tail) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = dict(zip(arms, ("tab:blue", "tab:orange")))
+    colors = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     labelled = set()
     for name, run in sorted(runs.items()):
         arm = rows[name]["arm"]
@@ -499,7 +556,7 @@ def ab_plot(runs: dict[str, dict], rows: dict[str, dict], arms: list[str], ab: s
     tail.set_ylim(min(finals) * 0.95, max(finals) * 1.5)
     tail.set_title("after the recovery spike", fontsize=9)
     whole.legend()
-    fig.suptitle(f"two-stage runs, {ab}: {arms[0]} against {arms[1]}; one line per seed")
+    fig.suptitle(f"{ab}: {' against '.join(arms)}; one line per seed")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

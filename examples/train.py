@@ -175,6 +175,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rope", choices=["before_pooling", "after_selection"], default="before_pooling",
                     help="where Lighthouse rotates q and k: the paper's order, or after selection (default: "
                          "before_pooling; see LighthouseConfig.rope)")
+    ap.add_argument("--scorer", choices=["norm", "dilated"], default=None,
+                    help="Lighthouse scorer (default: the size's, norm); dilated with the paper's dilation of 4")
     ap.add_argument("--dense-layers", type=_layers, default=None,
                     help="layers kept dense in the Lighthouse stage, comma-separated, 'none' for every layer "
                          "Lighthouse (default: the size's, e.g. 0,-1)")
@@ -293,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name}: {params / 1e6:.1f}M parameters, steps {run.step}..{args.stop_at} of {args.steps} x {args.batch} x "
           f"{args.seq_len} bytes" + ("" if args.dense else f", switch to dense at step {args.switch_at}"))
     out = Path(args.out)
-    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "rope": args.rope, "parameters": params,
+    summary: dict = {"run": name, "size": args.size, "seed": args.seed, "rope": args.rope,
+                     "scorer": None if args.dense else (args.scorer or size.lighthouse.scorer), "parameters": params,
                      "steps": args.steps, "tokens_per_step": args.batch * args.seq_len, "switch_step": args.switch_at,
                      "warmup": args.warmup, "corpus": corpus.describe(), "resumed_from": args.resume}
 
@@ -302,8 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
         lighthouse = not run.switched and run.step < args.switch_at
         if lighthouse:
             dense_layers = size.lighthouse.dense_layers if args.dense_layers is None else args.dense_layers
-            lhcompile.apply(run.model, dataclasses.replace(size.lighthouse, rope=args.rope, dense_layers=dense_layers),
-                            compiler=args.compiler)
+            stage = dataclasses.replace(size.lighthouse, rope=args.rope, dense_layers=dense_layers,
+                                        scorer=args.scorer or size.lighthouse.scorer)
+            lhcompile.apply(run.model, stage, compiler=args.compiler)
         elif args.compiler != "eager":
             run.model.compile(backend=args.compiler)
         start = time.perf_counter()

@@ -224,6 +224,21 @@ def test_an_ab_of_dense_layers_trains_each_arm_as_named_and_compares_them_seed_b
     assert [(r["final"], r["train_s"]) for r in again.values()] == [(r["final"], r["train_s"]) for r in rows.values()]
 
 
+def test_the_scorer_study_trains_each_scorer_and_dense_and_judges_retrieval_and_speed(tmp_path):
+    study = _example("quality_study")
+    result = study.main(["--smoke", "--ab", "scorer", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert sorted(rows) == ["dense_s0", "dilated_s0", "norm_s0"]
+    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in rows}
+    assert [summaries[n]["scorer"] for n in ("norm_s0", "dilated_s0", "dense_s0")] == ["norm", "dilated", None]
+    assert rows["dense_s0"]["lighthouse_sites"] == 0 and rows["dilated_s0"]["lighthouse_sites"] == 2
+    assert rows["norm_s0"]["final"] != rows["dilated_s0"]["final"]  # the scorers select otherwise
+    assert set(result["verdict"]) == set(study.SCORER_CRITERIA)
+    assert all(v["status"] in ("pass", "fail") for v in result["verdict"].values()), result["verdict"]
+    assert result["verdict"]["retrieval"]["dense"] == rows["dense_s0"]["passkey"]["mean"]
+    assert all((tmp_path / f"passkey_{arm}.png").exists() for arm in ("norm", "dilated", "dense"))
+
+
 def test_a_device_named_twice_takes_two_runs_side_by_side(tmp_path):
     study = _example("quality_study")
     jobs = study.ab_jobs(study.SMOKE, "dense-layers")

@@ -180,6 +180,11 @@ def test_the_example_registry_loads_through_torchtitans_own_config_manager(monke
         inner = {type(layer.attention.inner_attention).__qualname__ for layer in config.model_spec.model.layers}
         assert inner == {"FlexAttention.Config"}  # torchtitan's own attention in every stage
         assert config.checkpoint.enable and config.training.seq_len == 32768
+    # each offline pair has a dilated-scorer Lighthouse config beside the norm one
+    norm, dilated = (ConfigManager().parse_args(["--module", "lighthouse_llama3", "--config", name])
+                     for name in ("llama3_100m_flex_lighthouse", "llama3_100m_flex_lighthouse_dilated"))
+    assert norm.model_spec.parallelize_fn.config.scorer == "norm"
+    assert dilated.model_spec.parallelize_fn.config.scorer == "dilated" and dilated.dump_folder != norm.dump_folder
 
 
 def _free_port() -> int:

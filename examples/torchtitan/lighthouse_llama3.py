@@ -121,15 +121,21 @@ def _offline(spec, folder: str) -> Trainer.Config:
 def _register(size: str, attn_backend: str) -> None:
     name = f"llama3_{size}_{attn_backend}"
 
-    def lighthouse_config() -> Trainer.Config:
-        config = _offline(lighthouse(_spec(size, attn_backend), DEBUG_LIGHTHOUSE), f"./outputs/{name}_lighthouse")
+    def lighthouse_config(scorer: str = "norm") -> Trainer.Config:
+        chosen = dataclasses.replace(DEBUG_LIGHTHOUSE, scorer=scorer)
+        suffix = "" if scorer == "norm" else f"_{scorer}"
+        config = _offline(lighthouse(_spec(size, attn_backend), chosen), f"./outputs/{name}_lighthouse{suffix}")
         config.training.disable_cuda_graphs = True  # Lighthouse per document finds each batch's documents on the host
         return config
+
+    def dilated_config() -> Trainer.Config:  # the paper's dilated scorer (δ=4), for its retrieval
+        return lighthouse_config("dilated")
 
     def dense_config() -> Trainer.Config:
         return _offline(dense(_spec(size, attn_backend)), f"./outputs/{name}_dense")
 
     globals()[f"{name}_lighthouse"], globals()[f"{name}_dense"] = lighthouse_config, dense_config
+    globals()[f"{name}_lighthouse_dilated"] = dilated_config
 
 
 for _size in ("debugmodel", "100m"):

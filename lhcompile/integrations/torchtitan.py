@@ -100,6 +100,7 @@ def lighthouse(spec: ModelSpec, config: LighthouseConfig | None = None, *, compi
         _log_report_after_first_training_step(model)
         return model
 
+    parallelize_then_lighthouse.config = config  # what a job's spec applies, for its logs and configs' tests
     return dataclasses.replace(spec, model=_model(spec, attention), parallelize_fn=parallelize_then_lighthouse)
 
 
