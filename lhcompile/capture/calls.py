@@ -60,6 +60,8 @@ class Sites:
 
 
 _LOCAL = threading.local()
+"""The model calls under way on this thread (``_stack``). Thread-local, not passed down: the model's own code calls
+its compiled layers, so nothing of lhcompile's sits between a model call and its layers' calls to carry it."""
 
 
 def _stack() -> list:

@@ -27,6 +27,9 @@ class Numbering:
 
 
 def _split_module() -> fx.GraphModule | None:
+    """The split graph DDPOptimizer is compiling, from the call stack: Dynamo hands the backend one bucket only, and
+    the split exists nowhere else than as its SubmodCompiler's ``module`` (a private detail of torch, which
+    ``tests/test_ddp.py`` holds to)."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
