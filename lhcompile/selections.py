@@ -4,6 +4,7 @@ entries gathered at each Lighthouse site cover, per head and level (``selections
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,6 +18,8 @@ from .geometry import level_offsets
 from .operator.attention import lighthouse_attention
 from .operator.scorers import SCORERS
 from .operator.stages import select
+from .passes import SDPA_PARAMS, bind_arguments
+from .report import LighthouseWarning
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Selections:
     """SDPA calls the forward made, Lighthouse sites and dense ones."""
     output: Any
     """What the forward returned (with Lighthouse at its Lighthouse sites)."""
+    dense: dict[int, str]
+    """The sites that ran SDPA, each with why (a dense layer, not plainly causal, too short)."""
 
     def fraction_covering(self, position: int, level: int = 0, row: int = 0) -> float:
         """The fraction of (site, head) pairs whose entries of ``level`` cover ``position`` (level 0: the token
@@ -60,7 +65,8 @@ class Selections:
 
         chosen = next((s for s in self.sites if s.site == site), None)
         if chosen is None:
-            raise ValueError(f"Selections.plot: site {site} ran no Lighthouse; its Lighthouse sites are "
+            why = f" ({self.dense[site]})" if site in self.dense else " (not recorded)" if site < self.calls else ""
+            raise ValueError(f"Selections.plot: site {site} ran no Lighthouse{why}; its Lighthouse sites are "
                              f"{[s.site for s in self.sites]}")
         levels = chosen.covered.shape[0] - 1
         n = chosen.covered.shape[-1]
@@ -99,28 +105,44 @@ def _coverage(index: Tensor, n: int, levels: int, p: int) -> Tensor:
 
 class _Sites(TorchFunctionMode):
     """SDPA calls in execution order: counted; with ``lighthouse`` (site positions), those answered by Lighthouse,
-    the selection of those in ``record`` recorded."""
+    the selection of those in ``record`` recorded, and why each other one ran SDPA."""
 
     def __init__(self, config: LighthouseConfig, lighthouse: set[int] | None = None,
-                 record: set[int] | None = None) -> None:
+                 record: set[int] | None = None, total: int = 0) -> None:
         super().__init__()
-        self.config, self.lighthouse, self.record, self.calls = config, lighthouse, record or set(), 0
+        self.config, self.lighthouse, self.record = config, lighthouse, record or set()
+        self.total = total
+        """The forward's SDPA calls, counted before (for the reasons)."""
+        self.calls = 0
         self.found: list[SiteSelection] = []
+        self.dense: dict[int, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         site, self.calls = self.calls, self.calls + 1
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        bound = dict(zip(names, args), **kwargs)
+        bound = bind_arguments(func, args, kwargs, SDPA_PARAMS)
         q, k, v = bound["query"], bound["key"], bound["value"]
-        plain = bound.get("attn_mask") is None and bound.get("is_causal", False) and not bound.get("dropout_p", 0.0)
-        if self.lighthouse is None or site not in self.lighthouse or not plain or q.shape[2] < self.config.min_lighthouse_len:
+        if self.lighthouse is None:
+            return func(*args, **kwargs)
+        why = self._dense_because(site, bound)
+        if why:
+            self.dense[site] = why
             return func(*args, **kwargs)
         if site in self.record:
             self.found.append(SiteSelection(site, self._covered(q, k, v)))
-        return lighthouse_attention(q, k, v, self.config, scale=bound.get("scale"))
+        return lighthouse_attention(q, k, v, self.config, scale=bound["scale"])
+
+    def _dense_because(self, site: int, bound: dict[str, Any]) -> str | None:
+        n, c = bound["query"].shape[2], self.config
+        if site not in self.lighthouse:
+            return f"dense layer (site {site} of {self.total} is in dense_layers={c.dense_layers})"
+        if bound["attn_mask"] is not None or not bound["is_causal"] or bound["dropout_p"]:
+            return "not plainly causal: an attn_mask, is_causal=False or dropout_p > 0"
+        if n < c.min_lighthouse_len:
+            return f"sequence too short: N={n} < min_lighthouse_len={c.min_lighthouse_len}"
+        return None
 
     def _covered(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c, n = self.config, q.shape[2]
@@ -162,8 +184,13 @@ def selections(model: torch.nn.Module, *args: Any, config: LighthouseConfig | No
         counting = _Sites(config)
         with counting:
             model(*args, **kwargs)
+        if counting.calls == 0:
+            warnings.warn("lhcompile.selections: the forward made no F.scaled_dot_product_attention call, so there is "
+                          "no selection to show (varlen and FlexAttention calls are not pictured)", LighthouseWarning,
+                          stacklevel=2)
         lighthouse = set(range(counting.calls)) - config.dense_indices(counting.calls)
-        recording = _Sites(config, lighthouse, lighthouse if sites is None else lighthouse & set(sites))
+        record = lighthouse if sites is None else lighthouse & set(sites)
+        recording = _Sites(config, lighthouse, record, counting.calls)
         with recording:
             output = model(*args, **kwargs)
-    return Selections(config, recording.found, counting.calls, output)
+    return Selections(config, recording.found, counting.calls, output, recording.dense)

@@ -65,6 +65,27 @@ def test_causal_sdpa_builds_no_mask_where_the_mask_is_plainly_causal():
     assert all(mask is not None for _, mask in padded.calls) and len(padded.calls) == 4
 
 
+def _sdpa_logits(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """transformers' own "sdpa" Llama (seed 0) on these positions: what causal_sdpa must give."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return hf_model("llama", attention="sdpa").eval()(input_ids=ids, position_ids=positions).logits
+
+
+def _causal_sdpa_llama(how: str):
+    """The same Llama (seed 0) with causal_sdpa, run ``how``: eager, torch.compile, applied, or applied and restored."""
+    torch.manual_seed(0)
+    model = hf_model("llama", attention="causal_sdpa").eval()
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        return torch.compile(model, backend="eager")
+    if how != "eager":
+        lhcompile.apply(model, CFG, compiler="eager")
+        if how == "lhcompile.restore":
+            lhcompile.restore(model)
+    return model
+
+
 @pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("how", ["eager", "torch.compile", "lhcompile.apply, eval", "lhcompile.restore"])
 def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how, given):
@@ -75,18 +96,8 @@ def test_causal_sdpa_keeps_packed_documents_apart_in_every_mode(how, given):
     inputs = dict(position_ids=positions) if given == "position_ids" else dict(
         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=N - 40, max_length_k=N - 40)
     ids = torch.randint(0, VOCAB, (2, N))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        want = hf_model("llama", attention="sdpa").eval()(input_ids=ids, position_ids=positions).logits
-    torch.manual_seed(0)
-    model = hf_model("llama", attention="causal_sdpa").eval()
-    torch._dynamo.reset()
-    if how == "torch.compile":
-        model = torch.compile(model, backend="eager")
-    elif how != "eager":
-        lhcompile.apply(model, CFG, compiler="eager")
-        if how == "lhcompile.restore":
-            lhcompile.restore(model)
+    want = _sdpa_logits(ids, positions)
+    model = _causal_sdpa_llama(how)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error", LighthouseWarning)  # nothing is taken on a guess
         got = model(input_ids=ids, **inputs).logits
@@ -99,16 +110,8 @@ def test_positions_that_restart_at_one_are_documents_as_for_sdpa(how):
     # on by one; causal_sdpa, wherever they do not increase: both at each restart
     positions = torch.cat([torch.arange(1, 41), torch.arange(1, N - 39)])[None].expand(2, -1)
     ids = torch.randint(0, VOCAB, (2, N))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        want = hf_model("llama", attention="sdpa").eval()(input_ids=ids, position_ids=positions).logits
-    torch.manual_seed(0)
-    model = hf_model("llama", attention="causal_sdpa").eval()
-    torch._dynamo.reset()
-    if how == "torch.compile":
-        model = torch.compile(model, backend="eager")
-    elif how == "lhcompile.apply":
-        lhcompile.apply(model, CFG, compiler="eager")
+    want = _sdpa_logits(ids, positions)
+    model = _causal_sdpa_llama(how)
     with torch.no_grad():
         got = model(input_ids=ids, position_ids=positions).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -67,14 +67,13 @@ class NanoGPT(nn.Module):
         return self.lm_head(t.ln_f(x))
 
 
-class Shared(nn.Module):
-    """A stack that calls each of two layer objects twice ([a, b, a, b]: weight sharing across depth)."""
+class _Stack(nn.Module):
+    """Embedding, ``layers`` in order, head."""
 
-    def __init__(self, dim: int = 64) -> None:
+    def __init__(self, layers: list[nn.Module], dim: int) -> None:
         super().__init__()
-        a, b = Block(dim), Block(dim)
         self.emb = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleList([a, b, a, b])
+        self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(dim, VOCAB, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -82,6 +81,14 @@ class Shared(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
+
+
+class Shared(_Stack):
+    """A stack that calls each of two layer objects twice ([a, b, a, b]: weight sharing across depth)."""
+
+    def __init__(self, dim: int = 64) -> None:
+        a, b = Block(dim), Block(dim)
+        super().__init__([a, b, a, b], dim)
 
 
 class Mixer(nn.Module):
@@ -96,20 +103,11 @@ class Mixer(nn.Module):
         return x + torch.cumsum(h, dim=1) / torch.arange(1, x.shape[1] + 1, device=x.device)[:, None]
 
 
-class Hybrid(nn.Module):
+class Hybrid(_Stack):
     """A Jamba-like stack: mixer layers, attention in every fourth."""
 
     def __init__(self, layers: int = 12, dim: int = 64) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleList([Block(dim) if i % 4 == 3 else Mixer(dim) for i in range(layers)])
-        self.head = nn.Linear(dim, VOCAB, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.emb(idx)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+        super().__init__([Block(dim) if i % 4 == 3 else Mixer(dim) for i in range(layers)], dim)
 
 
 def musicgen() -> nn.Module:

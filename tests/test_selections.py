@@ -49,7 +49,10 @@ def test_each_site_records_the_entries_its_selection_gathers_and_runs_as_in_trai
     assert fraction == float(torch.cat([s.covered[0, 0, :, 5] for s in found.sites]).float().mean())
     found.plot(str(tmp_path / "site1.png"), site=1, mark=5)
     assert (tmp_path / "site1.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match=r"site 0 ran no Lighthouse; its Lighthouse sites are \[1, 2\]"):
+    assert found.dense == {0: "dense layer (site 0 of 4 is in dense_layers=(0, -1))",
+                           3: "dense layer (site 3 of 4 is in dense_layers=(0, -1))"}
+    with pytest.raises(ValueError, match=r"site 0 ran no Lighthouse \(dense layer \(site 0 of 4 .*\)\); its "
+                                         r"Lighthouse sites are \[1, 2\]"):
         found.plot(str(tmp_path / "site0.png"), site=0)
 
 
@@ -59,4 +62,11 @@ def test_an_applied_model_runs_its_own_code_and_short_inputs_select_nothing():
     lhcompile.apply(model, CFG, compiler="eager")
     found = lhcompile.selections(model, torch.randint(0, VOCAB, (1, N)), config=CFG, sites=[2])
     assert [s.site for s in found.sites] == [2]
-    assert lhcompile.selections(model, torch.randint(0, VOCAB, (1, 8)), config=CFG).sites == []
+    short = lhcompile.selections(model, torch.randint(0, VOCAB, (1, 8)), config=CFG)
+    assert short.sites == [] and short.dense[1] == "sequence too short: N=8 < min_lighthouse_len=16"
+
+
+def test_a_forward_without_sdpa_says_there_is_nothing_to_show():
+    with pytest.warns(lhcompile.LighthouseWarning, match="made no F.scaled_dot_product_attention call"):
+        found = lhcompile.selections(torch.nn.Linear(4, 4), torch.randn(2, 4), config=CFG)
+    assert found.calls == 0 and found.sites == []
